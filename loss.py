@@ -1,0 +1,61 @@
+"""Triplet margin loss with online mining inside a PK batch.
+
+    loss_fn = TripletMarginLoss(margin=0.2, mining="batch_hard")
+    loss, active = loss_fn(embeddings, labels)   # active: fraction of triplets with loss > 0
+
+batch_hard (Hermans et al., 2017): for every anchor, its farthest positive and nearest negative.
+batch_all: every valid (anchor, positive, negative) triplet; the loss is averaged over the
+active ones (loss > 0), so easy triplets do not dilute the gradient as training progresses.
+Distances are Euclidean, computed in fp32 whatever the autocast dtype.
+"""
+import torch
+import torch.nn as nn
+
+MININGS = ("batch_hard", "batch_all")
+
+
+def pairwise_distances(x):
+    """Euclidean distance matrix (B, B) whose gradient stays finite where two rows coincide."""
+    sq = x.pow(2).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(0.0)
+    # sqrt'(0) is infinite: take the root only where d2 > 0, so identical embeddings get
+    # distance 0 with a zero (not NaN) gradient.
+    zero = d2 == 0
+    return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+
+
+class TripletMarginLoss(nn.Module):
+    def __init__(self, margin=0.2, mining="batch_hard"):
+        super().__init__()
+        if mining not in MININGS:
+            raise ValueError(f"unknown mining '{mining}'; choose one of {', '.join(MININGS)}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = margin
+        self.mining = mining
+
+    def forward(self, embeddings, labels):
+        """Returns (loss, fraction of active triplets) as 0-dim tensors; both 0 without triplets.
+
+        Masked sums rather than boolean indexing keep the step free of host-device syncs.
+        """
+        dist = pairwise_distances(embeddings.float())  # (B, B)
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        positive = same & ~eye  # (B, B): j is a positive of anchor i
+        negative = ~same
+        if self.mining == "batch_hard":
+            valid = positive.any(dim=1) & negative.any(dim=1)  # (B,) anchors with a triplet
+            hardest_pos = torch.where(positive, dist, torch.zeros_like(dist)).amax(dim=1)
+            hardest_neg = torch.where(negative, dist, torch.full_like(dist, float("inf"))).amin(dim=1)
+            losses = torch.where(valid, hardest_pos - hardest_neg + self.margin, 0.0).clamp_min(0.0)
+            denominator = valid.sum()
+        else:
+            # (B, B, 1) - (B, 1, B): the loss of every (anchor a, positive p, negative n)
+            valid = positive[:, :, None] & negative[:, None, :]
+            losses = torch.where(valid, dist[:, :, None] - dist[:, None, :] + self.margin, 0.0)
+            losses = losses.clamp_min(0.0)
+            denominator = (losses > 0).sum()  # batch_all averages over the active triplets
+        num_active = (losses > 0).sum()
+        loss = losses.sum() / denominator.clamp_min(1)
+        return loss, num_active / valid.sum().clamp_min(1)

@@ -1,0 +1,325 @@
+"""Embedding models: the hybrid ConvNeXtV2 + ViT network of the paper and single-backbone baselines.
+
+Every model maps a batch of images (B, 3, H, W), normalised with ImageNet mean/std, to
+L2-normalised embeddings (B, embedding_dim). Build them through one factory:
+
+    model = build_model("hybrid_convnext_vit", embedding_dim=1024, img_size=384, pretrained=False)
+    emb = model(images)                            # (B, 1024), unit norm
+    emb, maps = model(images, return_maps=True)    # plus the maps Grad-CAM needs
+
+Backbones come from timm; their feature widths are read from the backbones, so the small timm
+variants used by the tests and the demo (convnextv2_atto, vit_tiny_patch16_224) work unchanged.
+"""
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_NAMES = ("hybrid_convnext_vit", "convnextv2", "vit", "resnet50", "densenet121")
+
+DEFAULT_CONVNEXT = "convnextv2_base.fcmae_ft_in22k_in1k_384"
+DEFAULT_VIT = "vit_base_patch16_384.augreg_in21k_ft_in1k"  # ImageNet-21k pre-training
+DEFAULT_IMG_SIZE = 384
+DEFAULT_EMBEDDING_DIM = 1024
+
+# The data pipeline normalises every image with these; branches pre-trained with other
+# statistics (the AugReg ViTs use 0.5/0.5) re-normalise internally, see InputAdapter.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pre-trained weights were asked for but cannot be found or downloaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Attention blocks
+# --------------------------------------------------------------------------------------------
+class ChannelAttention(nn.Module):
+    """Channel attention (CBAM style): a shared MLP over the avg- and max-pooled map."""
+
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+
+    def forward(self, x):  # x: (B, C, H, W)
+        avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
+        mx = self.mlp(F.adaptive_max_pool2d(x, 1))
+        return x * torch.sigmoid(avg + mx)  # (B, C, 1, 1) weights broadcast over H, W
+
+
+class SpatialAttention(nn.Module):
+    """Spatial attention: a 7x7 conv over the channel-mean and channel-max maps."""
+
+    def __init__(self, kernel_size=7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))  # (B, 1, H, W) weights broadcast over C
+
+
+class MXABlock(nn.Module):
+    """The paper's MXA block: channel attention, then spatial attention."""
+
+    def __init__(self, channels, reduction=16, kernel_size=7):
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction)
+        self.spatial = SpatialAttention(kernel_size)
+
+    def forward(self, x):
+        return self.spatial(self.channel(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained weights
+# --------------------------------------------------------------------------------------------
+def _hub_reachable(timeout=3.0):
+    """One TCP connect to the Hugging Face endpoint; timm would otherwise retry for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(pretrained_cfg):
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(hub_id, filename)
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def find_weights_file(timm_name, weights_dir):
+    """Find `<weights_dir>/<timm name>.<suffix>`, with or without the pretrained tag."""
+    candidates = [timm_name, timm_name.split(".")[0]]
+    for stem in candidates:
+        for suffix in WEIGHT_SUFFIXES:
+            path = Path(weights_dir) / f"{stem}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def create_backbone(timm_name, pretrained=False, weights_file=None, weights_dir=None, **kwargs):
+    """timm.create_model with an explicit, fast-failing story for pre-trained weights.
+
+    Order: an explicit weights file, then a file named after the model in weights_dir, then
+    timm's hub cache, then the hub itself. With none available, raise at once rather than fall
+    back to random weights (a silently random backbone wastes a whole training run).
+    """
+    if not pretrained:
+        if weights_file:
+            raise ValueError(f"a weights file was given for {timm_name} ({weights_file}) "
+                             "but pretrained weights are disabled; drop --no-pretrained")
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+    if weights_file is None and weights_dir is not None:
+        weights_file = find_weights_file(timm_name, weights_dir)
+    if weights_file is not None:
+        if not Path(weights_file).is_file():
+            raise PretrainedWeightsError(f"weights file for {timm_name} not found: {weights_file}")
+        return timm.create_model(timm_name, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(weights_file)), **kwargs)
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
+    if pretrained_cfg is None:
+        raise PretrainedWeightsError(f"timm has no pretrained weights for '{timm_name}'")
+    if not _hub_cached(pretrained_cfg.to_dict()) and not _hub_reachable():
+        where = f" in {weights_dir}" if weights_dir else ""
+        raise PretrainedWeightsError(
+            f"pretrained weights for '{timm_name}' are not cached and the Hugging Face hub "
+            f"({pretrained_cfg.hf_hub_id}) cannot be reached{where}. Either\n"
+            f"  - download them on a machine with internet (timm.create_model('{timm_name}', "
+            f"pretrained=True) fills ~/.cache/huggingface; copy that folder over), or\n"
+            f"  - save the weights as <DIR>/{timm_name}.safetensors (or .pth) and pass "
+            f"--weights-dir DIR (or --convnext-weights / --vit-weights FILE), or\n"
+            f"  - train from scratch with --no-pretrained.")
+    return timm.create_model(timm_name, pretrained=True, **kwargs)
+
+
+class InputAdapter(nn.Module):
+    """Maps ImageNet-normalised input to the normalisation a backbone was pre-trained with."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        in_mean, in_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        # x_raw = x * in_std + in_mean;  x_new = (x_raw - mean) / std  ==  x * scale + shift
+        self.identity = bool(torch.allclose(mean, in_mean) and torch.allclose(std, in_std))
+        self.register_buffer("scale", (in_std / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((in_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x if self.identity else x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def _adapter_for(backbone):
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return InputAdapter(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+
+# --------------------------------------------------------------------------------------------
+# Branches: each returns (pooled features, map for Grad-CAM)
+# --------------------------------------------------------------------------------------------
+class ConvNeXtBranch(nn.Module):
+    """ConvNeXtV2 last stage -> MXA -> global average pool."""
+
+    def __init__(self, timm_name, pretrained=False, weights_file=None, weights_dir=None):
+        super().__init__()
+        self.backbone = create_backbone(timm_name, pretrained, weights_file, weights_dir,
+                                        features_only=True, out_indices=(-1,))
+        self.adapter = _adapter_for(self.backbone)
+        self.out_dim = self.backbone.feature_info.channels()[-1]
+        self.mxa = MXABlock(self.out_dim)
+
+    def forward(self, x):
+        fmap = self.mxa(self.backbone(self.adapter(x))[-1])  # (B, C, H/32, W/32)
+        return fmap.mean(dim=(2, 3)), fmap
+
+
+class ViTBranch(nn.Module):
+    """Vision Transformer; the CLS token is the image feature, patch tokens feed Grad-CAM."""
+
+    def __init__(self, timm_name, img_size, pretrained=False, weights_file=None, weights_dir=None):
+        super().__init__()
+        self.backbone = create_backbone(timm_name, pretrained, weights_file, weights_dir,
+                                        num_classes=0, img_size=img_size)
+        self.adapter = _adapter_for(self.backbone)
+        self.out_dim = self.backbone.num_features
+
+    def forward(self, x):
+        tokens = self.backbone.forward_features(self.adapter(x))  # (B, prefix + N, C)
+        cls = self.backbone.forward_head(tokens, pre_logits=True)  # (B, C)
+        return cls, tokens[:, self.backbone.num_prefix_tokens:]  # patch tokens (B, N, C)
+
+
+class PooledBranch(nn.Module):
+    """Any timm classifier with its head removed (ResNet-50, DenseNet-121 baselines)."""
+
+    def __init__(self, timm_name, pretrained=False, weights_file=None, weights_dir=None):
+        super().__init__()
+        self.backbone = create_backbone(timm_name, pretrained, weights_file, weights_dir,
+                                        num_classes=0, global_pool="")
+        self.adapter = _adapter_for(self.backbone)
+        self.out_dim = self.backbone.num_features
+
+    def forward(self, x):
+        fmap = self.backbone.forward_features(self.adapter(x))  # (B, C, h, w)
+        return fmap.mean(dim=(2, 3)), fmap
+
+
+class EmbeddingHead(nn.Module):
+    """Fusion head: Linear -> LayerNorm -> ReLU -> Linear, then L2 normalisation."""
+
+    def __init__(self, in_dim, embedding_dim):
+        super().__init__()
+        self.fuse = nn.Sequential(
+            nn.Linear(in_dim, embedding_dim),
+            nn.LayerNorm(embedding_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.proj = nn.Linear(embedding_dim, embedding_dim)
+
+    def forward(self, features):
+        # Normalise in fp32: under autocast a bf16 norm would leave embeddings visibly off unit length.
+        return F.normalize(self.proj(self.fuse(features)).float(), dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+class HybridConvNeXtViT(nn.Module):
+    """ConvNeXtV2 + MXA and ViT CLS token, concatenated and fused into one embedding."""
+
+    def __init__(self, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT,
+                 img_size=DEFAULT_IMG_SIZE, embedding_dim=DEFAULT_EMBEDDING_DIM,
+                 pretrained=True, weights_dir=None, convnext_weights=None, vit_weights=None):
+        super().__init__()
+        self.convnext = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
+        self.vit = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
+        self.head = EmbeddingHead(self.convnext.out_dim + self.vit.out_dim, embedding_dim)
+
+    def backbone_modules(self):
+        return [self.convnext.backbone, self.vit.backbone]
+
+    def forward(self, x, return_maps=False):
+        conv_feat, conv_map = self.convnext(x)  # (B, 1024), (B, 1024, H/32, W/32) for Base
+        vit_feat, vit_tokens = self.vit(x)  # (B, 768), (B, N, 768) for B/16
+        emb = self.head(torch.cat([conv_feat, vit_feat], dim=1))  # (B, embedding_dim)
+        if return_maps:
+            return emb, {"conv_map": conv_map, "vit_tokens": vit_tokens}
+        return emb
+
+
+class SingleBackboneModel(nn.Module):
+    """Baseline: one branch and the same fusion head, so only the backbone differs."""
+
+    def __init__(self, branch, embedding_dim):
+        super().__init__()
+        self.branch = branch
+        self.head = EmbeddingHead(branch.out_dim, embedding_dim)
+
+    def backbone_modules(self):
+        return [self.branch.backbone]
+
+    def forward(self, x, return_maps=False):
+        feat, fmap = self.branch(x)
+        emb = self.head(feat)
+        if return_maps:
+            key = "vit_tokens" if isinstance(self.branch, ViTBranch) else "conv_map"
+            return emb, {key: fmap}
+        return emb
+
+
+def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_SIZE,
+                convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, pretrained=True,
+                weights_dir=None, convnext_weights=None, vit_weights=None,
+                grad_checkpointing=False):
+    """The one factory. `name` is one of MODEL_NAMES; the rest is the model config.
+
+    `convnextv2` is the ConvNeXt branch with MXA (the hybrid without its ViT); `vit` the ViT
+    branch alone; `resnet50` and `densenet121` use timm's ImageNet models.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    if img_size % 32:
+        raise ValueError(f"--img-size {img_size} must be a multiple of 32 (ConvNeXt stride)")
+    weights = dict(pretrained=pretrained, weights_dir=weights_dir)
+    if name == "hybrid_convnext_vit":
+        model = HybridConvNeXtViT(convnext_name, vit_name, img_size, embedding_dim,
+                                  convnext_weights=convnext_weights, vit_weights=vit_weights,
+                                  **weights)
+    elif name == "convnextv2":
+        branch = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
+        model = SingleBackboneModel(branch, embedding_dim)
+    elif name == "vit":
+        branch = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
+        model = SingleBackboneModel(branch, embedding_dim)
+    else:
+        model = SingleBackboneModel(PooledBranch(name, pretrained, None, weights_dir), embedding_dim)
+    for backbone in model.backbone_modules():
+        backbone.set_grad_checkpointing(grad_checkpointing)
+    return model
+

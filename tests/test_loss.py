@@ -1,0 +1,81 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss import TripletMarginLoss
+
+
+def brute_force(embeddings, labels, margin, mining):
+    x = embeddings.double().numpy()
+    labels = labels.numpy()
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    n = len(labels)
+    if mining == "batch_hard":
+        losses = []
+        for a in range(n):
+            pos = [d[a, p] for p in range(n) if p != a and labels[p] == labels[a]]
+            neg = [d[a, q] for q in range(n) if labels[q] != labels[a]]
+            if pos and neg:
+                losses.append(max(0.0, max(pos) - min(neg) + margin))
+        if not losses:
+            return 0.0, 0.0
+        return float(np.mean(losses)), float(np.mean([v > 0 for v in losses]))
+    losses = [max(0.0, d[a, p] - d[a, q] + margin)
+              for a, p, q in itertools.product(range(n), repeat=3)
+              if a != p and labels[a] == labels[p] and labels[q] != labels[a]]
+    active = [v for v in losses if v > 0]
+    if not active:
+        return 0.0, 0.0
+    return float(np.sum(active) / len(active)), len(active) / len(losses)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
+@pytest.mark.parametrize("trial", range(10))
+def test_matches_brute_force(mining, trial):
+    rng = np.random.default_rng(trial)
+    n, dim = int(rng.integers(4, 13)), int(rng.integers(2, 9))
+    labels = torch.as_tensor(rng.integers(0, int(rng.integers(2, 4)), size=n))
+    embeddings = torch.as_tensor(rng.normal(size=(n, dim)), dtype=torch.float32)
+    if trial % 2:
+        embeddings = F.normalize(embeddings, dim=1)
+    margin = float(rng.choice([0.1, 0.2, 1.0]))
+    loss, active = TripletMarginLoss(margin, mining)(embeddings, labels)
+    expected_loss, expected_active = brute_force(embeddings, labels, margin, mining)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-5)
+    assert active.item() == pytest.approx(expected_active, abs=1e-6)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
+def test_gradients_finite_with_identical_embeddings(mining):
+    base = F.normalize(torch.randn(6, 8), dim=1)
+    base[1] = base[0]  # a positive pair at distance 0
+    base[3] = base[0]  # and a negative at distance 0
+    embeddings = base.clone().requires_grad_(True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    loss, _ = TripletMarginLoss(0.2, mining)(embeddings, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(embeddings.grad).all()
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
+def test_no_valid_triplet_gives_zero(mining):
+    embeddings = torch.randn(4, 3, requires_grad=True)
+    loss, active = TripletMarginLoss(0.2, mining)(embeddings, torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and active.item() == 0.0
+
+
+def test_loss_is_fp32_under_bf16_inputs():
+    embeddings = F.normalize(torch.randn(8, 16), dim=1).bfloat16()
+    loss, _ = TripletMarginLoss()(embeddings, torch.arange(2).repeat(4))
+    assert loss.dtype == torch.float32
+
+
+def test_unknown_mining_and_negative_margin():
+    with pytest.raises(ValueError, match="batch_hard"):
+        TripletMarginLoss(mining="semi_hard")
+    with pytest.raises(ValueError, match="margin"):
+        TripletMarginLoss(margin=-1)

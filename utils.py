@@ -1,0 +1,247 @@
+"""Helpers shared by train.py, test.py and bench.py: distributed setup, checkpoint I/O,
+mixed precision, embedding extraction and logging. Nothing else belongs here."""
+import datetime
+import json
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT_VERSION = 1
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and distributed runs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_runtime(device_arg="auto"):
+    """Pick the device and, under torchrun (RANK/WORLD_SIZE set), join the process group:
+    NCCL on CUDA, gloo on CPU. A plain `python train.py` stays single-process."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device_arg} asked for, but no CUDA GPU is visible; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Runtime(torch.device(device_arg))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Runtime(device, rank, world_size, local_rank)
+
+
+def cleanup_runtime(runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime):
+    if runtime.distributed:
+        dist.barrier()
+
+
+def all_gather_varlen(tensor, runtime):
+    """Concatenate tensors of different lengths (dim 0) from all ranks, in rank order."""
+    if not runtime.distributed:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(runtime.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(runtime.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------
+def autocast(device, amp):
+    """One autocast context for every forward pass; `amp` is none, bf16 or fp16."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def extract_embeddings(model, loader, runtime, amp="none", channels_last=False, progress=True):
+    """(embeddings (N, D) float32, labels (N,)) of a whole loader, on the runtime's device.
+
+    Under DDP the loader holds this rank's shard (see eval_sampler) and the shards are gathered
+    back into the dataset's order on every rank.
+    """
+    model.eval()
+    embeddings, labels, indices = [], [], []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    bar = tqdm(loader, desc="embed", leave=False, disable=not (progress and runtime.is_main))
+    for batch_index, (images, targets) in enumerate(bar):
+        images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
+        with autocast(runtime.device, amp):
+            embeddings.append(model(images).float())
+        labels.append(targets.to(runtime.device))
+    embeddings = torch.cat(embeddings)
+    labels = torch.cat(labels)
+    if runtime.distributed:
+        order = torch.as_tensor(list(iter(loader.sampler)), device=runtime.device)
+        order = all_gather_varlen(order, runtime)
+        embeddings = all_gather_varlen(embeddings, runtime)
+        labels = all_gather_varlen(labels, runtime)
+        # Distributed eval samplers interleave indices across ranks; restore dataset order.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        embeddings, labels = embeddings[inverse], labels[inverse]
+    return embeddings, labels
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r takes images r, r + W, r + 2W, ...: every image exactly once across ranks
+    (DistributedSampler pads with repeats, which would put duplicates into the metrics)."""
+
+    def __init__(self, num_items, runtime):
+        self.indices = list(range(runtime.rank, num_items, runtime.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(state, path):
+    """Write atomically: a crash or kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path, flag="--resume"):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise RuntimeError(f"{flag} {path}: cannot load checkpoint ({error})") from error
+
+
+def state_dict_of(checkpoint):
+    """The model weights of a full checkpoint, a bare state dict, or a state_dict wrapper."""
+    for key in ("model", "state_dict", "state-dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_model_weights(model, state_dict, source):
+    """Strict load that names what does not fit. DDP ('module.') and torch.compile
+    ('_orig_mod.') prefixes of weights saved elsewhere are stripped."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(cleaned) if expected[k].shape != cleaned[k].shape)
+    if missing or unexpected or mismatched:
+        def listing(keys):
+            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {listing(unexpected)}")
+        if mismatched:
+            problems.append("shape mismatch: " + listing(
+                [f"{k} {tuple(cleaned[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
+        raise RuntimeError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}). "
+                           "Check --model, --embedding-dim, --convnext-name, --vit-name and --img-size")
+    model.load_state_dict(cleaned)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+def log(runtime, *message):
+    if runtime.is_main:
+        print(*message, flush=True)
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_json(path, data):
+    """Atomic JSON write (see save_checkpoint)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def print_args(args, runtime):
+    log(runtime, "arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
