@@ -128,23 +128,27 @@ def get_args_parser(add_help=True):
 def resolve_args(args):
     """Fill unset flags from the paper or demo defaults and check the batch geometry."""
     defaults = DEMO_DEFAULTS if args.dataset == "demo" else PAPER_DEFAULTS
-    if args.batch_size is not None and args.samples_per_label is None:  # the seed's usage
-        p = args.labels_per_batch or defaults["labels_per_batch"]
-        if args.batch_size % p:
-            raise SystemExit(f"error: --batch-size {args.batch_size} is not a multiple of "
-                             f"--labels-per-batch {p}; the batch is P x K")
-        args.samples_per_label = args.batch_size // p
+    p = args.labels_per_batch = args.labels_per_batch or defaults["labels_per_batch"]
+    if args.batch_size is not None:
+        if args.samples_per_label is None:  # the seed's usage: --batch-size alone sets K
+            if args.batch_size < p:
+                raise SystemExit(f"error: --batch-size {args.batch_size} is smaller than "
+                                 f"--labels-per-batch {p}; the batch is P x K")
+            args.samples_per_label = args.batch_size // p
+            if args.batch_size % p:
+                print(f"note: --batch-size {args.batch_size} with P = {p} labels per batch gives "
+                      f"K = {args.samples_per_label}, a batch of {p * args.samples_per_label}")
+        elif args.batch_size != p * args.samples_per_label:
+            raise SystemExit(f"error: --batch-size {args.batch_size} contradicts -p {p} x -k "
+                             f"{args.samples_per_label}; the batch is P x K: give -p and -k, "
+                             "or -p and --batch-size")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dataset == "demo":
         args.train_image_list = args.train_image_list or str(Path(args.dataset_dir) / "train_split.txt")
         args.test_image_list = args.test_image_list or str(Path(args.dataset_dir) / "test_split.txt")
-    p, k = args.labels_per_batch, args.samples_per_label
-    if args.batch_size is not None and args.batch_size != p * k:
-        raise SystemExit(f"error: --batch-size {args.batch_size} contradicts -p {p} x -k {k}; "
-                         "the batch is P x K: give -p and -k, or -p and --batch-size")
-    args.batch_size = p * k
+    args.batch_size = p * args.samples_per_label
     if args.backbone_lr_mult is None:
         args.backbone_lr_mult = 0.1 if args.pretrained else 1.0
     if args.amp == "auto":
