@@ -44,12 +44,16 @@ PAPER_DEFAULTS = dict(
     pretrained=True, epochs=50, lr=1e-4, labels_per_batch=3, samples_per_label=16, workers=8,
     eval_batch_size=64, dataset_dir="./data", train_image_list="./train_split.txt",
     test_image_list="./test_COVIDx4.txt", save_dir="./checkpoints", warmup_epochs=1,
+    mining="batch_hard",
 )
 DEMO_DEFAULTS = dict(
-    convnext_name="convnextv2_atto", vit_name="vit_tiny_patch16_224", img_size=96,
-    embedding_dim=128, pretrained=False, epochs=12, lr=5e-4, labels_per_batch=5,
+    convnext_name="convnextv2_atto", vit_name="vit_tiny_patch16_224", img_size=64,
+    embedding_dim=128, pretrained=False, epochs=10, lr=5e-4, labels_per_batch=5,
     samples_per_label=8, workers=2, eval_batch_size=100, dataset_dir="./data/demo",
     train_image_list=None, test_image_list=None, save_dir="./checkpoints/demo", warmup_epochs=1,
+    # From random weights on 300 images, batch-hard mining collapses the embedding (every
+    # loss stuck at the margin); averaging over all active triplets learns steadily.
+    mining="batch_all",
 )
 DEMO_DATA = dict(train_per_class=60, test_per_class=20, size=128, seed=0)
 
@@ -90,7 +94,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--batches-per-epoch", type=int,
                         help="default: one pass over the training images across all ranks")
     parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
-    parser.add_argument("--mining", default="batch_hard", choices=MININGS, help="triplet mining")
+    parser.add_argument("--mining", choices=MININGS,
+                        help="triplet mining (default batch_hard; batch_all for --dataset demo)")
     # Optimisation
     parser.add_argument("--epochs", type=int, help="training epochs (paper: 50-100)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the new layers (paper: 1e-4)")
