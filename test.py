@@ -13,6 +13,7 @@ The model is rebuilt from the checkpoint; model flags are only needed for a bare
 (--report, default next to the checkpoint) and the embeddings as .npz (--save-dir).
 """
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--test-image-list", help="test list (default ./test_COVIDx4.txt)")
     parser.add_argument("--gallery-dataset-dir", help="gallery images: query-gallery protocol")
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
-    parser.add_argument("--workers", type=int, default=4, help="data loading processes")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loading processes")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
     # Speed
     parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),

@@ -17,6 +17,7 @@ Outputs in --save-dir: args.json, metrics.jsonl (one line per evaluation), check
 import argparse
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +42,8 @@ LIST_FORMAT = {"covid": "covidx", "demo": "covidx", "csv": "csv", "folder": "fol
 # configuration that trains from scratch on a laptop CPU in a few minutes.
 PAPER_DEFAULTS = dict(
     convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, img_size=384, embedding_dim=1024,
-    pretrained=True, epochs=50, lr=1e-4, labels_per_batch=3, samples_per_label=16, workers=8,
+    pretrained=True, epochs=50, lr=1e-4, labels_per_batch=3, samples_per_label=16,
+    workers=min(8, os.cpu_count() or 1),
     eval_batch_size=64, dataset_dir="./data", train_image_list="./train_split.txt",
     test_image_list="./test_COVIDx4.txt", save_dir="./checkpoints", warmup_epochs=1,
     mining="batch_hard",
