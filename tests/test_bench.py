@@ -1,0 +1,119 @@
+"""bench.py: the paths it compares compute the same thing, and the CLI runs end to end (CPU, small)."""
+import numpy as np
+import pytest
+import torch
+
+import bench
+import metrics
+
+SMALL = ["--device", "cpu", "--img-size", "32", "-p", "3", "-k", "2", "--batch-size", "6"]
+OPTIMISED = frozenset({"bf16", "channels_last", "fused", "checkpointing"})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are all small ops; on a shared 2-core machine a second OpenMP thread spins
+    # against other processes and makes them several times slower, not faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_argv(suite):
+    return bench.train_argv(bench.get_args_parser().parse_args([suite, *SMALL]))
+
+
+def tied_embeddings(n, dim, classes, seed):
+    """Integer-valued vectors: their dot products are exact in float32, so equal similarities
+    really tie whatever the matmul kernel; a few duplicated rows add ties of whole rankings."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randint(-2, 3, (n, dim), generator=generator).float()
+    embeddings[n // 2:n // 2 + 10] = embeddings[:10]
+    labels = torch.randint(classes, (n,), generator=generator)
+    labels[-1] = classes  # a label with one image: a query with no relevant item
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("seed, dim, classes", [(0, 4, 3), (1, 8, 2), (2, 3, 4)])
+def test_seed_algorithm_equals_evaluate_retrieval(seed, dim, classes):
+    embeddings, labels = tied_embeddings(200, dim, classes, seed)
+    similarities = embeddings @ embeddings.T
+    assert len(torch.unique(similarities)) < 100  # ties everywhere: the tie rule matters
+    reference = dict(bench._flatten(bench.seed_evaluate_retrieval(embeddings, labels)))
+    fast = dict(bench._flatten(metrics.evaluate_retrieval(embeddings, labels)))
+    assert reference.keys() == fast.keys()
+    for key, value in reference.items():
+        if key == "/map":  # AP terms are summed in float32-rounded fixed point (metrics.py)
+            assert fast[key] == pytest.approx(value, abs=1e-6), key
+        elif isinstance(value, int):  # confusion matrices
+            assert fast[key] == value, key
+        else:
+            assert fast[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert bench.max_difference(reference, fast) <= bench.EQUAL_TOL
+
+
+def test_max_difference_flags_any_mismatch():
+    embeddings, labels = tied_embeddings(60, 4, 3, 0)
+    result = metrics.evaluate_retrieval(embeddings, labels)
+    changed = metrics.evaluate_retrieval(embeddings, labels)
+    changed["classification"]["5"]["confusion_matrix"][0][0] += 1
+    assert bench.max_difference(result, result) == 0.0
+    assert bench.max_difference(result, changed) == 1.0
+    del changed["recall_at_k"]["1"]
+    assert bench.max_difference(result, changed) == float("inf")
+
+
+def test_optimised_embeddings_match_fp32():
+    argv = small_argv("embed")
+    plain = bench.embed_case(argv, frozenset(), 1, 0)["embeddings"]
+    optimised = bench.embed_case(argv, frozenset({"bf16", "channels_last"}), 1, 0)["embeddings"]
+    assert plain.shape == optimised.shape == (6, 128)
+    cosine = (plain * optimised).sum(1)  # both unit vectors
+    assert np.all(cosine > 0.99), cosine
+    assert not np.array_equal(plain, optimised)  # bf16 really ran
+
+
+def test_optimised_train_steps_match_plain():
+    # P x K = 3 x 4 and a small learning rate: the second loss follows the first update without
+    # the chaos of a tiny random batch at the demo rate.
+    argv = bench.train_argv(bench.get_args_parser().parse_args(
+        ["train", "--device", "cpu", "--img-size", "32", "-p", "3", "-k", "4"])) + ["--lr", "1e-5"]
+    plain = bench.train_case(argv, frozenset(), 2, 0)["losses"]
+    assert plain[0] > 0.05 and plain[1] < plain[0] - 0.01  # losses that can disagree
+    # fp32 with the other three optimisations: the same arithmetic up to summation order.
+    exact = bench.train_case(argv, frozenset({"channels_last", "fused", "checkpointing"}), 2, 0)["losses"]
+    assert exact == pytest.approx(plain, abs=1e-4)
+    # bf16 autocast on top: bf16 forward, bf16 gradients into the fused AdamW update.
+    optimised = bench.train_case(argv, OPTIMISED, 2, 0)["losses"]
+    assert optimised == pytest.approx(plain, abs=5e-3)
+
+
+def test_cli_train_suite_end_to_end(capsys):
+    args = bench.get_args_parser().parse_args(
+        ["train", "--device", "cpu", "--steps", "1", "--warmup", "0", "--img-size", "32",
+         "-p", "2", "-k", "2", "--threads", "1", "--no-write", "--output", "/nonexistent/B.md"])
+    rows = bench.main(args)["train"]
+    labels = [row["variant"] for row in rows]
+    assert labels[:5] == ["plain", "+bf16", "+channels-last", "+fused", "+checkpointing"]
+    assert "+bf16 +channels-last +fused +checkpointing" in labels
+    assert sum(row["optimised"] for row in rows) == 1
+    for row in rows:
+        assert "error" not in row, row
+        assert row["images_per_s"] > 0 and row["peak_rss"] > 0
+    printed = capsys.readouterr().out
+    assert "| plain |" in printed and "optimised = " in printed and ">= 1.5x plain" in printed
+
+
+def test_cli_metrics_suite_appends_a_section(tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    args = bench.get_args_parser().parse_args(
+        ["metrics", "--device", "cpu", "--sizes", "120", "--big", "150", "--dim", "16",
+         "--threads", "1", "--output", str(output)])
+    rows = bench.main(args)["metrics"]
+    assert rows[0]["max_diff"] <= bench.EQUAL_TOL and rows[0]["speedup"] > 0
+    assert rows[1]["n"] == 150 and rows[1]["fast"]["seconds"] > 0
+    text = output.read_text()
+    assert text.startswith("# Benchmarks") and "| 120 |" in text and "| 150 |" in text
+    bench.main(args)
+    assert output.read_text().count("# Benchmarks") == 1  # the header once, sections appended
