@@ -410,9 +410,10 @@ def train_argv(args):
 
 
 def variant_argv(variant):
-    """train.py flags of a variant; "fused" has none (see make_optimizer)."""
+    """train.py flags of a variant."""
     argv = ["--amp", "bf16" if "bf16" in variant else "none",
-            "--channels-last" if "channels_last" in variant else "--no-channels-last"]
+            "--channels-last" if "channels_last" in variant else "--no-channels-last",
+            "--fused-optimizer" if "fused" in variant else "--no-fused-optimizer"]
     argv += ["--grad-checkpointing"] if "checkpointing" in variant else []
     argv += ["--compile"] if "compile" in variant else []
     return argv
@@ -438,17 +439,6 @@ def make_model(args, device):
 def synthetic_images(n, size, device):
     generator = torch.Generator().manual_seed(1)
     return torch.randn(n, 3, size, size, generator=generator).to(device)  # contiguous, as loaded
-
-
-def make_optimizer(model, args, device, fused):
-    """train.py's AdamW (parameter groups, learning rates, weight decay); without `fused`, the same
-    groups on PyTorch's default AdamW implementation, which is what the seed trained with."""
-    optimizer = train.build_optimizer(model, args, device)
-    if fused:
-        return optimizer
-    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
-              for g in optimizer.param_groups]
-    return torch.optim.AdamW(groups, lr=args.lr)
 
 
 def ablation(measure, names, device):
@@ -607,7 +597,7 @@ def train_case(argv, variant, steps, warmup):
     if variant is None:
         return {}
     model = make_model(args, device)
-    optimizer = make_optimizer(model, args, device, fused="fused" in variant)
+    optimizer = train.build_optimizer(model, args, device)
     loss_fn = TripletMarginLoss(args.margin, args.mining)
     if args.compile:
         model = torch.compile(model)

@@ -117,6 +117,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                        help="fused AdamW kernels (one launch for all parameters)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     # Evaluation, logging, checkpoints
     parser.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
@@ -200,8 +202,8 @@ def build_optimizer(model, args, device):
         group = groups.setdefault((lr_mult, decay), {"params": [], "lr_mult": lr_mult,
                                                      "weight_decay": decay, "lr": args.lr * lr_mult})
         group["params"].append(param)
-    # Fused kernels: one launch for all parameters instead of several per tensor.
-    return torch.optim.AdamW(list(groups.values()), lr=args.lr, fused=device.type in ("cuda", "cpu"))
+    fused = args.fused_optimizer and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(list(groups.values()), lr=args.lr, fused=fused)
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
