@@ -15,7 +15,6 @@ Outputs in --save-dir: args.json, metrics.jsonl (one line per evaluation), check
 (best R@1 on the test list).
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -368,9 +367,7 @@ def run(args, runtime):
     # ---------------------------------------------------------------- training
     if start_epoch == 1:  # epoch 0: the untrained model, the baseline the gain is measured from
         record = {"epoch": 0, **evaluate(raw_model, test_loader, args, runtime), "lr": 0.0}
-        if runtime.is_main:
-            utils.log(runtime, json.dumps(record))
-            utils.append_jsonl(metrics_log, record)
+        utils.log_record(runtime, metrics_log, record)
     for epoch in range(start_epoch, args.epochs + 1):
         sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
@@ -388,8 +385,7 @@ def run(args, runtime):
             torch.distributed.all_gather_object(states, utils.rng_states())
         if not runtime.is_main:
             continue
-        utils.log(runtime, json.dumps(record))
-        utils.append_jsonl(metrics_log, record)
+        utils.log_record(runtime, metrics_log, record)
         is_best = evaluated and record["R@1"] > best_metric
         if is_best:
             best_metric = record["R@1"]

@@ -128,10 +128,10 @@ def extract_embeddings(model, loader, runtime, amp="none", channels_last=False, 
     back into the dataset's order on every rank.
     """
     model.eval()
-    embeddings, labels, indices = [], [], []
+    embeddings, labels = [], []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     bar = tqdm(loader, desc="embed", leave=False, disable=not (progress and runtime.is_main))
-    for batch_index, (images, targets) in enumerate(bar):
+    for images, targets in bar:
         images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
         with autocast(runtime.device, amp):
             embeddings.append(model(images).float())
@@ -234,9 +234,13 @@ def log(runtime, *message):
         print(*message, flush=True)
 
 
-def append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def log_record(runtime, path, record):
+    """Print a metrics record and append it to a JSON-lines file (main process only)."""
+    if runtime.is_main:
+        line = json.dumps(record)
+        print(line, flush=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 def write_json(path, data):

@@ -12,7 +12,6 @@ import torch
 
 import demo_data
 import train
-import utils
 from conftest import ROOT
 
 TINY = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name",
