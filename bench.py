@@ -9,8 +9,8 @@
     quick look:  python bench.py metrics --sizes 2000 --big 0 --no-write
                  python bench.py train --steps 2 --warmup 1 --img-size 32 --no-write
 
-Without --full the model and batch are train.py's demo configuration (DEMO_DEFAULTS: convnextv2_atto +
-vit_tiny_patch16_224 at a small size); --full is the paper's (PAPER_DEFAULTS: ConvNeXtV2-Base +
+Without --full the model and batch are train.py's demo configuration (presets.DEMO_DEFAULTS: convnextv2_atto +
+vit_tiny_patch16_224 at a small size); --full is the paper's (presets.PAPER_DEFAULTS: ConvNeXtV2-Base +
 ViT-B/16, 384 px, P x K = 3 x 16) with random weights, so nothing is downloaded. --img-size, -p, -k
 and --batch-size override them. --steps / --warmup: timed / untimed iterations; --threads: torch
 threads per case; --no-write: print only; --output: the file the tables are appended to (default:
@@ -47,10 +47,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import demo_data
 import metrics
+import presets
 import train
 import utils
 from dataset import ImageListDataset, build_transform
-from loss import TripletMarginLoss
 from model import build_model
 from sampler import PKSampler
 
@@ -104,9 +104,10 @@ Columns
   gradient checkpointing (the seed's style); `+x` = plain plus that one optimisation; all = bf16
   autocast + channels-last + fused AdamW + gradient checkpointing (+ `torch.compile` with `--compile`);
   optimised = all on CUDA, and on CPU the optimisations whose own row beat plain by at least 5%.
-  Training steps are train.py's: `utils.autocast` forward, `TripletMarginLoss` (train.py's margin
-  and mining) in fp32, backward, `build_optimizer`'s AdamW step; the input is one random P x K batch
-  already on the device. The model and batch are train.py's demo or (`--full`) paper defaults.
+  Training steps are `train.train_step` itself (autocast forward, train.py's default loss: identity
+  + triplet in fp32, backward, `build_optimizer`'s AdamW step, the scheduler step); the input is
+  one random P x K batch already on the device. The model, loss and batch are train.py's demo or
+  (`--full`) paper defaults.
 - **loss**: mean training loss of the timed steps. Every variant starts from the same weights and
   batch: the first steps agree to bf16 precision, later ones may drift as the updates differ.
 - **MFU** (CUDA): model FLOPs per image (FlopCounterMode over one forward + backward, not counting
@@ -575,39 +576,41 @@ def pk_batch(args, device):
     return images, labels
 
 
-def train_step(model, loss_fn, optimizer, images, labels, args, device):
-    """train.train_one_epoch's step (without gradient accumulation, clipping and DDP)."""
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True, memory_format=memory_format)
-    with utils.autocast(device, args.amp):
-        embeddings = model(images)
-    loss, _ = loss_fn(embeddings, labels)  # fp32 inside the loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def training_setup(args, device):
+    """train.py's model, loss, optimiser, scheduler and scaler for the configuration `args`."""
+    model = make_model(args, device)
+    criterion = train.build_criterion(args, args.labels_per_batch).to(device)
+    objective = train.ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
+                                    device, args.amp)
+    optimizer = train.build_optimizer(objective, args, device)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=100)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return objective, optimizer, scheduler, scaler
 
 
 def train_case(argv, variant, steps, warmup):
-    """`warmup` untimed, then `steps` timed training steps of one variant on one fixed PK batch.
-    variant None: only create the batch (the baseline of the host memory)."""
+    """`warmup` untimed, then `steps` timed training steps (train.train_step) of one variant on
+    one fixed PK batch. variant None: only create the batch (the baseline of the host memory)."""
     args = train.parse_args(argv + variant_argv(variant or ()))
     device = torch.device(args.device)
     images, labels = pk_batch(args, device)
     if variant is None:
         return {}
-    model = make_model(args, device)
-    optimizer = train.build_optimizer(model, args, device)
-    loss_fn = TripletMarginLoss(args.margin, args.mining)
-    if args.compile:
-        model = torch.compile(model)
+    objective, optimizer, scheduler, scaler = training_setup(args, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = images.to(memory_format=memory_format)
+    objective.train()
+
+    def step():
+        return train.train_step(objective, optimizer, scheduler, scaler, images, labels, args)[0]
+
     for _ in range(warmup):
-        train_step(model, loss_fn, optimizer, images, labels, args, device)
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    losses = [train_step(model, loss_fn, optimizer, images, labels, args, device) for _ in range(steps)]
+    losses = [step() for _ in range(steps)]
     sync(device)
     seconds = time.perf_counter() - start
     result = {"images_per_s": steps * len(images) / seconds, "losses": torch.stack(losses).tolist()}
@@ -620,14 +623,13 @@ def flops_case(argv):
     """Model FLOPs per training image and the GPU's measured bf16 matmul peak (FLOP/s)."""
     args = train.parse_args(argv + variant_argv(()))
     device = torch.device(args.device)
-    model = make_model(args, device)
+    objective = training_setup(args, device)[0]
     images = synthetic_images(4, args.img_size, device)
     labels = torch.tensor([0, 0, 1, 1], device=device)
-    loss_fn = TripletMarginLoss(args.margin, args.mining)
     with FlopCounterMode(display=False) as counter:
-        loss_fn(model(images), labels)[0].backward()
+        objective(images, labels)[0].backward()
     flops_per_image = counter.get_total_flops() / len(images)
-    del model, images
+    del objective, images
 
     n, repeats = 8192, 100
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -684,7 +686,7 @@ def run_train(args):
     header = ["variant", "img/s", "ms/step", "vs plain", "peak MB", "loss", *(["MFU"] if with_mfu else []),
               "target", "status"]
     notes = [f"{config_note(config)}, P x K = {config.labels_per_batch} x {config.samples_per_label} "
-             f"= {batch}, mining {config.mining}; {steps} timed steps after {args.warmup} warm-up; "
+             f"= {batch}, recipe {config.recipe} ({config.mining} triplet, identity loss x {config.id_loss_weight:g}, neck {config.neck}); {steps} timed steps after {args.warmup} warm-up; "
              "random weights and images", *ablation_notes(runs, device)]
     if with_mfu:
         notes.append(f"model FLOPs per training image: {flops['flops_per_image'] / 1e9:.1f} G; "
@@ -729,7 +731,7 @@ def run_data(args):
             image_list = Path(args.image_list) if args.image_list else root / "train_split.txt"
             source = f"{root / 'train'} listed in {image_list}"
         else:
-            size = args.phantom_size or (1024 if args.full else train.DEMO_DATA["size"])
+            size = args.phantom_size or (1024 if args.full else presets.DEMO_DATA["size"])
             per_class = config.samples_per_label  # one batch's worth per label; reused across batches
             root = demo_data.write_demo_dataset(Path(tmp) / "phantoms", train_per_class=per_class,
                                                 test_per_class=0, size=size)
@@ -749,8 +751,8 @@ def run_data(args):
         verdict = "n/a" if ratio is None else ("keeps up" if ratio >= 1.0 else "BOTTLENECK")
         table.append([w, f"{rate:.1f}", fmt(step_rate), times(ratio), verdict])
     header = ["workers", "loader img/s", "train step img/s", "loader / step", "loading"]
-    notes = [f"data: {source}; transform: resize to {int(config.img_size * 1.125)}, crop "
-             f"{config.img_size}, flip; P x K = {config.labels_per_batch} x "
+    notes = [f"data: {source}; transform: train.py's (resize to {config.img_size} x {config.img_size}"
+             f"{', flip' if config.hflip else ''}); P x K = {config.labels_per_batch} x "
              f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers)",
              f"train step: {config_note(config)}, train.py's default flags on {args.device} "
              f"({variant_label(default)})" + (f"; failed: {step['error']}" if "error" in step else "")]

@@ -13,6 +13,7 @@ an empty list, a malformed line, an unknown label, paths leaving the image folde
 images (all counted, the first few named). Images that cannot be decoded fail at load time with
 their path. Grayscale images of any bit depth are scaled by their bit depth (see load_image).
 """
+import copy
 import csv
 import os
 from pathlib import Path
@@ -23,7 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from model import IMAGENET_MEAN, IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 LIST_FORMATS = ("covidx", "csv", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -46,7 +48,7 @@ def _check_relative(path_text, where):
 
 
 def read_covidx_list(list_file):
-    """[(filename, label, line_number)] from `patient_id filename label [source]` lines.
+    """[(filename, label, line_number, patient_id)] from `patient_id filename label [source]` lines.
 
     Three fields: id, file, label. Four or more: the last two are label and source and the
     file name is everything between (a few COVIDx file names contain spaces).
@@ -65,12 +67,14 @@ def read_covidx_list(list_file):
                 filename, label = fields[1], fields[2]
             else:
                 filename, label = " ".join(fields[1:-2]), fields[-2]
-            entries.append((_check_relative(filename, where), label, number))
+            entries.append((_check_relative(filename, where), label, number, fields[0]))
     return entries
 
 
 def read_csv_list(list_file):
-    """[(filename, label, line_number)] from a CSV file with `filename` and `label` columns."""
+    """[(filename, label, line_number, patient_id)] from a CSV file with `filename` and `label`
+    columns; an optional `patient_id` column groups images of one patient (else each image is
+    its own patient)."""
     entries = []
     with open(list_file, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -82,18 +86,21 @@ def read_csv_list(list_file):
             where = f"{list_file}:{reader.line_num}"
             if not row["filename"] or not row["label"]:
                 raise DatasetError(f"{where}: empty filename or label")
-            entries.append((_check_relative(row["filename"].strip(), where),
-                            row["label"].strip(), reader.line_num))
+            filename = _check_relative(row["filename"].strip(), where)
+            patient = (row.get("patient_id") or "").strip() or filename
+            entries.append((filename, row["label"].strip(), reader.line_num, patient))
     return entries
 
 
 def scan_folder(image_root):
-    """[(relative path, label, 0)] for `<image_root>/<label>/<image>`."""
+    """[(relative path, label, 0, relative path)] for `<image_root>/<label>/<image>`; every
+    image is its own patient."""
     entries = []
     for class_dir in sorted(p for p in Path(image_root).iterdir() if p.is_dir()):
         for image in sorted(class_dir.rglob("*")):
             if image.suffix.lower() in IMAGE_SUFFIXES:
-                entries.append((str(image.relative_to(image_root)), class_dir.name, 0))
+                relative = str(image.relative_to(image_root))
+                entries.append((relative, class_dir.name, 0, relative))
     return entries
 
 
@@ -148,13 +155,19 @@ def load_image(path):
 
 
 def build_transform(img_size, train, rand_resize=False, hflip=True):
-    """Seed pipeline: resize to img_size * 1.125, then a random-resized or centre crop."""
-    steps = [transforms.Resize(int(img_size * 1.125),
-                               interpolation=transforms.InterpolationMode.BICUBIC)]
-    if train and rand_resize:
-        steps.append(transforms.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.85, 1.15)))
-    else:
-        steps.append(transforms.CenterCrop(img_size))
+    """Resize the whole radiograph to img_size x img_size; for training optionally a random
+    crop of 70-100% of it (--rand-resize) and a horizontal flip.
+
+    Never a centre crop: resizing the short side and cropping the centre (the seed's pipeline)
+    cuts about 14% off the top and bottom of a portrait film, costophrenic angles included,
+    where an effusion shows. Squashing the aspect ratio a little is the same for every image
+    and keeps the whole chest.
+    """
+    bicubic = transforms.InterpolationMode.BICUBIC
+    steps = [transforms.Resize((img_size, img_size), interpolation=bicubic)]
+    if train and rand_resize:  # random position and scale, so no border is cut systematically
+        steps.append(transforms.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(0.85, 1.15),
+                                                  interpolation=bicubic))
     if train and hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -174,18 +187,19 @@ class ImageListDataset(Dataset):
     def __init__(self, image_root, list_file=None, list_format="covidx", classes=None,
                  transform=None, max_named_missing=5):
         entries, source = read_entries(image_root, list_file, list_format)
-        labels = [label for _, label, _ in entries]
+        labels = [entry[1] for entry in entries]
         if classes is None:
             classes = sorted(set(labels))
         self.classes = list(classes)
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        for _, label, line in entries:
+        for _, label, line, _ in entries:
             if label not in class_to_idx:
                 raise DatasetError(f"{source}:{line}: unknown label '{label}'; the known labels "
                                    f"are {', '.join(self.classes)} (from the training list)")
         self.image_root = Path(image_root)
-        self.paths = [self.image_root / filename for filename, _, _ in entries]
-        missing = [(p, line) for p, (_, _, line) in zip(self.paths, entries) if not p.is_file()]
+        self.paths = [self.image_root / entry[0] for entry in entries]
+        self.patients = [entry[3] for entry in entries]
+        missing = [(p, entry[2]) for p, entry in zip(self.paths, entries) if not p.is_file()]
         if missing:
             named = "\n".join(f"  {p} (line {line})" for p, line in missing[:max_named_missing])
             raise DatasetError(f"{source}: {len(missing)} of {len(entries)} listed images do not "
@@ -198,6 +212,16 @@ class ImageListDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def subset(self, indices, transform=None):
+        """A copy holding only `indices` (same classes), with its own transform."""
+        part = copy.copy(self)
+        part.paths = [self.paths[i] for i in indices]
+        part.patients = [self.patients[i] for i in indices]
+        part.targets = self.targets[torch.as_tensor(indices, dtype=torch.long)]
+        part.transform = transform
+        return part
+
+
     def __getitem__(self, index):
         path = self.paths[index]
         try:
@@ -208,3 +232,35 @@ class ImageListDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+def split_by_patient(dataset, fraction, seed=0):
+    """(train indices, validation indices): about `fraction` of each class's images held out,
+    drawn patient by patient, so no patient is on both sides (near-identical films of one
+    patient on both sides would make validation optimistic).
+
+    Written by hand rather than with scikit-learn's StratifiedGroupKFold, whose fold sizes
+    follow 1 / n_splits and cannot hit a fraction such as 0.15. A patient counts for the class
+    of their first image.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
+    images_of = {}  # patient -> image indices, in list order
+    for index, patient in enumerate(dataset.patients):
+        images_of.setdefault(patient, []).append(index)
+    rng = np.random.default_rng(seed)
+    targets = dataset.targets.tolist()
+    held_out = []
+    for label in range(len(dataset.classes)):
+        patients = [p for p, idx in images_of.items() if targets[idx[0]] == label]
+        total = sum(len(images_of[p]) for p in patients)
+        # At least 2 images, so a validation query has a relevant item; at most half the class.
+        wanted = min(max(2, round(fraction * total)), total // 2)
+        taken = 0
+        for position in rng.permutation(len(patients)):
+            if taken >= wanted:
+                break
+            held_out += images_of[patients[position]]
+            taken += len(images_of[patients[position]])
+    held = set(held_out)
+    return [i for i in range(len(dataset)) if i not in held], sorted(held)

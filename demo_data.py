@@ -46,9 +46,11 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -569,6 +571,18 @@ def _save_image(img: np.ndarray, path: Path, sixteen_bit: bool) -> None:
         Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path, compress_level=1)
 
 
+def _render_to(root: Path, size: int, seed: int, sixteen_bit: bool, job) -> dict:
+    """Draw one phantom and write its image and masks under ``root``; returns its info."""
+    split, split_code, i, label = job
+    rng = np.random.default_rng([seed, split_code, 2, i])  # one generator per image
+    img, masks, info = make_phantom_with_info(rng, label, size)
+    name = f"phantom_{split}_{i:05d}.png"
+    _save_image(img, root / split / name, sixteen_bit)
+    for key in MASK_NAMES:
+        Image.fromarray(masks[key].astype(np.uint8) * 255).save(root / "masks" / key / name, compress_level=1)
+    return info
+
+
 def write_demo_dataset(
     out_dir, train_per_class=60, test_per_class=20, size=256, seed=0, sixteen_bit=False
 ) -> Path:
@@ -589,35 +603,36 @@ def write_demo_dataset(
     try:
         for sub in ("train", "test", *(f"masks/{name}" for name in MASK_NAMES)):
             (tmp / sub).mkdir(parents=True)
-        images = {}
-        patient = 0
+        jobs = []  # (split, split_code, index, label), in list order
         for split_code, (split, per_class) in enumerate((("train", train_per_class), ("test", test_per_class))):
             # Shuffled so the list interleaves classes, as real split files do.
             labels = np.repeat(np.arange(len(CLASSES)), per_class)
             labels = np.random.default_rng([seed, split_code, 1]).permutation(labels)
-            lines = []
-            for i, label_idx in enumerate(labels):
-                label = CLASSES[label_idx]
-                # One generator per image: an image depends only on (seed, split, index).
-                rng = np.random.default_rng([seed, split_code, 2, i])
-                img, masks, info = make_phantom_with_info(rng, label, size)
-                name = f"phantom_{split}_{i:05d}.png"
-                patient_id = f"P{patient:05d}"
-                patient += 1
-                _save_image(img, tmp / split / name, sixteen_bit)
-                for key in MASK_NAMES:
-                    mask = Image.fromarray(masks[key].astype(np.uint8) * 255)
-                    mask.save(tmp / "masks" / key / name, compress_level=1)
-                lines.append(f"{patient_id} {name} {label} {SOURCE}\n")
-                images[name] = {
-                    "split": split,
-                    "patient_id": patient_id,
-                    "label": label,
-                    "ctr": round(info["ctr"], 4),
-                    "lesion_sides": info["lesion_sides"],
-                    "lesion_zones": info["lesion_zones"],
-                }
-            (tmp / f"{split}_split.txt").write_text("".join(lines))
+            jobs += [(split, split_code, i, CLASSES[label]) for i, label in enumerate(labels)]
+        render = functools.partial(_render_to, tmp, size, seed, sixteen_bit)
+        # One process per core: generation is pure numpy per image, and an image depends only
+        # on (seed, split, index), so the files are the same whatever the number of processes.
+        workers = min(os.cpu_count() or 1, 8)
+        if workers > 1 and len(jobs) > 50:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                infos = list(pool.map(render, jobs, chunksize=16))
+        else:
+            infos = [render(job) for job in jobs]
+        images, lines = {}, {"train": [], "test": []}
+        for patient, ((split, _, i, label), info) in enumerate(zip(jobs, infos)):
+            name = f"phantom_{split}_{i:05d}.png"
+            patient_id = f"P{patient:05d}"
+            lines[split].append(f"{patient_id} {name} {label} {SOURCE}\n")
+            images[name] = {
+                "split": split,
+                "patient_id": patient_id,
+                "label": label,
+                "ctr": round(info["ctr"], 4),
+                "lesion_sides": info["lesion_sides"],
+                "lesion_zones": info["lesion_zones"],
+            }
+        for split, split_lines in lines.items():
+            (tmp / f"{split}_split.txt").write_text("".join(split_lines))
         meta = {"params": params, "classes": list(CLASSES), "source": SOURCE, "images": images}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():  # an empty folder: replace it

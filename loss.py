@@ -59,3 +59,54 @@ class TripletMarginLoss(nn.Module):
         num_active = (losses > 0).sum()
         loss = losses.sum() / denominator.clamp_min(1)
         return loss, num_active / valid.sum().clamp_min(1)
+
+
+class CosineSoftmaxLoss(nn.Module):
+    """Identity (classification) loss on the unit embeddings: NormFace-style cosine softmax.
+
+    logits = scale * cos(embedding, class weight); cross-entropy with label smoothing. The
+    weights are this module's own parameters (one row per training class), trained with the
+    model and saved in the checkpoint; retrieval never uses them. On unit vectors a cosine
+    classifier asks for what retrieval needs (each class in its own direction), and unlike a
+    triplet loss it sees every class in every step, which is what makes training from random
+    weights fast and stable (Luo et al., 2019; Wang et al., 2017).
+    """
+
+    def __init__(self, embedding_dim, num_classes, scale=16.0, label_smoothing=0.1):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"an identity loss needs at least 2 classes, got {num_classes}")
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) * embedding_dim ** -0.5)
+        self.scale = scale
+        self.label_smoothing = label_smoothing
+
+    def forward(self, embeddings, labels):
+        weight = nn.functional.normalize(self.weight.float(), dim=1)
+        logits = self.scale * embeddings.float() @ weight.T  # (B, classes)
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
+class RetrievalLoss(nn.Module):
+    """triplet + id_weight x identity loss; returns (loss, stats) with 0-dim tensor stats.
+
+    stats: "triplet" and "id" (the two terms), "active" (fraction of active triplets) and
+    "spread" (mean pairwise distance in the batch: near 0 means the embedding collapsed).
+    With id_weight 0 this is the paper's pure triplet loss.
+    """
+
+    def __init__(self, triplet, identity=None, id_weight=0.0):
+        super().__init__()
+        if id_weight > 0 and identity is None:
+            raise ValueError("id_weight > 0 needs an identity loss module")
+        self.triplet = triplet
+        self.identity = identity if id_weight > 0 else None
+        self.id_weight = id_weight
+
+    def forward(self, embeddings, labels):
+        triplet, active = self.triplet(embeddings, labels)
+        identity = self.identity(embeddings, labels) if self.identity is not None else triplet.new_zeros(())
+        with torch.no_grad():
+            spread = pairwise_distances(embeddings.float()).mean() * len(labels) / max(len(labels) - 1, 1)
+        loss = triplet + self.id_weight * identity
+        return loss, {"triplet": triplet.detach(), "id": identity.detach(), "active": active,
+                      "spread": spread}

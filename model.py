@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODEL_NAMES = ("hybrid_convnext_vit", "convnextv2", "vit", "resnet50", "densenet121")
+NECKS = ("none", "bn")
 
 DEFAULT_CONVNEXT = "convnextv2_base.fcmae_ft_in22k_in1k_384"
 DEFAULT_VIT = "vit_base_patch16_384.augreg_in21k_ft_in1k"  # ImageNet-21k pre-training
@@ -29,8 +30,8 @@ DEFAULT_EMBEDDING_DIM = 1024
 
 # The data pipeline normalises every image with these; branches pre-trained with other
 # statistics (the AugReg ViTs use 0.5/0.5) re-normalise internally, see InputAdapter.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = timm.data.IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = timm.data.IMAGENET_DEFAULT_STD
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
@@ -231,20 +232,36 @@ class PooledBranch(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """Fusion head: Linear -> LayerNorm -> ReLU -> Linear, then L2 normalisation."""
+    """Fusion head: Linear -> LayerNorm -> ReLU -> Linear [-> BN neck], then L2 normalisation.
 
-    def __init__(self, in_dim, embedding_dim):
+    neck="bn" (Luo et al., 2019, "Bag of tricks and a strong baseline for deep person re-ID"):
+    a BatchNorm1d with a frozen zero shift before the normalisation centres the embeddings
+    around the origin, so their directions spread over the sphere instead of sharing one cone;
+    from random weights this is what keeps a triplet loss from collapsing. neck="none" is the
+    paper's head.
+    """
+
+    def __init__(self, in_dim, embedding_dim, neck="none"):
         super().__init__()
+        if neck not in NECKS:
+            raise ValueError(f"unknown neck '{neck}'; choose one of {', '.join(NECKS)}")
         self.fuse = nn.Sequential(
             nn.Linear(in_dim, embedding_dim),
             nn.LayerNorm(embedding_dim),
             nn.ReLU(inplace=True),
         )
-        self.proj = nn.Linear(embedding_dim, embedding_dim)
+        self.proj = nn.Linear(embedding_dim, embedding_dim, bias=neck == "none")
+        self.neck = None
+        if neck == "bn":
+            self.neck = nn.BatchNorm1d(embedding_dim)
+            self.neck.bias.requires_grad_(False)  # a learnt shift would undo the centring
 
     def forward(self, features):
+        z = self.proj(self.fuse(features))  # (B, embedding_dim)
+        if self.neck is not None:
+            z = self.neck(z.float())
         # Normalise in fp32: under autocast a bf16 norm would leave embeddings visibly off unit length.
-        return F.normalize(self.proj(self.fuse(features)).float(), dim=1)
+        return F.normalize(z.float(), dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,11 +272,12 @@ class HybridConvNeXtViT(nn.Module):
 
     def __init__(self, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT,
                  img_size=DEFAULT_IMG_SIZE, embedding_dim=DEFAULT_EMBEDDING_DIM,
-                 pretrained=True, weights_dir=None, convnext_weights=None, vit_weights=None):
+                 pretrained=True, weights_dir=None, convnext_weights=None, vit_weights=None,
+                 neck="none"):
         super().__init__()
         self.convnext = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
         self.vit = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
-        self.head = EmbeddingHead(self.convnext.out_dim + self.vit.out_dim, embedding_dim)
+        self.head = EmbeddingHead(self.convnext.out_dim + self.vit.out_dim, embedding_dim, neck)
 
     def backbone_modules(self):
         return [self.convnext.backbone, self.vit.backbone]
@@ -276,10 +294,10 @@ class HybridConvNeXtViT(nn.Module):
 class SingleBackboneModel(nn.Module):
     """Baseline: one branch and the same fusion head, so only the backbone differs."""
 
-    def __init__(self, branch, embedding_dim):
+    def __init__(self, branch, embedding_dim, neck="none"):
         super().__init__()
         self.branch = branch
-        self.head = EmbeddingHead(branch.out_dim, embedding_dim)
+        self.head = EmbeddingHead(branch.out_dim, embedding_dim, neck)
 
     def backbone_modules(self):
         return [self.branch.backbone]
@@ -296,8 +314,10 @@ class SingleBackboneModel(nn.Module):
 def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_SIZE,
                 convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, pretrained=True,
                 weights_dir=None, convnext_weights=None, vit_weights=None,
-                grad_checkpointing=False):
+                grad_checkpointing=False, neck="none"):
     """The one factory. `name` is one of MODEL_NAMES; the rest is the model config.
+    `neck` is the head's BN neck ("bn") or the paper's plain head ("none", the default, so
+    checkpoints saved before the option existed rebuild unchanged).
 
     `convnextv2` is the ConvNeXt branch with MXA (the hybrid without its ViT); `vit` the ViT
     branch alone; `resnet50` and `densenet121` use timm's ImageNet models.
@@ -310,15 +330,15 @@ def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_
     if name == "hybrid_convnext_vit":
         model = HybridConvNeXtViT(convnext_name, vit_name, img_size, embedding_dim,
                                   convnext_weights=convnext_weights, vit_weights=vit_weights,
-                                  **weights)
+                                  neck=neck, **weights)
     elif name == "convnextv2":
         branch = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
-        model = SingleBackboneModel(branch, embedding_dim)
+        model = SingleBackboneModel(branch, embedding_dim, neck)
     elif name == "vit":
         branch = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
-        model = SingleBackboneModel(branch, embedding_dim)
+        model = SingleBackboneModel(branch, embedding_dim, neck)
     else:
-        model = SingleBackboneModel(PooledBranch(name, pretrained, None, weights_dir), embedding_dim)
+        model = SingleBackboneModel(PooledBranch(name, pretrained, None, weights_dir), embedding_dim, neck)
     for backbone in model.backbone_modules():
         backbone.set_grad_checkpointing(grad_checkpointing)
     return model

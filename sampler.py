@@ -22,22 +22,25 @@ from torch.utils.data import Sampler
 
 
 class PKSampler(Sampler):
-    def __init__(self, labels, p, k, batches_per_epoch=None, seed=0, rank=0, world_size=1):
+    def __init__(self, labels, p, k, batches_per_epoch=None, seed=0, rank=0, world_size=1,
+                 label_names=None):
+        """label_names[i]: the name of label id i, used in messages (default: the ids)."""
         labels = np.asarray(labels)
         if p < 1 or k < 1:
             raise ValueError(f"P (--labels-per-batch) and K (--samples-per-label) must be >= 1, got P={p}, K={k}")
         self.label_values, inverse = np.unique(labels, return_inverse=True)
+        names = [str(label_names[v]) if label_names is not None else str(v) for v in self.label_values]
         if p > len(self.label_values):
             raise ValueError(
                 f"P (--labels-per-batch) = {p} but the training set has only "
-                f"{len(self.label_values)} labels ({', '.join(map(str, self.label_values))}); "
+                f"{len(self.label_values)} labels ({', '.join(names)}); "
                 f"use -p {len(self.label_values)} or fewer")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.indices_per_label = [np.flatnonzero(inverse == i) for i in range(len(self.label_values))]
-        small = [str(self.label_values[i]) for i, idx in enumerate(self.indices_per_label) if len(idx) < k]
+        small = [f"{names[i]} ({len(idx)})" for i, idx in enumerate(self.indices_per_label) if len(idx) < k]
         if small:
-            warnings.warn(f"labels with fewer than K={k} images are sampled with replacement: "
+            warnings.warn(f"labels with fewer than K={k} images (count) are sampled with replacement: "
                           f"{', '.join(small)}", stacklevel=2)
         self.p, self.k = p, k
         self.seed, self.rank, self.world_size = seed, rank, world_size

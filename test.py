@@ -7,6 +7,8 @@ Query-gallery (test images against the training database):
     python test.py ... --gallery-dataset-dir ./data/train --gallery-image-list ./train_split.txt
 After `python train.py --dataset demo`:
     python test.py --dataset demo --resume checkpoints/demo/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
+Several processes (each embeds a shard of the images; rank 0 computes the metrics and writes):
+    torchrun --nproc_per_node=4 test.py ...
 
 The model is rebuilt from the checkpoint; model flags are only needed for a bare state dict
 (the seed's checkpoints) and must agree with the checkpoint otherwise. Writes a JSON report
@@ -24,11 +26,12 @@ import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
 from model import MODEL_NAMES, build_model
-from train import DATASETS, DEMO_DEFAULTS, LIST_FORMAT, PAPER_DEFAULTS
+from model import NECKS
+from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS, setup_defaults
 
 KS = (1, 5, 10)
 VOTE_KS = (1, 5, 10, 15, 20)
-MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name")
+MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name", "neck")
 
 
 def get_args_parser(add_help=True):
@@ -40,6 +43,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--img-size", type=int, help="input size (from the checkpoint)")
     parser.add_argument("--convnext-name", help="timm ConvNeXt name (from the checkpoint)")
     parser.add_argument("--vit-name", help="timm ViT name (from the checkpoint)")
+    parser.add_argument("--neck", choices=NECKS, help="embedding head's neck (from the checkpoint; "
+                        "bare state dicts: none unless given)")
     # Data
     parser.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
     parser.add_argument("--test-dataset-dir", help="folder of the test images (default ./data/test)")
@@ -51,7 +56,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
     # Speed
     parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),
-                        help="mixed precision; auto = bf16 on CUDA, none on CPU")
+                        help="mixed precision; auto = bf16 on CUDA from compute capability 8, "
+                        "fp16 on older GPUs, none on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -99,8 +105,14 @@ def print_report(report):
 
 def main(args):
     runtime = utils.setup_runtime(args.device)
-    if args.amp == "auto":
-        args.amp = "bf16" if runtime.device.type == "cuda" else "none"
+    try:
+        return run(args, runtime)
+    finally:
+        utils.cleanup_runtime(runtime)
+
+
+def run(args, runtime):
+    args.amp = utils.resolve_amp(args.amp, str(runtime.device))
     if args.channels_last is None:
         args.channels_last = runtime.device.type == "cuda"
     checkpoint = utils.load_checkpoint(args.resume)
@@ -110,7 +122,7 @@ def main(args):
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     demo = args.dataset == "demo"
-    defaults = DEMO_DEFAULTS if demo else PAPER_DEFAULTS
+    defaults = setup_defaults(args.dataset)
     test_dir = args.test_dataset_dir or str(Path(defaults["dataset_dir"]) / "test")
     test_list = args.test_image_list or (str(Path(defaults["dataset_dir"]) / "test_split.txt") if demo
                                          else defaults["test_image_list"])
@@ -121,7 +133,9 @@ def main(args):
     classes = query_set.classes
 
     def embed(dataset):
+        # Under torchrun each rank embeds its shard; extract_embeddings gathers them in order.
         loader = DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers,
+                            sampler=utils.ShardSampler(len(dataset), runtime),
                             pin_memory=runtime.device.type == "cuda")
         return utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
 
@@ -138,6 +152,8 @@ def main(args):
         gallery_set = gallery_emb = gallery_labels = None
         protocol, num_gallery = "leave-one-out", len(query_set)
 
+    if not runtime.is_main:  # the metrics and every file are rank 0's
+        return None
     metrics = evaluate_retrieval(query_emb, query_labels, gallery_emb, gallery_labels,
                                  ks=KS, vote_ks=VOTE_KS, num_classes=len(classes))
     report = {"checkpoint": str(args.resume), "model": config["name"],

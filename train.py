@@ -16,48 +16,24 @@ Outputs in --save-dir: args.json, metrics.jsonl (one line per evaluation), check
 """
 import argparse
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import demo_data
 import utils
-from dataset import ImageListDataset, build_transform
-from loss import MININGS, TripletMarginLoss
+from dataset import ImageListDataset, build_transform, split_by_patient
+from loss import MININGS, CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
 from metrics import evaluate_retrieval
-from model import DEFAULT_CONVNEXT, DEFAULT_VIT, MODEL_NAMES, build_model
+from model import MODEL_NAMES, NECKS, build_model
+from presets import DATASETS, DEMO_DATA, DEMO_DEFAULTS, LIST_FORMAT, PAPER_DEFAULTS, RECIPES, setup_defaults
 from sampler import PKSampler
-
-DATASETS = ("covid", "demo", "csv", "folder")
-LIST_FORMAT = {"covid": "covidx", "demo": "covidx", "csv": "csv", "folder": "folder"}
-
-# Flags left unset on the command line take these: the paper's setup, or for --dataset demo a
-# configuration that trains from scratch on a laptop CPU in a few minutes.
-PAPER_DEFAULTS = dict(
-    convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, img_size=384, embedding_dim=1024,
-    pretrained=True, epochs=50, lr=1e-4, labels_per_batch=3, samples_per_label=16,
-    workers=min(8, os.cpu_count() or 1),
-    eval_batch_size=64, dataset_dir="./data", train_image_list="./train_split.txt",
-    test_image_list="./test_COVIDx4.txt", save_dir="./checkpoints", warmup_epochs=1,
-    mining="batch_hard",
-)
-DEMO_DEFAULTS = dict(
-    convnext_name="convnextv2_atto", vit_name="vit_tiny_patch16_224", img_size=64,
-    embedding_dim=128, pretrained=False, epochs=10, lr=5e-4, labels_per_batch=5,
-    samples_per_label=8, workers=2, eval_batch_size=100, dataset_dir="./data/demo",
-    train_image_list=None, test_image_list=None, save_dir="./checkpoints/demo", warmup_epochs=1,
-    # From random weights on 300 images, batch-hard mining collapses the embedding (every
-    # loss stuck at the margin); averaging over all active triplets learns steadily.
-    mining="batch_all",
-)
-DEMO_DATA = dict(train_per_class=60, test_per_class=20, size=128, seed=0)
-
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Train a chest X-ray retrieval embedding",
@@ -65,59 +41,83 @@ def get_args_parser(add_help=True):
     # Model
     parser.add_argument("--model", default="hybrid_convnext_vit", choices=MODEL_NAMES,
                         help="hybrid_convnext_vit (the paper's) or a single-backbone baseline")
-    parser.add_argument("--embedding-dim", type=int, help="embedding size (paper: 1024)")
-    parser.add_argument("--img-size", type=int, help="input size, multiple of 32 (paper: 384)")
-    parser.add_argument("--convnext-name", help=f"timm ConvNeXt(V2) name (paper: {DEFAULT_CONVNEXT})")
-    parser.add_argument("--vit-name", help=f"timm ViT name (paper: {DEFAULT_VIT})")
+    parser.add_argument("--embedding-dim", type=int, help="embedding size")
+    parser.add_argument("--img-size", type=int, help="input size, a multiple of 32")
+    parser.add_argument("--convnext-name", help="timm ConvNeXt(V2) name")
+    parser.add_argument("--vit-name", help="timm ViT name")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
-                        help="start from ImageNet weights (default: yes; no for --dataset demo)")
+                        help="start from ImageNet weights")
     parser.add_argument("--weights-dir", help="folder with <timm name>.safetensors/.pth files, "
                         "for machines without hub access")
     parser.add_argument("--convnext-weights", help="ConvNeXt weights file (overrides the hub)")
     parser.add_argument("--vit-weights", help="ViT weights file (overrides the hub)")
+    parser.add_argument("--neck", choices=NECKS, help="bn: BatchNorm neck before the L2 "
+                        "normalisation (keeps a from-scratch embedding from collapsing); none: the paper's head")
     # Data
     parser.add_argument("--dataset", default="covid", choices=DATASETS,
                         help="covid: COVIDx lists; csv: filename,label lists; folder: "
                         "<dir>/<split>/<label>/*; demo: synthetic phantoms, generated if absent")
     parser.add_argument("--dataset-dir", help="images under <dir>/train and <dir>/test")
     parser.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
-    parser.add_argument("--test-image-list", help="test list, evaluated leave-one-out")
+    parser.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
+                        "epoch for the log; it never selects the checkpoint")
+    parser.add_argument("--val-image-list", help="validation list (images under "
+                        "--val-dataset-dir); selects the best checkpoint. Default: --val-fraction "
+                        "of the training list")
+    parser.add_argument("--val-dataset-dir", help="folder of the validation images "
+                        "(default <dataset-dir>/train)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the training images (whole patients, per class) held out "
+                        "for validation when no --val-image-list is given; 0 selects on the test "
+                        "list as the seed did (optimistic; a warning says so)")
     parser.add_argument("--rand-resize", action="store_true",
-                        help="RandomResizedCrop instead of a centre crop for training")
-    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random crops of 70-100%% of the image for training")
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                         help="random horizontal flips (note: a flip moves the heart to the right)")
     parser.add_argument("--workers", type=int, help="data loading processes per rank")
     # Batches and loss
-    parser.add_argument("-p", "--labels-per-batch", type=int, help="P: labels per batch (COVIDx: 3)")
+    parser.add_argument("-p", "--labels-per-batch", type=int, help="P: labels per batch")
     parser.add_argument("-k", "--samples-per-label", type=int, help="K: images per label")
     parser.add_argument("--batch-size", type=int,
                         help="P x K; given alone, K = batch-size // P (seed-compatible)")
     parser.add_argument("--batches-per-epoch", type=int,
                         help="default: one pass over the training images across all ranks")
+    parser.add_argument("--recipe", default="strong", choices=tuple(RECIPES),
+                        help="strong: BN neck + identity loss + batch-all triplet, AdamW, cosine "
+                        "(learns from scratch); seed: the paper's exact recipe (Adam, constant lr "
+                        "1e-4, batch-hard triplet only, no weight decay). Flags given override it")
     parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
-    parser.add_argument("--mining", choices=MININGS,
-                        help="triplet mining (default batch_hard; batch_all for --dataset demo)")
+    parser.add_argument("--mining", choices=MININGS, help="triplet mining")
+    parser.add_argument("--id-loss-weight", type=float,
+                        help="weight of the cosine-softmax identity loss beside the triplet loss (0: off)")
+    parser.add_argument("--id-loss-scale", type=float, default=16.0,
+                        help="cosine-softmax temperature (logits = scale x cosine)")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the identity loss")
     # Optimisation
-    parser.add_argument("--epochs", type=int, help="training epochs (paper: 50-100)")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the new layers (paper: 1e-4)")
+    parser.add_argument("--epochs", type=int, help="training epochs")
+    parser.add_argument("--optimizer", choices=("adamw", "adam"), help="adam: the seed's, no decoupled decay")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the new layers")
     parser.add_argument("--backbone-lr-mult", type=float,
                         help="backbone lr = lr x this (default: 0.1 when pretrained, else 1)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--warmup-epochs", type=float, help="linear warmup, then cosine decay")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (not on norms and biases)")
+    parser.add_argument("--schedule", choices=("cosine", "constant"),
+                        help="cosine: linear warmup, then cosine decay to --min-lr-ratio x lr")
+    parser.add_argument("--warmup-epochs", type=float, help="linear warmup (cosine schedule)")
     parser.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak lr")
     parser.add_argument("--grad-accum", type=int, default=1,
-                        help="PK batches per optimiser step (a larger effective batch)")
+                        help="PK batches per optimiser step; their gradients are averaged")
     parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
     # Speed
     parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),
-                        help="mixed precision; auto = bf16 on CUDA, none on CPU")
+                        help="mixed precision; auto = bf16 on CUDA from compute capability 8 "
+                        "(A100, H100), fp16 with loss scaling on older GPUs, none on CPU")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute backbone activations in backward: less memory, ~25%% slower")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
-                        help="fused AdamW kernels (one launch for all parameters)")
+                        help="fused Adam(W) kernels (one launch for all parameters)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     # Evaluation, logging, checkpoints
     parser.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
@@ -130,12 +130,29 @@ def get_args_parser(add_help=True):
                         help="allow a fresh run in a --save-dir that already holds one")
     parser.add_argument("--resume", help="checkpoint to continue from (full training state)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
+    _document_defaults(parser)
     return parser
 
 
+def _document_defaults(parser):
+    """Add the defaults that depend on --dataset and --recipe to the help texts."""
+    recipe_keys = set().union(*RECIPES.values())
+    for action in parser._actions:
+        key = action.dest
+        parts = []
+        if key in PAPER_DEFAULTS:
+            parts.append(f"paper: {PAPER_DEFAULTS[key]}; --dataset demo: {DEMO_DEFAULTS[key]}")
+        if key in recipe_keys:
+            parts += [f"--recipe {name}: {values[key]}" for name, values in RECIPES.items() if key in values]
+        elif action.default not in (None, argparse.SUPPRESS) and action.help and key != "help":
+            parts.append(f"default: {action.default}")
+        if parts and action.help:
+            action.help += " [" + "; ".join(parts) + "]"
+
+
 def resolve_args(args):
-    """Fill unset flags from the paper or demo defaults and check the batch geometry."""
-    defaults = DEMO_DEFAULTS if args.dataset == "demo" else PAPER_DEFAULTS
+    """Fill unset flags from the recipe and the paper or demo setup; check the batch geometry."""
+    defaults = setup_defaults(args.dataset)
     p = args.labels_per_batch = args.labels_per_batch or defaults["labels_per_batch"]
     if args.batch_size is not None:
         if args.samples_per_label is None:  # the seed's usage: --batch-size alone sets K
@@ -150,17 +167,19 @@ def resolve_args(args):
             raise SystemExit(f"error: --batch-size {args.batch_size} contradicts -p {p} x -k "
                              f"{args.samples_per_label}; the batch is P x K: give -p and -k, "
                              "or -p and --batch-size")
-    for key, value in defaults.items():
+    for key, value in {**defaults, **RECIPES[args.recipe]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dataset == "demo":
         args.train_image_list = args.train_image_list or str(Path(args.dataset_dir) / "train_split.txt")
         args.test_image_list = args.test_image_list or str(Path(args.dataset_dir) / "test_split.txt")
+    args.val_dataset_dir = args.val_dataset_dir or str(Path(args.dataset_dir) / "train")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise SystemExit(f"error: --val-fraction {args.val_fraction} must be at least 0 and below 1")
     args.batch_size = p * args.samples_per_label
     if args.backbone_lr_mult is None:
         args.backbone_lr_mult = 0.1 if args.pretrained else 1.0
-    if args.amp == "auto":
-        args.amp = "bf16" if torch.cuda.is_available() and args.device != "cpu" else "none"
+    args.amp = utils.resolve_amp(args.amp, args.device)
     if args.channels_last is None:
         args.channels_last = args.device != "cpu" and torch.cuda.is_available()
     return args
@@ -175,34 +194,71 @@ def checkpoint_name(args, tag):
 
 
 def build_datasets(args, runtime):
+    """(train, validation or None, test) datasets; validation from --val-image-list or a
+    patient-grouped --val-fraction of the training list."""
     if args.dataset == "demo":
         if runtime.is_main:
             demo_data.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
         utils.barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
     root = Path(args.dataset_dir)
     list_format = LIST_FORMAT[args.dataset]
-    train_set = ImageListDataset(
-        root / "train", args.train_image_list, list_format,
-        transform=build_transform(args.img_size, True, args.rand_resize, args.hflip))
+    train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
+    eval_transform = build_transform(args.img_size, False)
+    train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
+                                 transform=train_transform)
+    classes = train_set.classes
+    val_set = None
+    if args.val_image_list:
+        val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, list_format,
+                                   classes=classes, transform=eval_transform)
+    elif args.val_fraction > 0:
+        train_idx, val_idx = split_by_patient(train_set, args.val_fraction, args.seed)
+        val_set = train_set.subset(val_idx, eval_transform)
+        train_set = train_set.subset(train_idx, train_transform)
     test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
-                                classes=train_set.classes,
-                                transform=build_transform(args.img_size, False))
-    return train_set, test_set
+                                classes=classes, transform=eval_transform)
+    return train_set, val_set, test_set
 
 
-def build_optimizer(model, args, device):
-    """AdamW with two groups: pretrained backbones at lr x backbone-lr-mult, new layers at lr.
-    Norms and biases get no weight decay."""
-    backbone_ids = {id(p) for m in model.backbone_modules() for p in m.parameters()}
+class ModelWithLoss(nn.Module):
+    """The model and its loss as one module, so that DDP all-reduces the gradients of the
+    identity classifier too; the model runs under autocast, the loss in fp32."""
+
+    def __init__(self, model, criterion, device, amp):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+        self.device, self.amp = device, amp
+
+    def forward(self, images, labels):
+        with utils.autocast(self.device, self.amp):
+            embeddings = self.model(images)
+        return self.criterion(embeddings, labels)
+
+
+def build_criterion(args, num_classes):
+    identity = None
+    if args.id_loss_weight > 0:
+        identity = CosineSoftmaxLoss(args.embedding_dim, num_classes, args.id_loss_scale,
+                                     args.label_smoothing)
+    return RetrievalLoss(TripletMarginLoss(args.margin, args.mining), identity, args.id_loss_weight)
+
+
+def build_optimizer(objective, args, device):
+    """Adam(W) with two groups: pretrained backbones at lr x backbone-lr-mult, new layers (head,
+    MXA, identity classifier) at lr. Norms and biases get no weight decay."""
+    backbone_ids = {id(p) for m in objective.model.backbone_modules() for p in m.parameters()}
     groups = {}
-    for name, param in model.named_parameters():
+    for name, param in objective.named_parameters():
+        if not param.requires_grad:
+            continue
         lr_mult = args.backbone_lr_mult if id(param) in backbone_ids else 1.0
         decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") else args.weight_decay
         group = groups.setdefault((lr_mult, decay), {"params": [], "lr_mult": lr_mult,
                                                      "weight_decay": decay, "lr": args.lr * lr_mult})
         group["params"].append(param)
     fused = args.fused_optimizer and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(list(groups.values()), lr=args.lr, fused=fused)
+    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(list(groups.values()), lr=args.lr, fused=fused)
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
@@ -210,6 +266,8 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     total = max(warmup + 1, args.epochs * steps_per_epoch)
 
     def factor(step):  # linear warmup from lr/warmup, then cosine to min_lr_ratio
+        if args.schedule == "constant":
+            return 1.0
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / (total - warmup))
@@ -228,63 +286,98 @@ def check_finite(loss_sum, steps, epoch, step, save_dir):
     return loss
 
 
-def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, args, runtime):
-    """One pass of the PK sampler; returns the epoch's mean loss, active fraction and speed."""
-    model.train()
-    loss_sum = torch.zeros((), device=runtime.device)  # summed on device: no sync per step
-    active_sum = torch.zeros((), device=runtime.device)
+def train_step(objective, optimizer, scheduler, scaler, images, labels, args,
+               accum_steps=1, step_now=True):
+    """Forward, loss and backward of one PK batch; with step_now, also the optimiser step.
+    The loss is divided by accum_steps, the number of batches whose gradients this step
+    averages. Returns (loss, stats) as detached 0-dim tensors (no host sync)."""
+    loss, stats = objective(images, labels)
+    scaler.scale(loss / accum_steps).backward()
+    if step_now:
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return loss.detach(), stats
+
+
+def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime):
+    """One pass of the PK sampler; returns the epoch's mean losses, active fraction, embedding
+    spread and speed."""
+    objective.train()
+    sums = {key: torch.zeros((), device=runtime.device)  # summed on device: no sync per step
+            for key in ("loss", "triplet", "id", "active", "spread")}
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    start, images_seen = time.perf_counter(), 0
+    start, images_seen, steps = time.perf_counter(), 0, len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not runtime.is_main)
     for step, (images, labels) in enumerate(bar):
         images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(runtime.device, non_blocking=True)
-        last_micro_step = (step + 1) % args.grad_accum == 0 or step + 1 == len(loader)
+        group_start = step - step % args.grad_accum
+        group_size = min(args.grad_accum, steps - group_start)  # the last group may be shorter
+        last_micro_step = step == group_start + group_size - 1
         # DDP: all-reduce gradients only on the micro-batch that ends an accumulation.
-        sync = model.no_sync() if runtime.distributed and not last_micro_step else nullcontext()
+        sync = objective.no_sync() if runtime.distributed and not last_micro_step else nullcontext()
         with sync:
-            with utils.autocast(runtime.device, args.amp):
-                embeddings = model(images)
-            loss, active = loss_fn(embeddings, labels)  # fp32 inside the loss
-            scaler.scale(loss / args.grad_accum).backward()
-        if last_micro_step:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        loss_sum += loss.detach()
-        active_sum += active
+            loss, stats = train_step(objective, optimizer, scheduler, scaler, images, labels, args,
+                                     group_size, last_micro_step)
+        sums["loss"] += loss
+        for key in ("triplet", "id", "active", "spread"):
+            sums[key] += stats[key]
         images_seen += images.shape[0]
         if (step + 1) % args.print_freq == 0:
-            mean_loss = check_finite(loss_sum, step + 1, epoch, step, args.save_dir)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", active=f"{(active_sum / (step + 1)).item():.2f}",
+            mean_loss = check_finite(sums["loss"], step + 1, epoch, step, args.save_dir)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", active=f"{(sums['active'] / (step + 1)).item():.2f}",
                             img_s=f"{images_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
-    steps = len(loader)
     elapsed = time.perf_counter() - start
-    return {"train_loss": check_finite(loss_sum, steps, epoch, steps, args.save_dir),
-            "active_triplets": (active_sum / steps).item(),
-            "images_per_s": images_seen * runtime.world_size / elapsed, "train_time_s": elapsed}
+    record = {"train_loss": check_finite(sums["loss"], steps, epoch, steps, args.save_dir)}
+    record.update({f"train_{key}": (sums[key] / steps).item() for key in ("triplet", "id")})
+    record.update(active_triplets=(sums["active"] / steps).item(),
+                  embedding_spread=(sums["spread"] / steps).item(),
+                  images_per_s=images_seen * runtime.world_size / elapsed, train_time_s=elapsed)
+    return record
 
 
-def evaluate(model, loader, args, runtime):
-    """Leave-one-out R@1, mAP and mP@1 on the test list, in percent (main process only)."""
+def collapse_warning(record, args):
+    """A message when the embedding has collapsed, else None. Collapse: all images map to
+    (nearly) one point, so every triplet costs exactly the margin; batch-hard mining from
+    random weights falls into it, and a zero gradient at distance 0 keeps it there."""
+    pinned = (record["active_triplets"] > 0.95
+              and abs(record["train_triplet"] - args.margin) < 0.05 * args.margin)
+    if record["embedding_spread"] < 0.05 or pinned:
+        return (f"warning: the embedding looks collapsed at epoch {record['epoch']} (mean pairwise "
+                f"distance {record['embedding_spread']:.3f} in a batch, {record['active_triplets']:.0%} "
+                f"of triplets active, triplet loss {record['train_triplet']:.3f} = margin "
+                f"{args.margin}). Try --recipe strong (BN neck and identity loss), --mining "
+                "batch_all, or a lower --lr")
+    return None
+
+
+def evaluate(model, loader, args, runtime, split):
+    """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
+    (main process only)."""
     embeddings, labels = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
     if not runtime.is_main:
         return {}
     result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=())
-    return {"R@1": result["recall_at_k"]["1"], "mAP": result["map"],
-            "mP@1": result["precision_at_k"]["1"]}
+    return {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
+            f"{split}_mP@1": result["precision_at_k"]["1"]}
 
 
-def prune_checkpoints(save_dir, args):
+def prune_checkpoints(save_dir, args, epoch):
+    """Delete this run's epoch checkpoints beyond the newest --keep-checkpoints. Only epochs up
+    to the current one count as this run's: files of an earlier run with higher epochs (left in
+    the folder with --overwrite) are never pruned in place of the new ones."""
     if args.keep_checkpoints <= 0:
         return
-    pattern = checkpoint_name(args, "epoch_*")
-    epochs = sorted(save_dir.glob(pattern), key=lambda p: int(p.name.split("_epoch_")[1].split("_")[0]))
-    for old in epochs[: -args.keep_checkpoints]:
+    def epoch_of(path):
+        return int(path.name.split("_epoch_")[1].split("_")[0])
+    ours = sorted((p for p in save_dir.glob(checkpoint_name(args, "epoch_*")) if epoch_of(p) <= epoch),
+                  key=epoch_of)
+    for old in ours[: -args.keep_checkpoints]:
         old.unlink()
 
 
@@ -318,21 +411,28 @@ def run(args, runtime):
     utils.seed_everything(args.seed + runtime.rank)
 
     # ---------------------------------------------------------------- data
-    train_set, test_set = build_datasets(args, runtime)
-    utils.log(runtime, f"train: {len(train_set)} images, test: {len(test_set)} images, "
-                       f"classes: {', '.join(train_set.classes)}")
+    train_set, val_set, test_set = build_datasets(args, runtime)
+    classes = train_set.classes
+    utils.log(runtime, f"train: {len(train_set)} images, validation: "
+                       f"{len(val_set) if val_set else 0}, test: {len(test_set)}; classes: {', '.join(classes)}")
+    select_split = "val" if val_set is not None else "test"
+    if val_set is None:
+        utils.log(runtime, "warning: no validation data (--val-fraction 0): the best checkpoint is "
+                           "chosen on the test list, as the seed did; its test numbers are optimistic")
     sampler = PKSampler(train_set.targets.tolist(), args.labels_per_batch, args.samples_per_label,
-                        args.batches_per_epoch, args.seed, runtime.rank, runtime.world_size)
+                        args.batches_per_epoch, args.seed, runtime.rank, runtime.world_size,
+                        label_names=classes)
     # Workers are not persistent: a new loader iterator each epoch draws its worker seeds from
     # the restored RNG, so a resumed run augments exactly as the uninterrupted one.
     loader_kwargs = dict(num_workers=args.workers, pin_memory=runtime.device.type == "cuda")
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
-    test_loader = DataLoader(test_set, batch_size=args.eval_batch_size,
-                             sampler=utils.ShardSampler(len(test_set), runtime), **loader_kwargs)
+    eval_loaders = {split: DataLoader(dataset, batch_size=args.eval_batch_size,
+                                      sampler=utils.ShardSampler(len(dataset), runtime), **loader_kwargs)
+                    for split, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
 
-    # ---------------------------------------------------------------- model
+    # ---------------------------------------------------------------- model and loss
     config = dict(name=args.model, embedding_dim=args.embedding_dim, img_size=args.img_size,
-                  convnext_name=args.convnext_name, vit_name=args.vit_name)
+                  convnext_name=args.convnext_name, vit_name=args.vit_name, neck=args.neck)
     if checkpoint is not None and checkpoint["model_config"] != config:
         raise SystemExit(f"error: --resume {args.resume} was trained with {checkpoint['model_config']}, "
                          f"but the flags ask for {config}; drop the contradicting flags")
@@ -341,42 +441,54 @@ def run(args, runtime):
                         vit_weights=args.vit_weights, grad_checkpointing=args.grad_checkpointing)
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     raw_model = model  # what checkpoints hold: no DDP or compile wrappers
-    optimizer = build_optimizer(model, args, runtime.device)
+    criterion = build_criterion(args, len(classes)).to(runtime.device)
+    objective = ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
+                              runtime.device, args.amp)
+    optimizer = build_optimizer(objective, args, runtime.device)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
-    loss_fn = TripletMarginLoss(args.margin, args.mining)
     utils.log(runtime, f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-                       f"parameters; batch {args.labels_per_batch} x {args.samples_per_label} per rank "
-                       f"x {runtime.world_size} rank(s); {len(train_loader)} batches per epoch")
+                       f"parameters; recipe {args.recipe}: {args.mining} triplet"
+                       f"{f' + {args.id_loss_weight:g} x identity loss' if args.id_loss_weight else ''}, "
+                       f"neck {args.neck}, {args.optimizer} lr {args.lr:g} ({args.schedule}); batch "
+                       f"{args.labels_per_batch} x {args.samples_per_label} per rank x "
+                       f"{runtime.world_size} rank(s); {len(train_loader)} batches per epoch")
 
-    start_epoch, best_metric = 1, -1.0
+    start_epoch, best_metric, best_epoch = 1, -1.0, None
     if checkpoint is not None:
         utils.load_model_weights(raw_model, checkpoint["model"], args.resume)
+        criterion.load_state_dict(checkpoint.get("criterion", {}))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_states(checkpoint["rng_states"][min(runtime.rank, len(checkpoint["rng_states"]) - 1)])
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+        best_epoch = checkpoint.get("best_epoch")
         utils.log(runtime, f"resumed from {args.resume} (epoch {checkpoint['epoch']})")
     if runtime.distributed:
-        model = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+        objective = DistributedDataParallel(
+            objective, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+
+    def evaluate_all():
+        record = {}
+        for split, loader in eval_loaders.items():
+            record.update(evaluate(raw_model, loader, args, runtime, split))
+        return record
 
     # ---------------------------------------------------------------- training
     if start_epoch == 1:  # epoch 0: the untrained model, the baseline the gain is measured from
-        record = {"epoch": 0, **evaluate(raw_model, test_loader, args, runtime), "lr": 0.0}
-        utils.log_record(runtime, metrics_log, record)
+        utils.log_record(runtime, metrics_log, {"epoch": 0, **evaluate_all(), "lr": 0.0})
     for epoch in range(start_epoch, args.epochs + 1):
         sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        record = {"epoch": epoch, **train_one_epoch(model, loss_fn, optimizer, scheduler, scaler,
+        record = {"epoch": epoch, **train_one_epoch(objective, optimizer, scheduler, scaler,
                                                     train_loader, epoch, args, runtime)}
         record["lr"] = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
+        utils.average_buffers(raw_model, runtime)  # one model on every rank, as evaluated and saved
         evaluated = epoch % args.eval_freq == 0 or epoch == args.epochs
         if evaluated:
-            record.update(evaluate(raw_model, test_loader, args, runtime))
+            record.update(evaluate_all())
         record["time_s"] = time.perf_counter() - epoch_start
         # RNG states of every rank, so a resumed run draws what the uninterrupted one would have.
         states = [utils.rng_states()]
@@ -385,23 +497,32 @@ def run(args, runtime):
             torch.distributed.all_gather_object(states, utils.rng_states())
         if not runtime.is_main:
             continue
-        utils.log_record(runtime, metrics_log, record)
-        is_best = evaluated and record["R@1"] > best_metric
+        warning = collapse_warning(record, args)
+        if warning:
+            print(warning, flush=True)
+        selection_key = f"{select_split}_mAP"
+        is_best = evaluated and record[selection_key] > best_metric
         if is_best:
-            best_metric = record["R@1"]
+            utils.log(runtime, f"epoch {epoch} kept as best: {selection_key} {record[selection_key]:.2f}"
+                               + (f" > {best_metric:.2f} (epoch {best_epoch})" if best_epoch else ""))
+            best_metric, best_epoch = record[selection_key], epoch
+        record["best_epoch"] = best_epoch
+        utils.log_record(runtime, metrics_log, record)
         state = {
             "format_version": utils.CHECKPOINT_FORMAT_VERSION, "model": raw_model.state_dict(),
-            "model_config": config, "classes": train_set.classes, "epoch": epoch,
+            "model_config": config, "classes": classes, "epoch": epoch,
+            "criterion": criterion.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng_states": states,
-            "args": vars(args),
-            "best_metric": best_metric, "metrics": record,
+            "scaler": scaler.state_dict(), "rng_states": states, "args": vars(args),
+            "best_metric": best_metric, "best_epoch": best_epoch, "selection": selection_key,
+            "metrics": record,
         }
         utils.save_checkpoint(state, save_dir / checkpoint_name(args, f"epoch_{epoch}"))
         if is_best:
             utils.save_checkpoint(state, save_dir / checkpoint_name(args, "best"))
-        prune_checkpoints(save_dir, args)
-    utils.log(runtime, f"done; best R@1 {best_metric:.2f}; checkpoints in {save_dir}")
+        prune_checkpoints(save_dir, args, epoch)
+    utils.log(runtime, f"done; best {select_split} mAP {best_metric:.2f} at epoch {best_epoch} "
+                       f"({checkpoint_name(args, 'best')}); checkpoints in {save_dir}")
     return best_metric
 
 

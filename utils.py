@@ -81,6 +81,20 @@ def all_gather_varlen(tensor, runtime):
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
 
 
+def average_buffers(module, runtime):
+    """Average floating-point buffers (BatchNorm running statistics) over the ranks. Each rank
+    updates them from its own batches, so without this the ranks would evaluate slightly
+    different models, and the checkpoint (rank 0's) would not be the model that was evaluated."""
+    if not runtime.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= runtime.world_size
+        else:
+            dist.broadcast(buffer, src=0)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -109,6 +123,19 @@ def set_rng_states(states):
 # --------------------------------------------------------------------------------------------
 # Mixed precision
 # --------------------------------------------------------------------------------------------
+def resolve_amp(amp, device="auto"):
+    """'auto' -> bf16 on CUDA GPUs of compute capability 8 or newer (A100, H100, RTX 30xx+),
+    fp16 (with the gradient scaler) on older ones, where bf16 is emulated and slow (V100, T4),
+    none on CPU. Other values pass through."""
+    if amp != "auto":
+        return amp
+    if device == "cpu" or not torch.cuda.is_available():
+        return "none"
+    index = torch.device(device).index if device.startswith("cuda") else None
+    major, _ = torch.cuda.get_device_capability(index)
+    return "bf16" if major >= 8 else "fp16"
+
+
 def autocast(device, amp):
     """One autocast context for every forward pass; `amp` is none, bf16 or fp16."""
     dtype = AMP_DTYPES[amp]
@@ -222,7 +249,7 @@ def load_model_weights(model, state_dict, source):
             problems.append("shape mismatch: " + listing(
                 [f"{k} {tuple(cleaned[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
         raise RuntimeError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}). "
-                           "Check --model, --embedding-dim, --convnext-name, --vit-name and --img-size")
+                           "Check --model, --embedding-dim, --convnext-name, --vit-name, --img-size and --neck")
     model.load_state_dict(cleaned)
 
 

@@ -78,7 +78,7 @@ def test_optimised_train_steps_match_plain():
     # P x K = 3 x 4 and a small learning rate: the second loss follows the first update without
     # the chaos of a tiny random batch at the demo rate.
     argv = bench.train_argv(bench.get_args_parser().parse_args(
-        ["train", "--device", "cpu", "--img-size", "32", "-p", "3", "-k", "4"])) + ["--lr", "1e-5"]
+        ["train", "--device", "cpu", "--img-size", "32", "-p", "3", "-k", "4"])) + ["--lr", "1e-4", "--warmup-epochs", "0"]
     plain = bench.train_case(argv, frozenset(), 2, 0)["losses"]
     assert plain[0] > 0.05 and plain[1] < plain[0] - 0.01  # losses that can disagree
     # fp32 with the other three optimisations: the same arithmetic up to summation order.
@@ -86,7 +86,7 @@ def test_optimised_train_steps_match_plain():
     assert exact == pytest.approx(plain, abs=1e-4)
     # bf16 autocast on top: bf16 forward, bf16 gradients into the fused AdamW update.
     optimised = bench.train_case(argv, OPTIMISED, 2, 0)["losses"]
-    assert optimised == pytest.approx(plain, abs=5e-3)
+    assert optimised == pytest.approx(plain, rel=1e-2)  # the identity loss scales cosines by 16
 
 
 def test_cli_train_suite_end_to_end(capsys):

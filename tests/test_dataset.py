@@ -40,7 +40,7 @@ def test_covidx_list_loads_with_fixed_class_order(covidx):
 
 def test_three_field_lines_and_comments(tmp_path):
     list_file = write_list(tmp_path / "l.txt", [("# comment",), ("P1", "x.png", "positive")])
-    assert read_covidx_list(list_file) == [("x.png", "positive", 2)]
+    assert read_covidx_list(list_file) == [("x.png", "positive", 2, "P1")]
 
 
 def test_csv_and_folder_formats(tmp_path):
@@ -132,3 +132,44 @@ def test_train_transform_is_random_and_test_transform_is_not():
     train = build_transform(64, train=True, rand_resize=True)
     assert not torch.equal(train(image), train(image))
     assert train(image).shape == (3, 64, 64)
+
+
+def test_split_by_patient_keeps_patients_whole_and_stratifies(tmp_path):
+    from dataset import split_by_patient
+    rows, rng = [], np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    gray = Image.fromarray(np.zeros((8, 8), np.uint8))
+    for patient in range(60):  # 1-4 images per patient, one label per patient
+        label = ("normal", "pneumonia", "COVID-19")[patient % 3]
+        for image in range(int(rng.integers(1, 5))):
+            name = f"p{patient}_{image}.png"
+            gray.save(tmp_path / "train" / name)
+            rows.append((f"P{patient}", name, label))
+    dataset = ImageListDataset(tmp_path / "train", write_list(tmp_path / "l.txt", rows))
+    train_idx, val_idx = split_by_patient(dataset, 0.2, seed=0)
+    assert sorted(train_idx + val_idx) == list(range(len(dataset)))
+    train_patients = {dataset.patients[i] for i in train_idx}
+    val_patients = {dataset.patients[i] for i in val_idx}
+    assert not train_patients & val_patients  # no patient on both sides
+    for label in range(3):  # about 20% of every class, give or take one patient
+        total = int((dataset.targets == label).sum())
+        held = int((dataset.targets[val_idx] == label).sum())
+        assert 0.2 * total <= held <= 0.2 * total + 4
+    assert split_by_patient(dataset, 0.2, seed=1) != (train_idx, val_idx)  # seeded
+    assert split_by_patient(dataset, 0.2, seed=0) == (train_idx, val_idx)
+    part = dataset.subset(val_idx)
+    assert len(part) == len(val_idx) and part.classes == dataset.classes
+    assert part.targets.tolist() == dataset.targets[val_idx].tolist()
+
+
+def test_transforms_keep_the_whole_portrait_radiograph():
+    # A portrait film whose top and bottom 10% are white (the apices and the costophrenic
+    # angles): the evaluation transform and the default training transform keep both.
+    array = np.zeros((200, 160), np.uint8)
+    array[:20], array[-20:] = 255, 255
+    image = Image.fromarray(array).convert("RGB")
+    for transform in (build_transform(64, train=False), build_transform(64, train=True, hflip=False)):
+        out = transform(image)[0]
+        assert out.shape == (64, 64)
+        assert out[0].mean() > 1.5 and out[-1].mean() > 1.5, "top or bottom of the chest cut off"
+        assert out[32].mean() < 0  # the middle stays dark

@@ -79,3 +79,42 @@ def test_unknown_mining_and_negative_margin():
         TripletMarginLoss(mining="semi_hard")
     with pytest.raises(ValueError, match="margin"):
         TripletMarginLoss(margin=-1)
+
+
+def test_cosine_softmax_loss_matches_a_hand_computation():
+    from loss import CosineSoftmaxLoss
+    torch.manual_seed(0)
+    loss_fn = CosineSoftmaxLoss(embedding_dim=4, num_classes=3, scale=10.0, label_smoothing=0.0)
+    embeddings = F.normalize(torch.randn(5, 4), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    w = loss_fn.weight.detach().double().numpy()
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    logits = 10.0 * embeddings.double().numpy() @ w.T
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -np.mean(log_p[np.arange(5), labels.numpy()])
+    assert loss_fn(embeddings, labels).item() == pytest.approx(expected, rel=1e-5)
+    smoothed = CosineSoftmaxLoss(4, 3, 10.0, label_smoothing=0.3)
+    smoothed.weight.data.copy_(loss_fn.weight.data)
+    uniform = -np.mean(log_p.mean(1))
+    assert smoothed(embeddings, labels).item() == pytest.approx(0.7 * expected + 0.3 * uniform, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        CosineSoftmaxLoss(4, 1)
+
+
+def test_retrieval_loss_combines_terms_and_reports_spread():
+    from loss import CosineSoftmaxLoss, RetrievalLoss
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(8, 6), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    triplet = TripletMarginLoss(0.2, "batch_hard")
+    plain, stats = RetrievalLoss(triplet)(embeddings, labels)
+    assert plain.item() == pytest.approx(triplet(embeddings, labels)[0].item())
+    assert stats["id"].item() == 0.0
+    identity = CosineSoftmaxLoss(6, 4)
+    both, stats = RetrievalLoss(triplet, identity, 0.5)(embeddings, labels)
+    expected = triplet(embeddings, labels)[0] + 0.5 * identity(embeddings, labels)
+    assert both.item() == pytest.approx(expected.item(), rel=1e-6)
+    d = torch.cdist(embeddings.double(), embeddings.double())
+    assert stats["spread"].item() == pytest.approx((d.sum() / (8 * 7)).item(), rel=1e-5)
+    collapsed = F.normalize(torch.ones(8, 6), dim=1)
+    assert RetrievalLoss(triplet)(collapsed, labels)[1]["spread"].item() == pytest.approx(0.0, abs=1e-6)

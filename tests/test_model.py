@@ -105,3 +105,18 @@ def test_checkpoint_that_does_not_fit_names_the_keys():
         load_model_weights(model, other, "ckpt.pth")
     prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
     load_model_weights(model, prefixed, "ckpt.pth")  # DDP-saved weights load
+
+
+def test_bn_neck_centres_and_stays_unit_length():
+    model = build_model("hybrid_convnext_vit", embedding_dim=16, pretrained=False, neck="bn", **SMALL_MODEL)
+    assert isinstance(model.head.neck, torch.nn.BatchNorm1d) and model.head.proj.bias is None
+    assert not model.head.neck.bias.requires_grad  # a learnt shift would undo the centring
+    embeddings = model.train()(torch.randn(6, 3, 64, 64))
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(6))
+    assert "head.neck.running_mean" in model.state_dict()
+    plain = build_model("hybrid_convnext_vit", embedding_dim=16, pretrained=False, **SMALL_MODEL)
+    assert plain.head.neck is None and plain.head.proj.bias is not None  # the paper's head by default
+    with pytest.raises(RuntimeError, match="--neck"):  # weights of one head do not load into the other
+        load_model_weights(plain, model.state_dict(), "bn.pth")
+    with pytest.raises(ValueError, match="unknown neck"):
+        build_model("vit", embedding_dim=16, pretrained=False, neck="ln", **SMALL_MODEL)

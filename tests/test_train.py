@@ -46,11 +46,13 @@ def test_train_writes_full_checkpoints_metrics_and_report(phantoms, tmp_path):
     train.main(tiny_args(phantoms, tmp_path, "--epochs", "2"))
     records = read_metrics(tmp_path)
     assert [r["epoch"] for r in records] == [0, 1, 2]
-    for key in ("train_loss", "active_triplets", "R@1", "mAP", "lr", "images_per_s", "time_s"):
+    for key in ("train_loss", "train_triplet", "train_id", "active_triplets", "embedding_spread",
+                "val_R@1", "val_mAP", "test_R@1", "test_mAP", "lr", "images_per_s", "time_s", "best_epoch"):
         assert key in records[-1]
+    assert "R@1" not in records[-1] and "mAP" not in records[-1]  # every number names its split
     state = torch.load(ckpt(tmp_path, "epoch_2"), weights_only=True)
     for key in ("model", "model_config", "classes", "epoch", "optimizer", "scheduler", "scaler",
-                "rng_states", "args", "best_metric", "format_version"):
+                "rng_states", "args", "best_metric", "format_version", "criterion", "best_epoch"):
         assert key in state
     assert state["classes"] == sorted(demo_data.CLASSES) and state["epoch"] == 2
     assert ckpt(tmp_path, "best").exists() and json.loads((tmp_path / "args.json").read_text())["epochs"] == 2
@@ -67,8 +69,8 @@ def test_train_writes_full_checkpoints_metrics_and_report(phantoms, tmp_path):
                             "classification"}
     assert on_disk["protocol"] == "leave-one-out" and on_disk["num_queries"] == 25
     assert set(on_disk["classification"]) == {"1", "5", "10", "15", "20"}
-    assert on_disk["map"] == pytest.approx(records[-1]["mAP"], abs=1e-3)  # same model, same metric
-    assert report["recall_at_k"]["1"] == pytest.approx(records[-1]["R@1"], abs=1e-3)
+    assert on_disk["map"] == pytest.approx(records[-1]["test_mAP"], abs=1e-3)  # same model, same metric
+    assert report["recall_at_k"]["1"] == pytest.approx(records[-1]["test_R@1"], abs=1e-3)
     assert (tmp_path / f"{ckpt(tmp_path, 'epoch_2').stem}_embeddings.npz").exists()
 
     # query-gallery: test queries against the training database
@@ -87,7 +89,7 @@ def test_train_writes_full_checkpoints_metrics_and_report(phantoms, tmp_path):
     bare = tmp_path / "bare.pth"
     torch.save({"state_dict": state["model"]}, bare)
     report = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
-        "--resume", str(bare), "--model", "hybrid_convnext_vit", "--embedding-dim", "16",
+        "--resume", str(bare), "--model", "hybrid_convnext_vit", "--embedding-dim", "16", "--neck", "bn",
         "--img-size", "32", "--convnext-name", "convnextv2_atto", "--vit-name", "vit_tiny_patch16_224",
         "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
         str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu"]))
@@ -105,7 +107,7 @@ def test_resume_reproduces_the_uninterrupted_run(phantoms, tmp_path):
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert [r["epoch"] for r in resumed] == [2, 3]
     for before, after in zip(full[2:], resumed):
-        for key in ("train_loss", "active_triplets", "R@1", "mAP", "lr"):
+        for key in ("train_loss", "active_triplets", "val_mAP", "test_R@1", "test_mAP", "lr"):
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), key
 
 
@@ -206,7 +208,21 @@ def test_two_process_ddp_on_gloo(phantoms, tmp_path):
         "--resume", str(ckpt(tmp_path, "epoch_2")), "--test-dataset-dir", str(phantoms / "test"),
         "--test-image-list", str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
         "--report", str(tmp_path / "r.json")]))
-    assert report["map"] == pytest.approx(records[-1]["mAP"], abs=1e-3)
+    assert report["map"] == pytest.approx(records[-1]["test_mAP"], abs=1e-3)
+    # test.py under torchrun: each rank embeds a shard, rank 0 reports the same numbers
+    result = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                      str(ROOT / "test.py"), "--resume", str(ckpt(tmp_path, "epoch_2")),
+                      "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
+                      str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
+                      "--eval-batch-size", "4", "--report", str(tmp_path / "r2.json")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = json.loads((tmp_path / "r2.json").read_text())
+    assert distributed["num_queries"] == 25
+    for key in ("recall_at_k", "precision_at_k"):
+        assert distributed[key] == pytest.approx(report[key], abs=1e-9), key
+    for k, row in report["classification"].items():
+        assert distributed["classification"][k]["confusion_matrix"] == row["confusion_matrix"], k
+    assert distributed["map"] == pytest.approx(report["map"], abs=1e-9)
 
 
 def test_killed_run_leaves_loadable_checkpoints_and_resumes(phantoms, tmp_path):
@@ -231,3 +247,108 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(phantoms, tmp_path):
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(tmp_path)[-1]["epoch"] == last + 1
+
+
+def test_best_checkpoint_follows_validation_not_test(phantoms, tmp_path, monkeypatch):
+    # Scripted numbers where validation and test disagree: epoch 2 is best on validation,
+    # epoch 1 on test. The kept checkpoint must be epoch 2.
+    scripted = {"val": [5.0, 10.0, 30.0, 20.0], "test": [5.0, 50.0, 10.0, 40.0]}
+    calls = {"val": 0, "test": 0}
+
+    def fake_evaluate(model, loader, args, runtime, split):
+        value = scripted[split][calls[split]]
+        calls[split] += 1
+        return {f"{split}_R@1": value, f"{split}_mAP": value, f"{split}_mP@1": value}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "3"))
+    assert torch.load(ckpt(tmp_path, "best"), weights_only=True)["epoch"] == 2
+    assert [r["best_epoch"] for r in read_metrics(tmp_path)[1:]] == [1, 2, 2]
+
+
+def test_validation_fraction_zero_selects_on_test_with_a_warning(phantoms, tmp_path, capsys):
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1", "--val-fraction", "0"))
+    out = capsys.readouterr().out
+    assert "chosen on the test list" in out and "optimistic" in out
+    record = read_metrics(tmp_path)[-1]
+    assert "val_mAP" not in record and "test_mAP" in record
+    assert torch.load(ckpt(tmp_path, "best"), weights_only=True)["selection"] == "test_mAP"
+
+
+def test_validation_list_and_split_sizes(phantoms, tmp_path, capsys):
+    train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
+    assert "train: 20 images, validation: 10, test: 25" in capsys.readouterr().out
+    # an explicit validation list (here the test list, images in the test folder)
+    train.main(tiny_args(phantoms, tmp_path / "b", "--epochs", "1",
+                         "--val-image-list", str(phantoms / "test_split.txt"),
+                         "--val-dataset-dir", str(phantoms / "test")))
+    assert "train: 30 images, validation: 25, test: 25" in capsys.readouterr().out
+    record = read_metrics(tmp_path / "b")[-1]
+    assert record["val_mAP"] == pytest.approx(record["test_mAP"])  # the same images
+
+
+def test_overwrite_keeps_the_new_runs_checkpoints(phantoms, tmp_path):
+    # An older, longer run in the same folder: its epochs 48-50 must not crowd out the new ones.
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1"))
+    old = torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)
+    for epoch in (48, 49, 50):
+        torch.save({**old, "epoch": epoch}, ckpt(tmp_path, f"epoch_{epoch}"))
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "3", "--keep-checkpoints", "2", "--overwrite"))
+    for epoch in (2, 3):
+        assert torch.load(ckpt(tmp_path, f"epoch_{epoch}"), weights_only=True)["epoch"] == epoch
+    assert not ckpt(tmp_path, "epoch_1").exists()  # pruned: the new run's oldest
+    assert all(ckpt(tmp_path, f"epoch_{e}").exists() for e in (48, 49, 50))  # not ours: untouched
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_partial_accumulation_group_is_averaged_over_its_own_size(monkeypatch):
+    seen = []
+
+    def fake_step(objective, optimizer, scheduler, scaler, images, labels, args, accum_steps=1, step_now=True):
+        seen.append((accum_steps, step_now))
+        zero = torch.zeros(())
+        return zero, {"triplet": zero, "id": zero, "active": zero, "spread": zero}
+
+    class Objective(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(train, "train_step", fake_step)
+    args = train.parse_args(["--dataset", "demo", "--grad-accum", "2", "--device", "cpu"])
+    loader = [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 5
+    train.train_one_epoch(Objective(), None, None, None, loader, 1, args, train.utils.Runtime(torch.device("cpu")))
+    assert seen == [(2, False), (2, True), (2, False), (2, True), (1, True)]
+
+
+def test_collapse_warning():
+    args = train.parse_args(["--dataset", "demo"])
+    healthy = {"epoch": 3, "active_triplets": 0.4, "train_triplet": 0.1, "embedding_spread": 1.1}
+    assert train.collapse_warning(healthy, args) is None
+    pinned = {**healthy, "active_triplets": 1.0, "train_triplet": 0.2}
+    assert "collapsed at epoch 3" in train.collapse_warning(pinned, args)
+    shrunk = {**healthy, "embedding_spread": 0.01}
+    assert "--recipe strong" in train.collapse_warning(shrunk, args)
+
+
+def test_recipes_and_help_show_both_setups(capsys):
+    seed = train.parse_args(["--recipe", "seed"])
+    assert (seed.optimizer, seed.lr, seed.schedule, seed.mining, seed.neck, seed.id_loss_weight,
+            seed.weight_decay, seed.backbone_lr_mult) == ("adam", 1e-4, "constant", "batch_hard", "none",
+                                                         0.0, 0.0, 1.0)
+    strong = train.parse_args(["--dataset", "demo"])
+    assert (strong.neck, strong.mining, strong.optimizer) == ("bn", "batch_all", "adamw")
+    assert train.parse_args(["--recipe", "seed", "--lr", "3e-4"]).lr == 3e-4  # flags win
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "paper: 384; --dataset demo: 64" in text and "--recipe seed: batch_hard" in text
+    assert "[default: 0.1]" in text  # --val-fraction
+
+
+def test_amp_auto_by_compute_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert train.utils.resolve_amp("auto", "cuda") == expected
+        assert train.utils.resolve_amp("auto", "cuda:0") == expected
+    assert train.utils.resolve_amp("auto", "cpu") == "none"
+    assert train.utils.resolve_amp("fp16", "cpu") == "fp16"
