@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import ood
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
@@ -64,6 +65,10 @@ def get_args_parser(add_help=True):
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
     parser.add_argument("--save-dir", help="where the embeddings .npz goes (default: the checkpoint's folder)")
+    parser.add_argument("--ood", action="store_true",
+                        help="add per-query out-of-distribution scores and flags to the report "
+                        "(the detector that ood.py fitted for this checkpoint)")
+    parser.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
     return parser
 
 
@@ -101,6 +106,9 @@ def print_report(report):
         print(f"\nconfusion matrix, k={k} (rows: true {', '.join(report['classes'])}; columns: predicted)")
         for line in row["confusion_matrix"]:
             print("  " + " ".join(f"{n:6d}" for n in line))
+    if "ood" in report:
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in report["ood"]["flagged_share"].items())
+        print(f"\nout-of-distribution flags (thresholds at {report['ood']['tpr']:.0%} TPR): {shares}")
 
 
 def main(args):
@@ -115,6 +123,13 @@ def run(args, runtime):
     args.amp = utils.resolve_amp(args.amp, str(runtime.device))
     if args.channels_last is None:
         args.channels_last = runtime.device.type == "cuda"
+    detector = None
+    if args.ood:
+        detector_path = Path(args.ood_detector or ood.default_detector_path(args.resume))
+        if not detector_path.is_file():
+            raise SystemExit(f"error: --ood needs the detector {detector_path}; fit it with "
+                             f"python ood.py --resume {args.resume} ... (or give --ood-detector)")
+        detector = ood.OODDetector.load(detector_path)
     checkpoint = utils.load_checkpoint(args.resume)
     config = model_config_from(checkpoint, args)
     model = build_model(**config, pretrained=False)
@@ -160,6 +175,14 @@ def run(args, runtime):
               "embedding_dim": config["embedding_dim"], "classes": classes,
               "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": protocol,
               **metrics}
+    if detector is not None:
+        scores, flags = detector.scores(query_emb), detector.flags(query_emb)
+        report["ood"] = {"detector": str(detector_path), "tpr": detector.tpr,
+                         "thresholds": detector.thresholds,
+                         "flagged_share": {name: float(flag.mean()) for name, flag in flags.items()},
+                         "queries": [{"path": str(path), **{name: float(scores[name][i]) for name in scores},
+                                      "flagged": {name: bool(flags[name][i]) for name in flags}}
+                                     for i, path in enumerate(query_set.paths)]}
     print_report(report)
 
     checkpoint_path = Path(args.resume)

@@ -4,15 +4,20 @@ Single GPU (the paper's configuration, pretrained backbones, COVIDx lists):
     python train.py --model hybrid_convnext_vit --embedding-dim 1024 --dataset covid \
         --dataset-dir ./data --train-image-list ./train_split.txt \
         --test-image-list ./test_COVIDx4.txt --epochs 50 --lr 0.0001 --batch-size 16
+The paper's exact recipe (Adam at a constant 1e-4, batch-hard triplet loss only): add --recipe seed.
 Several GPUs / nodes (each rank draws its own P x K batches):
     torchrun --nproc_per_node=4 train.py ...
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...
-CPU, no data, no weights (synthetic phantoms, small backbones; a few minutes):
+CPU, no data, no weights (synthetic phantoms, small backbones; about 5 minutes on 2 cores):
     python train.py --dataset demo
 
-Outputs in --save-dir: args.json, metrics.jsonl (one line per evaluation), checkpoints
-`{dataset}_{model}_embed_{dim}_seed_{seed}_epoch_{epoch}_ckpt.pth` and `..._best_ckpt.pth`
-(best R@1 on the test list).
+Model selection never sees the test set: the best checkpoint is the one with the best mAP on
+the validation data (--val-image-list, or by default a patient-grouped --val-fraction of the
+training list); test metrics are logged every epoch for reference only.
+
+Outputs in --save-dir: args.json, metrics.jsonl (one line per epoch, keys prefixed train_,
+val_ and test_), checkpoints `{dataset}_{model}_embed_{dim}_seed_{seed}_epoch_{epoch}_ckpt.pth`
+and `..._best_ckpt.pth` (best validation mAP).
 """
 import argparse
 import math

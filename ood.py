@@ -1,0 +1,269 @@
+"""Out-of-distribution guard on retrieval embeddings: is a query a chest X-ray like the gallery's?
+
+    detector = OODDetector().fit(gallery_emb, gallery_labels, classes)   # (N, D) unit vectors
+    detector.calibrate(held_out_in_distribution_emb, tpr=0.95)          # one threshold per score
+    scores = detector.scores(query_emb)        # {"msp": (Q,), "energy": ..., "mahalanobis": ..., "knn": ...}
+    flags = detector.flags(query_emb)          # {score: (Q,) bool}, True = out of distribution
+    detector.save(path); detector = OODDetector.load(path)
+
+Every score is "higher = more out-of-distribution":
+
+- msp          1 - maximum softmax probability over the logits cos(x, prototype_c) / T, where
+               prototype_c is the normalised mean embedding of class c (Hendrycks & Gimpel, 2017);
+- energy       -T logsumexp_c cos(x, prototype_c) / T (Liu et al., 2020), same logits;
+- mahalanobis  distance to the nearest class mean under one covariance shared by the classes
+               (Lee et al., 2018), estimated with Ledoit-Wolf shrinkage: a 1024-d covariance from
+               a few thousand images is singular without it;
+- knn          cosine distance 1 - cos to the k-th nearest fitted embedding (Sun et al., 2022).
+
+T defaults to 1/16, the scale of train.py's identity loss, whose logits are exactly 16 x cos(x, w_c).
+A threshold per score is the `tpr` quantile of that score on held-out in-distribution images, so
+that a share `tpr` of them is accepted; scores above it are flagged.
+
+Command line (labels of the OOD lists are ignored; lists in any train.py format):
+    python ood.py --resume CKPT --fit-image-list LIST --fit-dataset-dir DIR \
+        --in-image-list LIST --in-dataset-dir DIR \
+        --ood-image-list LIST --ood-dataset-dir DIR [--ood-image-list LIST --ood-dataset-dir DIR ...] \
+        [--dataset covid|csv|folder] --report OUT.json [--save DETECTOR.pth]
+On the demo (after `make demo`; the probe sets come from ood_probes.py):
+    python ood_probes.py --out data/ood_probes
+    python ood.py --dataset demo --resume runs/demo/<name>_best_ckpt.pth --probe-dir data/ood_probes
+writes the report (AUROC and FPR at 95% TPR per score and OOD set) and the fitted detector, by
+default beside the checkpoint as <checkpoint stem>_ood.pth, which test.py --ood loads.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+import utils
+from dataset import ImageListDataset, build_transform
+from metrics import rank_topk
+from model import build_model
+from presets import DATASETS, LIST_FORMAT, setup_defaults
+
+SCORES = ("msp", "energy", "mahalanobis", "knn")
+FORMAT_VERSION = 1
+
+
+class OODDetector:
+    def __init__(self, temperature=1 / 16, k=10):
+        if temperature <= 0 or k < 1:
+            raise ValueError(f"temperature must be > 0 and k >= 1, got {temperature}, {k}")
+        self.temperature, self.k = float(temperature), int(k)
+        self.thresholds, self.tpr = {}, None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, embeddings, labels, classes):
+        """Class prototypes, class means and the shared shrunk covariance, and the fitted set
+        for the k-NN score. Needs at least 2 classes and more images than classes."""
+        x = _as_array(embeddings)
+        labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+        present = np.unique(labels)
+        if len(present) < 2:
+            raise ValueError(f"the OOD detector needs images of at least 2 classes to fit, got "
+                             f"{len(present)} ({', '.join(classes[i] for i in present)}); the "
+                             "confidence and energy scores compare classes")
+        if len(x) <= len(present):
+            raise ValueError(f"the OOD detector needs more images than classes to estimate a "
+                             f"covariance, got {len(x)} images of {len(present)} classes")
+        if len(x) < self.k:
+            raise ValueError(f"the k-NN score needs at least k = {self.k} fitted images, got {len(x)}")
+        means = np.stack([x[labels == c].mean(0) for c in present])  # (C, D)
+        centred = x - means[np.searchsorted(present, labels)]
+        # Ledoit-Wolf shrinks towards a scaled identity by the optimal amount, so the estimate
+        # is well conditioned even with fewer images than dimensions.
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        self.classes = [classes[i] for i in present]
+        self.means = means.astype(np.float32)
+        self.prototypes = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+        self.precision = precision.astype(np.float32)
+        self.fitted = x.astype(np.float32)
+        return self
+
+    def calibrate(self, embeddings, tpr=0.95):
+        """Per score, the threshold that accepts a share `tpr` of these in-distribution images
+        (held out from the fit: the k-NN score of a fitted image would be its own neighbour)."""
+        if not 0.0 < tpr < 1.0:
+            raise ValueError(f"tpr must be between 0 and 1, got {tpr}")
+        scores = self.scores(embeddings)
+        self.thresholds = {name: float(np.quantile(values, tpr, method="higher"))
+                           for name, values in scores.items()}
+        self.tpr = tpr
+        return self.thresholds
+
+    # ------------------------------------------------------------------ scoring
+    def logits(self, embeddings):
+        return _as_array(embeddings) @ self.prototypes.T / self.temperature  # (Q, C)
+
+    def scores(self, embeddings):
+        x = _as_array(embeddings)
+        logits = self.logits(x)
+        top = logits.max(1, keepdims=True)
+        log_sum_exp = top[:, 0] + np.log(np.exp(logits - top).sum(1))  # stable logsumexp
+        msp = np.exp(top[:, 0] - log_sum_exp)
+        diff = x[:, None, :] - self.means[None]  # (Q, C, D)
+        squared = np.einsum("qcd,qcd->qc", diff @ self.precision, diff)  # (Q, C)
+        similarity, _ = rank_topk(torch.from_numpy(x), torch.from_numpy(self.fitted), self.k)
+        return {"msp": 1.0 - msp, "energy": -self.temperature * log_sum_exp,
+                "mahalanobis": np.sqrt(np.clip(squared.min(1), 0.0, None)),
+                "knn": 1.0 - similarity[:, -1].numpy()}
+
+    def flags(self, embeddings):
+        if not self.thresholds:
+            raise RuntimeError("the detector has no thresholds: call calibrate() on held-out "
+                               "in-distribution embeddings first")
+        return {name: values > self.thresholds[name] for name, values in self.scores(embeddings).items()}
+
+    # ------------------------------------------------------------------ files
+    def state_dict(self):
+        return {"format_version": FORMAT_VERSION, "temperature": self.temperature, "k": self.k,
+                "classes": self.classes, "tpr": self.tpr, "thresholds": self.thresholds,
+                **{key: torch.from_numpy(getattr(self, key))
+                   for key in ("means", "prototypes", "precision", "fitted")}}
+
+    def save(self, path):
+        utils.save_checkpoint(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path):
+        state = utils.load_checkpoint(path, flag="OOD detector")
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            raise RuntimeError(f"{path} is not an OOD detector written by ood.py "
+                               f"(format {FORMAT_VERSION}); fit one with python ood.py ...")
+        detector = cls(state["temperature"], state["k"])
+        detector.classes, detector.tpr = state["classes"], state["tpr"]
+        detector.thresholds = state["thresholds"]
+        for key in ("means", "prototypes", "precision", "fitted"):
+            setattr(detector, key, state[key].numpy())
+        return detector
+
+
+def _as_array(embeddings):
+    if torch.is_tensor(embeddings):
+        embeddings = embeddings.detach().float().cpu().numpy()
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
+    return x
+
+
+def detection_metrics(in_scores, ood_scores, tpr=0.95):
+    """AUROC (OOD as the positive class) and the FPR at `tpr`: the share of OOD images accepted
+    by the threshold that accepts `tpr` of the in-distribution ones."""
+    y = np.r_[np.zeros(len(in_scores)), np.ones(len(ood_scores))]
+    auroc = roc_auc_score(y, np.r_[in_scores, ood_scores])
+    threshold = np.quantile(in_scores, tpr, method="higher")
+    return {"auroc": float(auroc), "fpr95": float(np.mean(ood_scores <= threshold))}
+
+
+def default_detector_path(checkpoint):
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + "_ood.pth")
+
+
+# ---------------------------------------------------------------------- command line
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Fit and evaluate the OOD detector", add_help=add_help)
+    parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
+    parser.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
+    parser.add_argument("--fit-image-list", help="images the detector is fitted on (the gallery "
+                        "or the training list; default: the training list)")
+    parser.add_argument("--fit-dataset-dir", help="their folder (default <dataset-dir>/train)")
+    parser.add_argument("--in-image-list", help="held-out in-distribution images: thresholds and "
+                        "the negatives of AUROC (default: the test list)")
+    parser.add_argument("--in-dataset-dir", help="their folder (default <dataset-dir>/test)")
+    parser.add_argument("--ood-image-list", action="append", default=[],
+                        help="an OOD list (labels ignored); repeat for several sets")
+    parser.add_argument("--ood-dataset-dir", action="append", default=[],
+                        help="the folder of each --ood-image-list, in the same order")
+    parser.add_argument("--probe-dir", help="a folder written by ood_probes.py: every <set>.txt in "
+                        "it is an OOD list with its images in <probe-dir>/<set>/")
+    parser.add_argument("--tpr", type=float, default=0.95, help="in-distribution share accepted")
+    parser.add_argument("--temperature", type=float, default=1 / 16, help="T of the msp and energy scores")
+    parser.add_argument("-k", type=int, default=10, help="neighbour of the knn score")
+    parser.add_argument("--report", help="JSON report (default <checkpoint stem>_ood_report.json)")
+    parser.add_argument("--save", help="detector file (default <checkpoint stem>_ood.pth)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def ood_sets(args):
+    """[(name, list file, image folder)] of every OOD set asked for."""
+    if len(args.ood_image_list) != len(args.ood_dataset_dir):
+        raise SystemExit(f"error: {len(args.ood_image_list)} --ood-image-list but "
+                         f"{len(args.ood_dataset_dir)} --ood-dataset-dir; give one folder per list")
+    sets = [(Path(lst).stem, lst, folder) for lst, folder in zip(args.ood_image_list, args.ood_dataset_dir)]
+    if args.probe_dir:
+        lists = sorted(Path(args.probe_dir).glob("*.txt"))
+        if not lists:
+            raise SystemExit(f"error: --probe-dir {args.probe_dir} holds no <set>.txt lists; "
+                             "write them with python ood_probes.py --out DIR")
+        sets += [(lst.stem, str(lst), str(lst.with_suffix(""))) for lst in lists]
+    if not sets:
+        raise SystemExit("error: no OOD images: give --ood-image-list and --ood-dataset-dir, or --probe-dir")
+    return sets
+
+
+def main(args):
+    runtime = utils.setup_runtime(args.device)
+    checkpoint = utils.load_checkpoint(args.resume)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise SystemExit(f"error: {args.resume} has no model config; ood.py needs a train.py checkpoint")
+    config, classes = checkpoint["model_config"], checkpoint["classes"]
+    model = build_model(**config, pretrained=False)
+    utils.load_model_weights(model, utils.state_dict_of(checkpoint), args.resume)
+    model.to(runtime.device)
+    amp = utils.resolve_amp("auto", str(runtime.device))
+    transform = build_transform(config["img_size"], train=False)
+    list_format = LIST_FORMAT[args.dataset]
+    root = Path(setup_defaults(args.dataset)["dataset_dir"])
+    train_args = checkpoint.get("args", {})
+    fit_list = args.fit_image_list or train_args.get("train_image_list")
+    in_list = args.in_image_list or train_args.get("test_image_list")
+
+    def embed(folder, list_file, known_classes):
+        dataset = ImageListDataset(folder, list_file, list_format, known_classes, transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size,
+                                             num_workers=args.workers)
+        embeddings, labels = utils.extract_embeddings(model, loader, runtime, amp)
+        return embeddings.cpu(), labels.cpu()
+
+    fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", fit_list, classes)
+    detector = OODDetector(args.temperature, args.k).fit(fit_emb, fit_labels, classes)
+    in_emb, _ = embed(args.in_dataset_dir or root / "test", in_list, classes)
+    thresholds = detector.calibrate(in_emb, args.tpr)
+    in_scores = detector.scores(in_emb)
+    results = []
+    for name, list_file, folder in ood_sets(args):
+        ood_emb, _ = embed(folder, list_file, None)  # labels of OOD lists are ignored
+        ood_scores = detector.scores(ood_emb)
+        for score in SCORES:
+            results.append({"score": score, "ood_set": name, "num_images": len(ood_emb),
+                            **detection_metrics(in_scores[score], ood_scores[score], args.tpr)})
+    report = {"checkpoint": str(args.resume), "tpr": args.tpr, "temperature": args.temperature,
+              "k": args.k, "num_fit": len(fit_emb), "num_in": len(in_emb),
+              "results": results, "thresholds": thresholds}
+    print(f"\nOOD detection: fitted on {len(fit_emb)} images, thresholds at {args.tpr:.0%} TPR on "
+          f"{len(in_emb)} held-out in-distribution images")
+    sets = list(dict.fromkeys(r["ood_set"] for r in results))
+    print(f"  {'set':<22}" + "".join(f"{s + ' AUROC / FPR95':>28}" for s in SCORES))
+    for name in sets:
+        row = {r["score"]: r for r in results if r["ood_set"] == name}
+        print(f"  {name:<22}" + "".join(f"{row[s]['auroc']:>19.3f} / {row[s]['fpr95']:.3f}" for s in SCORES))
+    report_path = Path(args.report or Path(args.resume).with_name(Path(args.resume).stem + "_ood_report.json"))
+    utils.write_json(report_path, report)
+    detector_path = Path(args.save or default_detector_path(args.resume))
+    detector.save(detector_path)
+    print(f"\nreport: {report_path}\ndetector: {detector_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

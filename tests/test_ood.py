@@ -1,0 +1,132 @@
+"""ood.py: each score against a direct computation, thresholds, errors, and the CLI on phantoms."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+import ood
+import ood_probes
+import train
+from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
+
+
+def clusters(n_per_class=40, dim=8, classes=3, seed=0):
+    """Unit vectors around the same 3 centres whatever the seed (the seed draws the noise)."""
+    centres = np.random.default_rng(100).normal(size=(classes, dim)) * 2
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([centres[c] + rng.normal(size=(n_per_class, dim)) for c in range(classes)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(classes), n_per_class)
+
+
+def test_mahalanobis_matches_a_direct_numpy_computation():
+    x, y = clusters()
+    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    queries, _ = clusters(5, seed=1)
+    means = np.stack([x[y == c].mean(0) for c in range(3)])
+    covariance = LedoitWolf(assume_centered=True).fit(x - means[y]).covariance_
+    inverse = np.linalg.inv(covariance)
+    expected = [min(np.sqrt((q - m) @ inverse @ (q - m)) for m in means) for q in queries]
+    np.testing.assert_allclose(detector.scores(queries)["mahalanobis"], expected, rtol=1e-3)
+
+
+def test_confidence_and_energy_match_hand_computed_values():
+    detector = ood.OODDetector(temperature=0.5, k=1)
+    detector.prototypes = np.eye(2, dtype=np.float32)  # two classes along the axes
+    detector.means = np.eye(2, dtype=np.float32)
+    detector.precision = np.eye(2, dtype=np.float32)
+    detector.fitted = np.eye(2, dtype=np.float32)
+    query = np.array([[1.0, 0.0], [np.sqrt(0.5), np.sqrt(0.5)]], np.float32)
+    scores = detector.scores(query)
+    # query 0: logits (2, 0); query 1: logits (1.414, 1.414)
+    assert scores["msp"][0] == pytest.approx(1 - np.exp(2) / (np.exp(2) + 1), rel=1e-5)
+    assert scores["msp"][1] == pytest.approx(0.5, rel=1e-5)
+    assert scores["energy"][0] == pytest.approx(-0.5 * np.log(np.exp(2) + 1), rel=1e-5)
+    assert scores["energy"][1] == pytest.approx(-0.5 * np.log(2 * np.exp(2 * np.sqrt(0.5))), rel=1e-5)
+    assert scores["knn"] == pytest.approx([0.0, 1 - np.sqrt(0.5)], abs=1e-6)
+    s = np.sqrt(0.5)  # distance from (s, s) to the nearest mean (1, 0), identity precision
+    assert scores["mahalanobis"] == pytest.approx([0.0, np.sqrt((1 - s) ** 2 + s ** 2)], abs=1e-5)
+
+
+def test_thresholds_give_the_stated_tpr_and_separate_far_ood():
+    x, y = clusters(100)
+    held_out, _ = clusters(200, seed=2)
+    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    thresholds = detector.calibrate(held_out, tpr=0.9)
+    for name, values in detector.scores(held_out).items():
+        accepted = np.mean(values <= thresholds[name])
+        assert 0.9 <= accepted <= 0.9 + 1 / len(held_out) + 1e-9, name
+    far = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    for name in ("mahalanobis", "knn"):
+        metrics = ood.detection_metrics(detector.scores(held_out)[name], detector.scores(far)[name], 0.9)
+        assert metrics["auroc"] > 0.9, name
+    flags = detector.flags(far)
+    assert flags["knn"].mean() > 0.5
+
+
+def test_save_load_roundtrip(tmp_path):
+    x, y = clusters()
+    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    detector.calibrate(x)
+    detector.save(tmp_path / "d.pth")
+    loaded = ood.OODDetector.load(tmp_path / "d.pth")
+    for name, values in detector.scores(x[:7]).items():
+        np.testing.assert_allclose(loaded.scores(x[:7])[name], values, rtol=1e-6)
+    assert loaded.thresholds == detector.thresholds and loaded.classes == ["a", "b", "c"]
+    torch.save({"model": {}}, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="not an OOD detector"):
+        ood.OODDetector.load(tmp_path / "other.pth")
+
+
+def test_bad_fits_are_clear_errors():
+    x, y = clusters()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ood.OODDetector().fit(x[y == 0], y[y == 0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="more images than classes"):
+        ood.OODDetector(k=1).fit(x[[0, 40]], y[[0, 40]], ["a", "b", "c"])
+    with pytest.raises(RuntimeError, match="calibrate"):
+        ood.OODDetector().fit(x, y, ["a", "b", "c"]).flags(x)
+    # fewer images than dimensions: the shrunk covariance still inverts
+    wide = np.random.default_rng(0).normal(size=(12, 64)).astype(np.float32)
+    scores = ood.OODDetector(k=3).fit(wide, np.arange(12) % 3, ["a", "b", "c"]).scores(wide)
+    assert np.isfinite(scores["mahalanobis"]).all()
+
+
+@pytest.mark.slow
+def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1"))
+    probes = tmp_path / "probes"
+    ood_probes.write_probes(probes, per_set=6, size=64, sets=("noise", "inverted", "mass"))
+    checkpoint = ckpt(tmp_path, "best")
+    common = ["--resume", str(checkpoint), "--dataset", "covid", "--workers", "0", "--device", "cpu",
+              "--fit-image-list", str(phantoms / "train_split.txt"), "--fit-dataset-dir", str(phantoms / "train"),
+              "--in-image-list", str(phantoms / "test_split.txt"), "--in-dataset-dir", str(phantoms / "test"),
+              "-k", "3"]
+    report = ood.main(ood.get_args_parser().parse_args([*common, "--probe-dir", str(probes),
+                                                        "--report", str(tmp_path / "ood.json")]))
+    on_disk = json.loads((tmp_path / "ood.json").read_text())
+    assert set(on_disk) >= {"results", "thresholds"}
+    assert {(r["score"], r["ood_set"]) for r in on_disk["results"]} == {
+        (s, n) for s in ood.SCORES for n in ("noise", "inverted", "mass")}
+    assert all(0 <= r["auroc"] <= 1 and 0 <= r["fpr95"] <= 1 for r in report["results"])
+    assert set(on_disk["thresholds"]) == set(ood.SCORES)
+
+    import test as evaluate_cli
+    result = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+        "--resume", str(checkpoint), "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
+        str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu", "--ood",
+        "--report", str(tmp_path / "r.json")]))
+    assert len(result["ood"]["queries"]) == 25 and set(result["ood"]["flagged_share"]) == set(ood.SCORES)
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("not an image")
+    (tmp_path / "bad.txt").write_text("P1 x.png ood probe\n")
+    with pytest.raises(Exception, match="x.png"):
+        ood.main(ood.get_args_parser().parse_args([*common, "--ood-image-list", str(tmp_path / "bad.txt"),
+                                                   "--ood-dataset-dir", str(tmp_path / "bad")]))
+    with pytest.raises(SystemExit, match="needs the detector"):
+        evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+            "--resume", str(checkpoint), "--ood", "--ood-detector", str(tmp_path / "none.pth")]))
