@@ -118,7 +118,7 @@ Columns
   `metrics.evaluate_retrieval`. Leave-one-out on random unit vectors (D = 1024, 3 classes); **max
   diff**: the largest difference over every returned number (R@K, mAP, mP@K, every classification
   score, confusion matrices), equal when <= 1e-6 percentage points.
-- **data**: images/s of `ImageListDataset` + `build_transform` (decode, resize, crop, flip) through a
+- **data**: images/s of `ImageListDataset` + `build_transform` (decode, resize, flip) through a
   `DataLoader` with PK batches, measured alone, against the training step rate of train.py's default
   flags on the same device. The images are in the page cache (no disk reads). On a machine with few
   cores the loader and the training step share them, so there a ratio near 1 is already a bottleneck.

@@ -256,7 +256,7 @@ def main(args):
     print(f"  {'set':<22}" + "".join(f"{s + ' AUROC / FPR95':>28}" for s in SCORES))
     for name in sets:
         row = {r["score"]: r for r in results if r["ood_set"] == name}
-        print(f"  {name:<22}" + "".join(f"{row[s]['auroc']:>19.3f} / {row[s]['fpr95']:.3f}" for s in SCORES))
+        print(f"  {name:<22}" + "".join(f"{row[s]['auroc']:>20.3f} / {row[s]['fpr95']:.3f}" for s in SCORES))
     report_path = Path(args.report or Path(args.resume).with_name(Path(args.resume).stem + "_ood_report.json"))
     utils.write_json(report_path, report)
     detector_path = Path(args.save or default_detector_path(args.resume))
