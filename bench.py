@@ -4,7 +4,8 @@
     python bench.py embed [--device cuda --full] [--compile]     # embedding extraction vs plain fp32
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
-    python bench.py all                                          # the four in turn
+    python bench.py search [--search-n 1000000]                  # retrieve.py's exact search, memory
+    python bench.py all                                          # all five in turn
 
     quick look:  python bench.py metrics --sizes 2000 --big 0 --no-write
                  python bench.py train --steps 2 --warmup 1 --img-size 32 --no-write
@@ -48,13 +49,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import demo_data
 import metrics
 import presets
+import retrieve
 import train
 import utils
 from dataset import ImageListDataset, build_transform
 from model import build_model
 from sampler import PKSampler
 
-SUITES = ("metrics", "embed", "train", "data")
+SUITES = ("metrics", "embed", "train", "data", "search")
 DEFAULT_STEPS = {"embed": 10, "train": 10, "data": 40}
 # Imported once by the process server; each case then starts in about a second.
 PRELOAD = ["numpy", "torch", "torchvision", "timm", "sklearn.metrics", "PIL.Image"]
@@ -88,6 +90,7 @@ date and the effective command. Numbers from a shared or busy machine say so in 
     python bench.py train --device cuda --full    # paper model, 384 px, P x K = 3 x 16, plus MFU
     python bench.py embed --device cuda --full    # embedding extraction
     python bench.py data --workers 0,2,8          # loader images/s vs the training step rate
+    python bench.py search                        # retrieve.search: 1,000,000 x 256 float16, 100 queries
     python bench.py all --device cuda --full      # everything; add --compile for torch.compile rows
 
 Columns
@@ -191,6 +194,10 @@ def command_line(args, suite):
     if suite == "metrics":
         argv += ["--sizes", ",".join(map(str, args.sizes)), "--big", str(args.big),
                  "--dim", str(args.dim), "--classes", str(args.classes)]
+        return shlex.join(argv)
+    if suite == "search":
+        argv += ["--search-n", str(args.search_n), "--search-dim", str(args.search_dim),
+                 "--search-queries", str(args.search_queries)]
         return shlex.join(argv)
     argv += ["--full"] if args.full else []
     argv += ["--compile"] if args.compile and suite != "data" else []
@@ -394,6 +401,53 @@ def run_metrics(args):
            [f"leave-one-out, random unit vectors, D = {args.dim}, {args.classes} classes; R@K, mP@K "
             f"at K = 1, 5, 10, majority votes at k = 1, 5, 10, 15, 20; memory: {memory}"])
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# search: retrieve.py's exact search over a large float16 gallery
+# --------------------------------------------------------------------------------------------
+def search_case(run, n, dim, queries, device):
+    """Create a random float16 gallery (n, dim) and `queries` unit queries; with run, search them."""
+    generator = torch.Generator().manual_seed(0)
+    gallery = torch.empty(n, dim, dtype=torch.float16)
+    for start in range(0, n, 65536):  # in chunks: no full float32 copy during set-up
+        block = torch.randn(min(65536, n - start), dim, generator=generator)
+        gallery[start:start + len(block)] = block / block.norm(dim=1, keepdim=True)
+    query = torch.randn(queries, dim, generator=generator)
+    query /= query.norm(dim=1, keepdim=True)
+    device = torch.device(device)
+    gallery, query = gallery.to(device), query.to(device)
+    if not run:
+        return {}
+    sync(device)
+    start = time.perf_counter()
+    scores, indices = retrieve.search(query, gallery, k=10)
+    sync(device)
+    return {"seconds": time.perf_counter() - start, "gallery_bytes": gallery.numel() * 2,
+            "top1": indices[:, 0].tolist()}
+
+
+def run_search(args):
+    device = torch.device(args.device)
+    n, dim, queries = args.search_n, args.search_dim, args.search_queries
+    baseline = isolated(args.threads, search_case, False, n, dim, queries, args.device)
+    case = isolated(args.threads, search_case, True, n, dim, queries, args.device)
+    if "error" in case or "error" in baseline:
+        table = [[f"{n:,} x {dim}", "", "", "", "", case.get("error", baseline.get("error"))]]
+        ratio = None
+    else:
+        extra = peak_memory(case, baseline, device) if device.type == "cpu" else None
+        gallery = case["gallery_bytes"]
+        ratio = (gallery + extra) / gallery if extra is not None else None
+        table = [[f"{n:,} x {dim}", queries, f"{case['seconds']:.2f}", fmt(gallery, ".0f", MB),
+                  fmt(extra, ".0f", MB), fmt(ratio, ".2f"),
+                  "<= 2x the gallery", status(ratio is not None and ratio <= 2.0) if extra is not None else ""]]
+    header = ["gallery (float16)", "queries", "seconds", "gallery MB", "extra MB",
+              "(gallery + extra) / gallery", "target", "status"]
+    report(args, "search", f"search: retrieve.search, exact top-10 ({args.device})", markdown_table(header, table),
+           ["random unit vectors; extra = peak RSS of the search above that of a process that only "
+            "created the gallery and the queries"])
+    return [{"n": n, "dim": dim, **{k: v for k, v in case.items() if k != "top1"}, "memory_ratio": ratio}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,6 +868,10 @@ def get_args_parser(add_help=True):
     parser.add_argument("--phantom-size", type=int,
                         help="side of the generated phantoms (default: train.py's demo size, "
                         "1024 with --full)")
+    # search
+    parser.add_argument("--search-n", type=int, default=1_000_000, help="gallery size of the search suite")
+    parser.add_argument("--search-dim", type=int, default=256, help="embedding dimension of the search suite")
+    parser.add_argument("--search-queries", type=int, default=100, help="queries of the search suite")
     return parser
 
 
@@ -826,7 +884,8 @@ def main(args):
         raise SystemExit(f"error: --img-size {args.img_size} must be a multiple of 32")
     if args.threads:
         torch.set_num_threads(args.threads)  # this process: the data suite's loader, the report
-    runners = {"metrics": run_metrics, "embed": run_embed, "train": run_train, "data": run_data}
+    runners = {"metrics": run_metrics, "embed": run_embed, "train": run_train, "data": run_data,
+               "search": run_search}
     suites = SUITES if args.suite == "all" else (args.suite,)
     return {suite: runners[suite](args) for suite in suites}
 

@@ -1,0 +1,365 @@
+"""Retrieval for real use: index a labelled database once, then query it with new radiographs.
+
+Index (resumable: re-running the same command skips the chunks already written):
+    python retrieve.py index --resume CKPT --image-list LIST --dataset-dir DIR \
+        [--dataset covid|csv|folder] --out gallery.index [--dtype float16] [--append]
+Query:
+    python retrieve.py query --index gallery.index --resume CKPT IMG [IMG ...] --topk 10 \
+        [--ood] --out OUTDIR
+On the demo (after `make demo`):
+    python retrieve.py index --resume runs/demo/<name>_best_ckpt.pth --dataset demo \
+        --image-list data/demo/train_split.txt --dataset-dir data/demo/train --out runs/demo/gallery.index
+    python retrieve.py query --index runs/demo/gallery.index --resume runs/demo/<name>_best_ckpt.pth \
+        data/demo/test/phantom_test_00000.png --out runs/demo/query
+
+An index is a folder: `manifest.json` (model config, fingerprint of the config and weights,
+class names, storage dtype, the chunk files) and `chunk_NNNNN.npz` files of up to --chunk-size
+images each (embeddings, label ids, paths relative to --dataset-dir), every file written
+atomically. `--append` embeds only the images of the list that the index does not hold yet.
+A checkpoint whose fingerprint differs from the index's is refused.
+
+The search is exact: the gallery is scanned in chunks (one matrix product per chunk, a running
+top-k), so memory stays near the gallery's own size. Ties rank by gallery index, as in test.py.
+A query writes `OUTDIR/results.json` ({"queries": [{"query", "neighbours": [{"path", "label",
+"similarity"}], "vote", "votes", "ood"?}]}), a contact sheet `OUTDIR/<query stem>.png` per query,
+and prints a table.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
+
+import ood
+import utils
+from dataset import DatasetError, ImageListDataset, build_transform, load_image
+from model import build_model
+from presets import DATASETS, LIST_FORMAT
+
+INDEX_FORMAT = "hybrid-retrieval-index"
+INDEX_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class IndexFileError(RuntimeError):
+    """An index folder that is missing, truncated, of another format or of another model."""
+
+
+# ---------------------------------------------------------------------- model
+def load_model(checkpoint_path, device):
+    """(model in eval mode, model config, fingerprint) from a train.py checkpoint."""
+    checkpoint = utils.load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise SystemExit(f"error: {checkpoint_path} has no model config; retrieve.py needs a "
+                         "checkpoint written by train.py")
+    config = checkpoint["model_config"]
+    model = build_model(**config, pretrained=False)
+    weights = utils.state_dict_of(checkpoint)
+    utils.load_model_weights(model, weights, checkpoint_path)
+    return model.to(device).eval(), config, fingerprint(config, model.state_dict())
+
+
+def fingerprint(config, state_dict):
+    """SHA-256 of the model config and every weight: equal only for the same model."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key, tensor in state_dict.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- index files
+def read_manifest(index_dir):
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise IndexFileError(f"{index_dir} is not a retrieval index (no {MANIFEST}); build one with "
+                          "python retrieve.py index ...")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise IndexFileError(f"{path} is unreadable ({error}); rebuild the index") from error
+    if manifest.get("format") != INDEX_FORMAT or manifest.get("version") != INDEX_VERSION:
+        raise IndexFileError(f"{index_dir} is not a version {INDEX_VERSION} {INDEX_FORMAT} "
+                          f"(found {manifest.get('format')!r} version {manifest.get('version')!r})")
+    return manifest
+
+
+def load_index(index_dir):
+    """(manifest, embeddings (N, D) in the stored dtype, label ids (N,), paths [N])."""
+    manifest = read_manifest(index_dir)
+    embeddings, labels, paths = [], [], []
+    for chunk in manifest["chunks"]:
+        path = Path(index_dir) / chunk["file"]
+        try:
+            with np.load(path) as data:
+                part = data["embeddings"], data["labels"], data["paths"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise IndexFileError(f"{path}: truncated or unreadable index chunk ({error}); delete it "
+                              "and re-run the same `retrieve.py index` command to rebuild it") from error
+        if len(part[0]) != chunk["count"]:
+            raise IndexFileError(f"{path}: holds {len(part[0])} images, the manifest says {chunk['count']}")
+        embeddings.append(part[0])
+        labels.append(part[1])
+        paths += part[2].tolist()
+    if not embeddings:
+        raise IndexFileError(f"{index_dir} holds no images")
+    return manifest, np.concatenate(embeddings), np.concatenate(labels), paths
+
+
+def _write_npz(path, **arrays):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- index command
+def build_index(args):
+    device = utils.setup_runtime(args.device).device
+    model, config, model_fingerprint = load_model(args.resume, device)
+    out = Path(args.out)
+    dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
+                               transform=build_transform(config["img_size"], train=False))
+    relative = [str(p.relative_to(dataset.image_root)) for p in dataset.paths]
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest["fingerprint"] != model_fingerprint:
+            raise SystemExit(f"error: {out} was built with another model (fingerprint "
+                             f"{manifest['fingerprint'][:12]}, {args.resume}: {model_fingerprint[:12]}); "
+                             "choose another --out for this checkpoint")
+        done = [p for chunk in manifest["chunks"] for p in _chunk_paths(out / chunk["file"])]
+        if not args.append and done != relative[:len(done)]:
+            raise SystemExit(f"error: {out} already holds other images than the start of "
+                             f"{args.image_list}; add images with --append, or choose another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": model_fingerprint,
+                    "model_config": config, "checkpoint": str(args.resume), "classes": [],
+                    "dtype": args.dtype, "dataset_dir": str(args.dataset_dir), "chunks": []}
+        done = []
+    classes = manifest["classes"]
+    for name in dataset.classes:  # label names of the index; an appended list may add some
+        if name not in classes:
+            classes.append(name)
+    label_ids = np.array([classes.index(dataset.classes[t]) for t in dataset.targets.tolist()])
+    held = set(done)
+    todo = [i for i, path in enumerate(relative) if path not in held]
+    print(f"index {out}: {len(held)} images already in, {len(todo)} to embed", flush=True)
+    runtime = utils.Runtime(device)
+    amp = utils.resolve_amp("auto", str(device))
+    for start in range(0, len(todo), args.chunk_size):
+        part = todo[start:start + args.chunk_size]
+        loader = DataLoader(dataset.subset(part, dataset.transform), batch_size=args.batch_size,
+                            num_workers=args.workers)
+        embeddings, _ = utils.extract_embeddings(model, loader, runtime, amp)
+        file = f"chunk_{len(manifest['chunks']):05d}.npz"
+        _write_npz(out / file, embeddings=embeddings.cpu().numpy().astype(manifest["dtype"]),
+                   labels=label_ids[part], paths=np.array([relative[i] for i in part]))
+        manifest["chunks"].append({"file": file, "count": len(part)})
+        utils.write_json(out / MANIFEST, manifest)  # after the chunk: a kill never lists a missing one
+        print(f"  {start + len(part)}/{len(todo)} embedded", flush=True)
+    total = sum(chunk["count"] for chunk in manifest["chunks"])
+    utils.write_json(out / MANIFEST, manifest)
+    print(f"index {out}: {total} images, {len(classes)} classes, {manifest['dtype']}")
+    return manifest
+
+
+def _chunk_paths(path):
+    try:
+        with np.load(path) as data:
+            return data["paths"].tolist()
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise IndexFileError(f"{path}: truncated or unreadable index chunk ({error}); delete it and "
+                          "its entry in manifest.json, then re-run the same command") from error
+
+
+# ---------------------------------------------------------------------- search
+def search(queries, gallery, k, chunk_size=65536):
+    """Exact top-k by dot product: (similarities (Q, k) float32, indices (Q, k) int64).
+
+    The gallery (any float dtype, e.g. float16 to halve its memory) is converted to float32 one
+    chunk at a time, so the extra memory is one chunk, not a second copy of the gallery. Ties
+    rank by gallery index: a stable sort within each chunk, then a stable merge in index order.
+    """
+    queries = torch.as_tensor(queries).float()
+    gallery = torch.as_tensor(gallery)
+    k = min(k, len(gallery))
+    best_scores = queries.new_empty(len(queries), 0)
+    best_indices = torch.empty(len(queries), 0, dtype=torch.int64, device=queries.device)
+    for start in range(0, len(gallery), chunk_size):
+        block = gallery[start:start + chunk_size].to(queries.device, torch.float32)
+        sims = queries @ block.T  # (Q, chunk)
+        top = min(k, sims.shape[1])
+        scores, order = torch.sort(sims, dim=1, descending=True, stable=True)
+        scores = torch.cat([best_scores, scores[:, :top]], dim=1)
+        indices = torch.cat([best_indices, order[:, :top] + start], dim=1)
+        keep = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_indices = scores.gather(1, keep), indices.gather(1, keep)
+    return best_scores, best_indices
+
+
+# ---------------------------------------------------------------------- query command
+def embed_images(model, paths, img_size, device, skip_bad, amp="none"):
+    """Embeddings of the readable images and the list of those kept; unreadable ones are an
+    error naming them, or skipped (with a message) when skip_bad."""
+    transform = build_transform(img_size, train=False)
+    tensors, kept, bad = [], [], []
+    for path in paths:
+        try:
+            tensors.append(transform(load_image(path)))
+            kept.append(path)
+        except (OSError, ValueError, SyntaxError) as error:
+            bad.append(f"{path}: {error}")
+    if bad and not skip_bad:
+        raise SystemExit("error: cannot read " + "; ".join(bad) + ". Fix or drop these images, or "
+                         "pass --skip-bad-images to query the others")
+    for message in bad:
+        print(f"skipped unreadable image {message}", file=sys.stderr)
+    if not tensors:
+        raise SystemExit("error: no readable query image")
+    with torch.inference_mode(), utils.autocast(device, amp):  # as the index was embedded
+        embeddings = torch.cat([model(torch.stack(tensors[i:i + 64]).to(device)).float()
+                                for i in range(0, len(tensors), 64)])
+    return embeddings, kept
+
+
+def query(args):
+    device = utils.setup_runtime(args.device).device
+    manifest, gallery, gallery_labels, gallery_paths = load_index(args.index)
+    model, config, model_fingerprint = load_model(args.resume, device)
+    if manifest["fingerprint"] != model_fingerprint:
+        raise SystemExit(f"error: {args.resume} is not the model that built {args.index} "
+                         f"(fingerprints {model_fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
+                         "query with the index's checkpoint, or build an index for this one")
+    detector = None
+    if args.ood:
+        detector_path = Path(args.ood_detector or ood.default_detector_path(args.resume))
+        if not detector_path.is_file():
+            raise SystemExit(f"error: --ood needs the detector {detector_path}; fit it with python ood.py")
+        detector = ood.OODDetector.load(detector_path)
+    embeddings, kept = embed_images(model, args.images, config["img_size"], device,
+                                    args.skip_bad_images, utils.resolve_amp("auto", str(device)))
+    similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
+    classes = manifest["classes"]
+    flags = scores = None
+    if detector is not None:
+        flags, scores = detector.flags(embeddings), detector.scores(embeddings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for q, path in enumerate(kept):
+        neighbours = [{"path": gallery_paths[i], "label": classes[gallery_labels[i]],
+                       "similarity": round(float(s), 6)}
+                      for s, i in zip(similarities[q].tolist(), indices[q].tolist())]
+        votes = {}
+        for n in neighbours:  # counts in order of first appearance: a tie goes to the better ranked
+            votes[n["label"]] = votes.get(n["label"], 0) + 1
+        vote = max(votes, key=votes.get)
+        record = {"query": str(path), "neighbours": neighbours, "vote": vote, "votes": votes}
+        if detector is not None:
+            record["ood"] = {"flagged": bool(flags[args.ood_score][q]), "score": args.ood_score,
+                             "value": float(scores[args.ood_score][q]),
+                             "threshold": detector.thresholds[args.ood_score]}
+        results.append(record)
+        sheet = out / f"{Path(path).stem}.png"
+        contact_sheet(path, record, Path(manifest["dataset_dir"]), sheet)
+        record["contact_sheet"] = str(sheet)
+    utils.write_json(out / "results.json", {"index": str(args.index), "checkpoint": str(args.resume),
+                                            "topk": args.topk, "queries": results})
+    print_results(results)
+    print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
+    return results
+
+
+def print_results(results):
+    for record in results:
+        votes = ", ".join(f"{label} {count}" for label, count in record["votes"].items())
+        flag = ""
+        if "ood" in record:
+            flag = "  OUT OF DISTRIBUTION" if record["ood"]["flagged"] else "  in distribution"
+        print(f"\n{record['query']}: vote {record['vote']} ({votes}){flag}")
+        print(f"  {'rank':>4}  {'similarity':>10}  {'label':<14} path")
+        for rank, n in enumerate(record["neighbours"], start=1):
+            print(f"  {rank:>4}  {n['similarity']:>10.4f}  {n['label']:<14} {n['path']}")
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+def contact_sheet(query_path, record, gallery_root, out_path, tile=160, columns=5):
+    """The query, then its neighbours in rank order, each tile captioned."""
+    caption_h = 36
+    tiles = [(query_path, [f"QUERY {Path(query_path).name}"[:28], f"vote: {record['vote']}"
+                           + (" (OOD!)" if record.get("ood", {}).get("flagged") else "")])]
+    for rank, n in enumerate(record["neighbours"], start=1):
+        tiles.append((gallery_root / n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"]))
+    rows = 1 + (len(tiles) - 1 + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), "white")
+    draw, font = ImageDraw.Draw(sheet), _font(14)
+    for position, (path, lines) in enumerate(tiles):
+        row, col = (0, 0) if position == 0 else (1 + (position - 1) // columns, (position - 1) % columns)
+        x, y = col * tile, row * (tile + caption_h)
+        try:
+            thumb = load_image(path).resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)
+            sheet.paste(thumb, (x + 4, y + 4))
+        except (OSError, ValueError):
+            draw.text((x + 8, y + tile // 2), "image missing", fill="red", font=font)
+        colour = "black" if position == 0 or record["neighbours"][position - 1]["label"] != record["vote"] else "darkgreen"
+        for i, line in enumerate(lines):
+            draw.text((x + 6, y + tile + 2 + 16 * i), line, fill=colour, font=font)
+    sheet.save(out_path)
+    return out_path
+
+
+# ---------------------------------------------------------------------- command line
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Index a labelled database; query it with radiographs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser("index", help="embed a labelled image list into an index folder")
+    index.add_argument("--resume", required=True, help="train.py checkpoint")
+    index.add_argument("--image-list", help="list of the database images (not needed for --dataset folder)")
+    index.add_argument("--dataset-dir", required=True, help="folder the list's paths are relative to")
+    index.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
+    index.add_argument("--out", required=True, help="index folder (created; re-run to resume)")
+    index.add_argument("--append", action="store_true", help="add the list's images the index lacks")
+    index.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                       help="storage of the embeddings; float16 halves the size, ranks may differ "
+                       "from test.py's where similarities differ by less than ~1e-3")
+    index.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
+    index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    index.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ask = commands.add_parser("query", help="rank the index's images for each query image")
+    ask.add_argument("images", nargs="+", help="query image files")
+    ask.add_argument("--index", required=True, help="index folder")
+    ask.add_argument("--resume", required=True, help="the checkpoint that built the index")
+    ask.add_argument("--topk", type=int, default=10, help="neighbours per query")
+    ask.add_argument("--out", required=True, help="folder for results.json and the contact sheets")
+    ask.add_argument("--ood", action="store_true", help="flag queries the OOD detector rejects")
+    ask.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
+    ask.add_argument("--ood-score", default="mahalanobis", choices=ood.SCORES, help="score that flags")
+    ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")
+    ask.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return build_index(args) if args.command == "index" else query(args)
+    except (IndexFileError, DatasetError) as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""retrieve.py: index, resume, append, query, fingerprint and format checks, exact search."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import retrieve
+import train
+from metrics import rank_topk
+from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):  # noqa: F811
+    save_dir = tmp_path_factory.mktemp("run")
+    train.main(tiny_args(phantoms, save_dir, "--epochs", "1"))
+    return ckpt(save_dir, "best")
+
+
+def index_argv(checkpoint, phantoms, out, *extra):  # noqa: F811
+    return ["index", "--resume", str(checkpoint), "--image-list", str(phantoms / "train_split.txt"),
+            "--dataset-dir", str(phantoms / "train"), "--out", str(out), "--workers", "0",
+            "--device", "cpu", *extra]
+
+
+def test_search_is_exact_with_index_ties():
+    generator = torch.Generator().manual_seed(0)
+    gallery = torch.randint(-2, 3, (300, 4), generator=generator).float()  # many exact ties
+    queries = torch.randint(-2, 3, (20, 4), generator=generator).float()
+    scores, indices = retrieve.search(queries, gallery, k=7, chunk_size=64)
+    ref_scores, ref_indices = rank_topk(queries, gallery, 7)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(indices, ref_indices)  # the same tie rule as test.py's metrics
+    half_scores, _ = retrieve.search(queries, gallery.half(), k=7, chunk_size=50)
+    torch.testing.assert_close(half_scores, ref_scores)  # small integers are exact in float16
+
+
+def test_index_query_and_test_py_agree(trained, phantoms, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "gallery.index"
+    retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "7"))
+    manifest, embeddings, labels, paths = retrieve.load_index(out)
+    assert len(paths) == 30 and embeddings.shape == (30, 16) and len(manifest["chunks"]) == 5
+    test_list = [line.split() for line in (phantoms / "test_split.txt").read_text().splitlines()]
+    images = [str(phantoms / "test" / fields[1]) for fields in test_list]
+    results = retrieve.main(["query", "--index", str(out), "--resume", str(trained), *images,
+                             "--topk", "5", "--out", str(tmp_path / "q"), "--device", "cpu"])
+    on_disk = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert len(on_disk["queries"]) == 25 and len(on_disk["queries"][0]["neighbours"]) == 5
+    for record in on_disk["queries"]:
+        sims = [n["similarity"] for n in record["neighbours"]]
+        assert sims == sorted(sims, reverse=True)
+        assert record["vote"] in record["votes"] and sum(record["votes"].values()) == 5
+    assert (tmp_path / "q" / "phantom_test_00000.png").is_file()
+    assert "vote" in capsys.readouterr().out
+    # two code paths, one number: top-1 label agreement equals test.py's query-gallery R@1
+    top1 = np.mean([r["neighbours"][0]["label"] == fields[2] for r, fields in zip(results, test_list)])
+    import test as evaluate_cli
+    report = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+        "--resume", str(trained), "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
+        str(phantoms / "test_split.txt"), "--gallery-dataset-dir", str(phantoms / "train"),
+        "--gallery-image-list", str(phantoms / "train_split.txt"), "--workers", "0", "--device", "cpu",
+        "--report", str(tmp_path / "r.json"), "--save-dir", str(tmp_path)]))
+    assert 100 * top1 == pytest.approx(report["recall_at_k"]["1"], abs=1e-9)
+
+
+def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phantoms, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "idx"
+    real_write = retrieve._write_npz
+    calls = {"n": 0}
+
+    def dies_on_third_chunk(path, **arrays):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a kill during the third chunk
+        real_write(path, **arrays)
+
+    monkeypatch.setattr(retrieve, "_write_npz", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "8"))
+    assert len(retrieve.read_manifest(out)["chunks"]) == 2  # the two finished chunks survive
+    monkeypatch.setattr(retrieve, "_write_npz", real_write)
+    retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "8"))
+    _, resumed, _, paths = retrieve.load_index(out)
+    retrieve.main(index_argv(trained, phantoms, tmp_path / "straight", "--chunk-size", "8"))
+    _, straight, _, straight_paths = retrieve.load_index(tmp_path / "straight")
+    assert paths == straight_paths and len(paths) == 30  # no image twice, none missing
+    np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
+
+    # append: the test images join the index; a second append adds nothing
+    append = ["index", "--resume", str(trained), "--image-list", str(phantoms / "test_split.txt"),
+              "--dataset-dir", str(phantoms / "test"), "--out", str(out), "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--append"):
+        retrieve.main(append)
+    retrieve.main([*append, "--append"])
+    retrieve.main([*append, "--append"])
+    assert len(retrieve.load_index(out)[3]) == 55
+
+
+def test_fingerprint_truncation_and_format_errors(trained, phantoms, tmp_path):  # noqa: F811
+    out = tmp_path / "idx"
+    retrieve.main(index_argv(trained, phantoms, out, "--dtype", "float16"))
+    assert retrieve.load_index(out)[1].dtype == np.float16
+    other = tmp_path / "other.pth"
+    state = torch.load(trained, weights_only=True)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, other)
+    image = str(phantoms / "test" / "phantom_test_00000.png")
+    with pytest.raises(SystemExit, match="not the model that built"):
+        retrieve.main(["query", "--index", str(out), "--resume", str(other), image, "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="another model"):
+        retrieve.main(index_argv(other, phantoms, out, "--append"))
+
+    chunk = out / retrieve.read_manifest(out)["chunks"][0]["file"]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="truncated or unreadable"):
+        retrieve.main(["query", "--index", str(out), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 3}))
+    with pytest.raises(SystemExit, match="is not a version 1"):
+        retrieve.main(["query", "--index", str(out), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match="not a retrieval index"):
+        retrieve.main(["query", "--index", str(tmp_path), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
+
+
+def test_unreadable_query_images_need_the_flag(trained, phantoms, tmp_path):  # noqa: F811
+    out = tmp_path / "idx"
+    retrieve.main(index_argv(trained, phantoms, out))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    good = str(phantoms / "test" / "phantom_test_00000.png")
+    query = ["query", "--index", str(out), "--resume", str(trained), good, str(bad), "--out", str(tmp_path / "q")]
+    with pytest.raises(SystemExit, match="bad.png"):
+        retrieve.main(query)
+    results = retrieve.main([*query, "--skip-bad-images"])
+    assert [r["query"] for r in results] == [good]
