@@ -438,9 +438,13 @@ def run(args, runtime):
     # ---------------------------------------------------------------- model and loss
     config = dict(name=args.model, embedding_dim=args.embedding_dim, img_size=args.img_size,
                   convnext_name=args.convnext_name, vit_name=args.vit_name, neck=args.neck)
-    if checkpoint is not None and checkpoint["model_config"] != config:
-        raise SystemExit(f"error: --resume {args.resume} was trained with {checkpoint['model_config']}, "
-                         f"but the flags ask for {config}; drop the contradicting flags")
+    if checkpoint is not None:
+        stored = {"neck": "none", **checkpoint["model_config"]}  # saved before --neck existed
+        if stored != config:
+            raise SystemExit(f"error: --resume {args.resume} was trained with {stored}, but the "
+                             f"flags ask for {config}; drop the contradicting flags or give the "
+                             "checkpoint's values (e.g. --neck none --recipe seed for a run of the "
+                             "seed's recipe)")
     model = build_model(**config, pretrained=args.pretrained and checkpoint is None,
                         weights_dir=args.weights_dir, convnext_weights=args.convnext_weights,
                         vit_weights=args.vit_weights, grad_checkpointing=args.grad_checkpointing)
@@ -463,7 +467,11 @@ def run(args, runtime):
     start_epoch, best_metric, best_epoch = 1, -1.0, None
     if checkpoint is not None:
         utils.load_model_weights(raw_model, checkpoint["model"], args.resume)
-        criterion.load_state_dict(checkpoint.get("criterion", {}))
+        try:
+            criterion.load_state_dict(checkpoint.get("criterion", {}))
+        except RuntimeError as error:
+            raise SystemExit(f"error: --resume {args.resume} was trained with another loss "
+                             f"(--id-loss-weight, or its classes): {error}") from error
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])

@@ -118,6 +118,17 @@ def test_resume_errors(phantoms, tmp_path):
     with pytest.raises(SystemExit, match="trained with"):
         train.main(tiny_args(phantoms, tmp_path / "b", "--embedding-dim", "32",
                              "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
+    with pytest.raises(SystemExit, match="another loss"):
+        train.main(tiny_args(phantoms, tmp_path / "b", "--id-loss-weight", "0", "--epochs", "2",
+                             "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
+    # a checkpoint of the seed's recipe saved before --neck and the identity loss existed
+    train.main(tiny_args(phantoms, tmp_path / "c", "--epochs", "1", "--recipe", "seed"))
+    old = torch.load(ckpt(tmp_path / "c", "epoch_1"), weights_only=True)
+    del old["model_config"]["neck"], old["criterion"], old["best_epoch"]
+    torch.save(old, tmp_path / "old.pth")
+    train.main(tiny_args(phantoms, tmp_path / "d", "--epochs", "2", "--recipe", "seed",
+                         "--resume", str(tmp_path / "old.pth")))
+    assert [r["epoch"] for r in read_metrics(tmp_path / "d")] == [2]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms, tmp_path, monkeypatch):
