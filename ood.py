@@ -133,7 +133,7 @@ class OODDetector:
     def load(cls, path):
         state = utils.load_checkpoint(path, flag="OOD detector")
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-            raise RuntimeError(f"{path} is not an OOD detector written by ood.py "
+            raise utils.UserError(f"{path} is not an OOD detector written by ood.py "
                                f"(format {FORMAT_VERSION}); fit one with python ood.py ...")
         detector = cls(state["temperature"], state["k"])
         detector.classes, detector.tpr = state["classes"], state["tpr"]
@@ -266,4 +266,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_cli(lambda: main(get_args_parser().parse_args()))

@@ -48,7 +48,7 @@ INDEX_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class IndexFileError(RuntimeError):
+class IndexFileError(utils.UserError):
     """An index folder that is missing, truncated, of another format or of another model."""
 
 
@@ -362,4 +362,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main)

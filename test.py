@@ -204,4 +204,4 @@ def run(args, runtime):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_cli(lambda: main(get_args_parser().parse_args()))

@@ -540,4 +540,4 @@ def run(args, runtime):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_cli(lambda: main(parse_args()))

@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import random
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 CHECKPOINT_FORMAT_VERSION = 1
+
+
+class UserError(RuntimeError):
+    """A mistake in the command line or its files (a missing checkpoint, no GPU, weights that
+    do not fit): run_cli prints its message as one `error:` line."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,7 +48,7 @@ def setup_runtime(device_arg="auto"):
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device_arg} asked for, but no CUDA GPU is visible; use --device cpu")
+        raise UserError(f"--device {device_arg} asked for, but no CUDA GPU is visible; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return Runtime(torch.device(device_arg))
@@ -210,11 +216,11 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, flag="--resume"):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such checkpoint file")
+        raise UserError(f"{flag} {path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise RuntimeError(f"{flag} {path}: cannot load checkpoint ({error})") from error
+        raise UserError(f"{flag} {path}: cannot load checkpoint ({error})") from error
 
 
 def state_dict_of(checkpoint):
@@ -248,7 +254,7 @@ def load_model_weights(model, state_dict, source):
         if mismatched:
             problems.append("shape mismatch: " + listing(
                 [f"{k} {tuple(cleaned[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
-        raise RuntimeError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}). "
+        raise UserError(f"checkpoint {source} does not fit the model ({'; '.join(problems)}). "
                            "Check --model, --embedding-dim, --convnext-name, --vit-name, --img-size and --neck")
     model.load_state_dict(cleaned)
 
@@ -276,6 +282,29 @@ def write_json(path, data):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def run_cli(main, *args):
+    """main(*args) for a command-line program: a user mistake (UserError, a dataset or
+    pretrained-weights problem, a SystemExit with a message) ends in one `error: ...` line on
+    stderr and exit code 2, as argparse does; HYBRID_DEBUG=1 shows the traceback instead."""
+    from dataset import DatasetError  # here, not at the top: dataset imports torchvision
+    from model import PretrainedWeightsError
+
+    debug = os.environ.get("HYBRID_DEBUG", "0").lower() not in ("0", "", "false", "no")
+    try:
+        return main(*args)
+    except SystemExit as error:
+        if isinstance(error.code, str) and not debug:
+            print(error.code if error.code.startswith("error:") else f"error: {error.code}",
+                  file=sys.stderr)
+            sys.exit(2)
+        raise
+    except (UserError, DatasetError, PretrainedWeightsError) as error:
+        if debug:
+            raise
+        print(f"error: {error}\n(HYBRID_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def print_args(args, runtime):

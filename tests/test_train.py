@@ -112,7 +112,7 @@ def test_resume_reproduces_the_uninterrupted_run(phantoms, tmp_path):
 
 
 def test_resume_errors(phantoms, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(train.utils.UserError, match="no such checkpoint"):
         train.main(tiny_args(phantoms, tmp_path, "--resume", str(tmp_path / "missing.pth")))
     train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
     with pytest.raises(SystemExit, match="trained with"):
@@ -363,3 +363,21 @@ def test_amp_auto_by_compute_capability(monkeypatch):
         assert train.utils.resolve_amp("auto", "cuda:0") == expected
     assert train.utils.resolve_amp("auto", "cpu") == "none"
     assert train.utils.resolve_amp("fp16", "cpu") == "fp16"
+
+
+def test_user_mistakes_end_in_one_error_line(tmp_path):
+    for script, args in (("train.py", ["--dataset", "covid", "--dataset-dir", str(tmp_path / "none"),
+                                       "--no-pretrained", "--device", "cpu"]),
+                         ("test.py", ["--resume", str(tmp_path / "missing.pth")]),
+                         ("retrieve.py", ["query", "--index", str(tmp_path), "--resume", str(tmp_path / "m.pth"),
+                                          "x.png", "--out", str(tmp_path / "q")])):
+        result = run_cli([str(ROOT / script), *args], cwd=tmp_path, timeout=120)
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and result.stderr.startswith("error: "), result.stderr
+    debug = run_cli([str(ROOT / "test.py"), "--resume", str(tmp_path / "missing.pth")], cwd=tmp_path,
+                    timeout=120, **{})
+    assert "HYBRID_DEBUG=1" in debug.stderr
+    env = dict(os.environ, HYBRID_DEBUG="1", PYTHONPATH=str(ROOT))
+    shown = subprocess.run([sys.executable, str(ROOT / "test.py"), "--resume", str(tmp_path / "missing.pth")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode != 0 and "Traceback" in shown.stderr
