@@ -38,7 +38,7 @@ def result_of(directory):
         return None
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     args = json.loads((directory / "args.json").read_text())
-    if not records or records[-1]["epoch"] != args["epochs"]:
+    if not records or records[-1]["epoch"] != args["epochs"] or records[-1].get("best_epoch") is None:
         return None
     best = next(r for r in records if r["epoch"] == records[-1]["best_epoch"])
     return {"best_epoch": best["epoch"], **{key: best[key] for key in METRICS},

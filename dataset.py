@@ -221,7 +221,6 @@ class ImageListDataset(Dataset):
         part.transform = transform
         return part
 
-
     def __getitem__(self, index):
         path = self.paths[index]
         try:
@@ -254,13 +253,18 @@ def split_by_patient(dataset, fraction, seed=0):
     for label in range(len(dataset.classes)):
         patients = [p for p, idx in images_of.items() if targets[idx[0]] == label]
         total = sum(len(images_of[p]) for p in patients)
-        # At least 2 images, so a validation query has a relevant item; at most half the class.
-        wanted = min(max(2, round(fraction * total)), total // 2)
+        # At most half of a class, so it stays in training; at least 2 images where patients
+        # allow, so a validation query has a relevant item.
+        cap = total // 2
+        wanted = min(max(2, round(fraction * total)), cap)
         taken = 0
         for position in rng.permutation(len(patients)):
             if taken >= wanted:
                 break
-            held_out += images_of[patients[position]]
-            taken += len(images_of[patients[position]])
+            images = images_of[patients[position]]
+            if taken + len(images) > cap:  # a patient too large for what is left: skip
+                continue
+            held_out += images
+            taken += len(images)
     held = set(held_out)
     return [i for i in range(len(dataset)) if i not in held], sorted(held)

@@ -613,7 +613,9 @@ def write_demo_dataset(
         # One process per core: generation is pure numpy per image, and an image depends only
         # on (seed, split, index), so the files are the same whatever the number of processes.
         workers = min(os.cpu_count() or 1, 8)
-        if workers > 1 and len(jobs) > 50:
+        # fork only (Linux): other start methods re-import the caller, which may be a script
+        # without a __main__ guard; elsewhere the images are drawn one by one.
+        if workers > 1 and len(jobs) > 50 and "fork" in multiprocessing.get_all_start_methods():
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
                 infos = list(pool.map(render, jobs, chunksize=16))
         else:

@@ -16,15 +16,21 @@ Every score is "higher = more out-of-distribution":
                a few thousand images is singular without it;
 - knn          cosine distance 1 - cos to the k-th nearest fitted embedding (Sun et al., 2022).
 
-T defaults to 1/16, the scale of train.py's identity loss, whose logits are exactly 16 x cos(x, w_c).
-A threshold per score is the `tpr` quantile of that score on held-out in-distribution images, so
-that a share `tpr` of them is accepted; scores above it are flagged.
+T defaults to 1 / the checkpoint's --id-loss-scale (16): the identity loss trained the embedding
+to classify with logits of that scale (its class weights, not these prototypes, but they point
+the same way). A threshold per score is the `tpr` quantile of that score on held-out
+in-distribution images (by default the validation split the checkpoint was selected on), so that
+a share `tpr` of them is accepted; scores above it are flagged. The detector stores the model's
+fingerprint and is refused by another model.
 
 Command line (labels of the OOD lists are ignored; lists in any train.py format):
     python ood.py --resume CKPT --fit-image-list LIST --fit-dataset-dir DIR \
         --in-image-list LIST --in-dataset-dir DIR \
         --ood-image-list LIST --ood-dataset-dir DIR [--ood-image-list LIST --ood-dataset-dir DIR ...] \
         [--dataset covid|csv|folder] --report OUT.json [--save DETECTOR.pth]
+Defaults come from the checkpoint's training run: fit on its training images (without the
+validation split), thresholds on its validation images (--calib-image-list), AUROC and FPR95
+against its test list (--in-image-list).
 On the demo (after `make demo`; the probe sets come from ood_probes.py):
     python ood_probes.py --out data/ood_probes
     python ood.py --dataset demo --resume runs/demo/<name>_best_ckpt.pth --probe-dir data/ood_probes
@@ -43,7 +49,6 @@ from sklearn.metrics import roc_auc_score
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import rank_topk
-from model import build_model
 from presets import DATASETS, LIST_FORMAT, setup_defaults
 
 SCORES = ("msp", "energy", "mahalanobis", "knn")
@@ -51,10 +56,12 @@ FORMAT_VERSION = 1
 
 
 class OODDetector:
-    def __init__(self, temperature=1 / 16, k=10):
+    def __init__(self, temperature=1 / 16, k=10, fingerprint=None):
+        """fingerprint: utils.model_fingerprint of the model whose embeddings it is fitted on."""
         if temperature <= 0 or k < 1:
             raise ValueError(f"temperature must be > 0 and k >= 1, got {temperature}, {k}")
         self.temperature, self.k = float(temperature), int(k)
+        self.fingerprint = fingerprint
         self.thresholds, self.tpr = {}, None
 
     # ------------------------------------------------------------------ fitting
@@ -113,15 +120,18 @@ class OODDetector:
                 "mahalanobis": np.sqrt(np.clip(squared.min(1), 0.0, None)),
                 "knn": 1.0 - similarity[:, -1].numpy()}
 
-    def flags(self, embeddings):
+    def flags(self, embeddings, scores=None):
+        """{score: (Q,) bool}, True = out of distribution; pass `scores` to reuse them."""
         if not self.thresholds:
             raise RuntimeError("the detector has no thresholds: call calibrate() on held-out "
                                "in-distribution embeddings first")
-        return {name: values > self.thresholds[name] for name, values in self.scores(embeddings).items()}
+        scores = self.scores(embeddings) if scores is None else scores
+        return {name: values > self.thresholds[name] for name, values in scores.items()}
 
     # ------------------------------------------------------------------ files
     def state_dict(self):
         return {"format_version": FORMAT_VERSION, "temperature": self.temperature, "k": self.k,
+                "fingerprint": self.fingerprint,
                 "classes": self.classes, "tpr": self.tpr, "thresholds": self.thresholds,
                 **{key: torch.from_numpy(getattr(self, key))
                    for key in ("means", "prototypes", "precision", "fitted")}}
@@ -135,12 +145,27 @@ class OODDetector:
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
             raise utils.UserError(f"{path} is not an OOD detector written by ood.py "
                                f"(format {FORMAT_VERSION}); fit one with python ood.py ...")
-        detector = cls(state["temperature"], state["k"])
+        detector = cls(state["temperature"], state["k"], state.get("fingerprint"))
         detector.classes, detector.tpr = state["classes"], state["tpr"]
         detector.thresholds = state["thresholds"]
         for key in ("means", "prototypes", "precision", "fitted"):
             setattr(detector, key, state[key].numpy())
         return detector
+
+
+def load_for_model(checkpoint, fingerprint, path=None):
+    """The detector ood.py fitted for this checkpoint (default <checkpoint stem>_ood.pth),
+    refused when it was fitted on another model's embeddings (e.g. a best checkpoint that a
+    later run replaced)."""
+    path = Path(path or default_detector_path(checkpoint))
+    if not path.is_file():
+        raise utils.UserError(f"no OOD detector {path}; fit it with python ood.py --resume {checkpoint} "
+                              "(or give its file)")
+    detector = OODDetector.load(path)
+    if detector.fingerprint != fingerprint:
+        raise utils.UserError(f"the OOD detector {path} was fitted on another model's embeddings "
+                              f"than {checkpoint}'s; fit it again with python ood.py --resume {checkpoint}")
+    return detector
 
 
 def _as_array(embeddings):
@@ -170,12 +195,18 @@ def default_detector_path(checkpoint):
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fit and evaluate the OOD detector", add_help=add_help)
     parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
-    parser.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
-    parser.add_argument("--fit-image-list", help="images the detector is fitted on (the gallery "
-                        "or the training list; default: the training list)")
+    parser.add_argument("--dataset", help="list format, as in train.py (default: the checkpoint's)",
+                        choices=DATASETS)
+    parser.add_argument("--dataset-dir", help="images under <dir>/train and <dir>/test "
+                        "(default: the checkpoint's)")
+    parser.add_argument("--fit-image-list", help="images the detector is fitted on, e.g. a gallery "
+                        "(default: the checkpoint's training images without its validation split)")
     parser.add_argument("--fit-dataset-dir", help="their folder (default <dataset-dir>/train)")
-    parser.add_argument("--in-image-list", help="held-out in-distribution images: thresholds and "
-                        "the negatives of AUROC (default: the test list)")
+    parser.add_argument("--calib-image-list", help="held-out in-distribution images that set the "
+                        "thresholds (default: the checkpoint's validation data)")
+    parser.add_argument("--calib-dataset-dir", help="their folder (default <dataset-dir>/train)")
+    parser.add_argument("--in-image-list", help="in-distribution images, the negatives of AUROC "
+                        "and FPR95 (default: the checkpoint's test list)")
     parser.add_argument("--in-dataset-dir", help="their folder (default <dataset-dir>/test)")
     parser.add_argument("--ood-image-list", action="append", default=[],
                         help="an OOD list (labels ignored); repeat for several sets")
@@ -184,7 +215,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--probe-dir", help="a folder written by ood_probes.py: every <set>.txt in "
                         "it is an OOD list with its images in <probe-dir>/<set>/")
     parser.add_argument("--tpr", type=float, default=0.95, help="in-distribution share accepted")
-    parser.add_argument("--temperature", type=float, default=1 / 16, help="T of the msp and energy scores")
+    parser.add_argument("--temperature", type=float,
+                        help="T of the msp and energy scores (default: 1 / the checkpoint's --id-loss-scale, or 1/16)")
     parser.add_argument("-k", type=int, default=10, help="neighbour of the knn score")
     parser.add_argument("--report", help="JSON report (default <checkpoint stem>_ood_report.json)")
     parser.add_argument("--save", help="detector file (default <checkpoint stem>_ood.pth)")
@@ -211,47 +243,76 @@ def ood_sets(args):
     return sets
 
 
+def training_splits(train_args, runtime):
+    """The checkpoint's own (training, validation or None) images, as train.py split them."""
+    import train  # the same split code as the training run
+
+    run_args = argparse.Namespace(**train_args)
+    train_set, val_set, _ = train.build_datasets(run_args, runtime)
+    return train_set, val_set
+
+
 def main(args):
+    utils.refuse_distributed("ood.py")
     runtime = utils.setup_runtime(args.device)
-    checkpoint = utils.load_checkpoint(args.resume)
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
-        raise SystemExit(f"error: {args.resume} has no model config; ood.py needs a train.py checkpoint")
+    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, runtime.device)
     config, classes = checkpoint["model_config"], checkpoint["classes"]
-    model = build_model(**config, pretrained=False)
-    utils.load_model_weights(model, utils.state_dict_of(checkpoint), args.resume)
-    model.to(runtime.device)
-    amp = utils.resolve_amp("auto", str(runtime.device))
-    transform = build_transform(config["img_size"], train=False)
-    list_format = LIST_FORMAT[args.dataset]
-    root = Path(setup_defaults(args.dataset)["dataset_dir"])
     train_args = checkpoint.get("args", {})
-    fit_list = args.fit_image_list or train_args.get("train_image_list")
+    dataset = args.dataset or train_args.get("dataset", "covid")
+    root = Path(args.dataset_dir or train_args.get("dataset_dir") or setup_defaults(dataset)["dataset_dir"])
+    list_format = LIST_FORMAT[dataset]
+    transform = build_transform(config["img_size"], train=False)
+    amp = utils.resolve_amp("auto", str(runtime.device))
+    temperature = args.temperature
+    if temperature is None:
+        scale = train_args.get("id_loss_scale") if train_args.get("id_loss_weight") else None
+        temperature = 1.0 / (scale or 16.0)
+
+    def embed(dataset_or_folder, list_file=None, known_classes=None):
+        data = dataset_or_folder
+        if not isinstance(data, ImageListDataset):
+            data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform)
+        data.transform = transform
+        loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
+        return utils.extract_embeddings(model, loader, runtime, amp)[0].cpu(), data.targets
+
+    splits = None
+    if not (args.fit_image_list and args.calib_image_list):
+        if not train_args:
+            raise SystemExit(f"error: {args.resume} does not record its training run; give "
+                             "--fit-image-list and --calib-image-list")
+        splits = training_splits(train_args, runtime)
+    if args.fit_image_list:
+        fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
+    else:
+        fit_emb, fit_labels = embed(splits[0])
+    detector = OODDetector(temperature, args.k, fingerprint).fit(fit_emb, fit_labels, classes)
+    if args.calib_image_list:
+        calib_emb, _ = embed(args.calib_dataset_dir or root / "train", args.calib_image_list, classes)
+    elif splits[1] is not None:
+        calib_emb, _ = embed(splits[1])
+    else:
+        raise SystemExit(f"error: {args.resume} was trained without validation data "
+                         "(--val-fraction 0); give --calib-image-list")
+    thresholds = detector.calibrate(calib_emb, args.tpr)
     in_list = args.in_image_list or train_args.get("test_image_list")
-
-    def embed(folder, list_file, known_classes):
-        dataset = ImageListDataset(folder, list_file, list_format, known_classes, transform)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size,
-                                             num_workers=args.workers)
-        embeddings, labels = utils.extract_embeddings(model, loader, runtime, amp)
-        return embeddings.cpu(), labels.cpu()
-
-    fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", fit_list, classes)
-    detector = OODDetector(args.temperature, args.k).fit(fit_emb, fit_labels, classes)
     in_emb, _ = embed(args.in_dataset_dir or root / "test", in_list, classes)
-    thresholds = detector.calibrate(in_emb, args.tpr)
     in_scores = detector.scores(in_emb)
     results = []
     for name, list_file, folder in ood_sets(args):
-        ood_emb, _ = embed(folder, list_file, None)  # labels of OOD lists are ignored
+        ood_emb, _ = embed(folder, list_file)  # labels of OOD lists are ignored
         ood_scores = detector.scores(ood_emb)
         for score in SCORES:
             results.append({"score": score, "ood_set": name, "num_images": len(ood_emb),
                             **detection_metrics(in_scores[score], ood_scores[score], args.tpr)})
-    report = {"checkpoint": str(args.resume), "tpr": args.tpr, "temperature": args.temperature,
-              "k": args.k, "num_fit": len(fit_emb), "num_in": len(in_emb),
+    in_flagged = {name: float(flag.mean()) for name, flag in detector.flags(in_emb, in_scores).items()}
+    report = {"checkpoint": str(args.resume), "tpr": args.tpr, "temperature": temperature,
+              "k": args.k, "num_fit": len(fit_emb), "num_calibration": len(calib_emb),
+              "num_in": len(in_emb), "in_flagged_share": in_flagged,
               "results": results, "thresholds": thresholds}
     print(f"\nOOD detection: fitted on {len(fit_emb)} images, thresholds at {args.tpr:.0%} TPR on "
-          f"{len(in_emb)} held-out in-distribution images")
+          f"{len(calib_emb)} held-out images (in-distribution test images flagged: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in in_flagged.items()) + ")")
     sets = list(dict.fromkeys(r["ood_set"] for r in results))
     print(f"  {'set':<22}" + "".join(f"{s + ' AUROC / FPR95':>28}" for s in SCORES))
     for name in sets:

@@ -8,17 +8,21 @@ Two independent choices fill every flag left unset on the command line:
     strong  BN neck + cosine-softmax identity loss + batch-all triplet loss, AdamW with weight
             decay, warmup and cosine decay (the default: it learns from random weights, see
             the ablation in HYBRID_MODEL_GUIDE.md)
-    seed    the paper's recipe exactly: plain Adam at a constant 1e-4, batch-hard triplet loss
-            only, no weight decay, no BN neck, backbones at the same learning rate
+    seed    the seed's loss and optimisation: plain Adam at a constant 1e-4, batch-hard
+            triplet loss only, no weight decay, no BN neck, backbones at the same learning
+            rate. The data pipeline and mixed precision stay this repo's (the whole image
+            resized, never centre-cropped; bf16 autocast on recent GPUs unless --amp none).
 """
 import os
+
+from model import DEFAULT_CONVNEXT, DEFAULT_EMBEDDING_DIM, DEFAULT_IMG_SIZE, DEFAULT_VIT
 
 DATASETS = ("covid", "demo", "csv", "folder")
 LIST_FORMAT = {"covid": "covidx", "demo": "covidx", "csv": "csv", "folder": "folder"}
 
 PAPER_DEFAULTS = dict(
-    convnext_name="convnextv2_base.fcmae_ft_in22k_in1k_384",
-    vit_name="vit_base_patch16_384.augreg_in21k_ft_in1k", img_size=384, embedding_dim=1024,
+    convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, img_size=DEFAULT_IMG_SIZE,
+    embedding_dim=DEFAULT_EMBEDDING_DIM,
     pretrained=True, epochs=50, lr=1e-4, labels_per_batch=3, samples_per_label=16,
     workers=min(8, os.cpu_count() or 1), eval_batch_size=64, dataset_dir="./data",
     train_image_list="./train_split.txt", test_image_list="./test_COVIDx4.txt",

@@ -13,16 +13,16 @@ On the demo (after `make demo`):
         data/demo/test/phantom_test_00000.png --out runs/demo/query
 
 An index is a folder: `manifest.json` (model config, fingerprint of the config and weights,
-class names, storage dtype, the chunk files) and `chunk_NNNNN.npz` files of up to --chunk-size
-images each (embeddings, label ids, paths relative to --dataset-dir), every file written
-atomically. `--append` embeds only the images of the list that the index does not hold yet.
+class names, storage dtype, the chunk files and the image folder of each) and `chunk_NNNNN.npz`
+files of up to --chunk-size images each (embeddings, label ids, paths relative to that folder),
+every file written atomically. `--append` embeds only the images of the list that the index does not hold yet.
 A checkpoint whose fingerprint differs from the index's is refused.
 
 The search is exact: the gallery is scanned in chunks (one matrix product per chunk, a running
 top-k), so memory stays near the gallery's own size. Ties rank by gallery index, as in test.py.
 A query writes `OUTDIR/results.json` ({"queries": [{"query", "neighbours": [{"path", "label",
-"similarity"}], "vote", "votes", "ood"?}]}), a contact sheet `OUTDIR/<query stem>.png` per query,
-and prints a table.
+"similarity"}], "vote", "votes", "ood"?, "contact_sheet"}]}; neighbour paths are the image files as
+indexed), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query, and prints a table.
 """
 import argparse
 import hashlib
@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader
 import ood
 import utils
 from dataset import DatasetError, ImageListDataset, build_transform, load_image
-from model import build_model
 from presets import DATASETS, LIST_FORMAT
 
 INDEX_FORMAT = "hybrid-retrieval-index"
@@ -50,29 +49,6 @@ MANIFEST = "manifest.json"
 
 class IndexFileError(utils.UserError):
     """An index folder that is missing, truncated, of another format or of another model."""
-
-
-# ---------------------------------------------------------------------- model
-def load_model(checkpoint_path, device):
-    """(model in eval mode, model config, fingerprint) from a train.py checkpoint."""
-    checkpoint = utils.load_checkpoint(checkpoint_path)
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
-        raise SystemExit(f"error: {checkpoint_path} has no model config; retrieve.py needs a "
-                         "checkpoint written by train.py")
-    config = checkpoint["model_config"]
-    model = build_model(**config, pretrained=False)
-    weights = utils.state_dict_of(checkpoint)
-    utils.load_model_weights(model, weights, checkpoint_path)
-    return model.to(device).eval(), config, fingerprint(config, model.state_dict())
-
-
-def fingerprint(config, state_dict):
-    """SHA-256 of the model config and every weight: equal only for the same model."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for key, tensor in state_dict.items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------- index files
@@ -92,9 +68,16 @@ def read_manifest(index_dir):
 
 
 def load_index(index_dir):
-    """(manifest, embeddings (N, D) in the stored dtype, label ids (N,), paths [N])."""
+    """(manifest, embeddings (N, D) in the stored dtype, label ids (N,), image paths [N]).
+
+    The embeddings are copied chunk by chunk into one preallocated array, so loading holds
+    the gallery once plus one chunk, never two copies."""
     manifest = read_manifest(index_dir)
-    embeddings, labels, paths = [], [], []
+    if not manifest["chunks"]:
+        raise IndexFileError(f"{index_dir} holds no images")
+    total = sum(chunk["count"] for chunk in manifest["chunks"])
+    embeddings = labels = None
+    paths, start = [], 0
     for chunk in manifest["chunks"]:
         path = Path(index_dir) / chunk["file"]
         try:
@@ -102,15 +85,18 @@ def load_index(index_dir):
                 part = data["embeddings"], data["labels"], data["paths"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise IndexFileError(f"{path}: truncated or unreadable index chunk ({error}); delete it "
-                              "and re-run the same `retrieve.py index` command to rebuild it") from error
+                                 "and its entry in manifest.json, then re-run the `retrieve.py "
+                                 "index` command that wrote it") from error
         if len(part[0]) != chunk["count"]:
             raise IndexFileError(f"{path}: holds {len(part[0])} images, the manifest says {chunk['count']}")
-        embeddings.append(part[0])
-        labels.append(part[1])
-        paths += part[2].tolist()
-    if not embeddings:
-        raise IndexFileError(f"{index_dir} holds no images")
-    return manifest, np.concatenate(embeddings), np.concatenate(labels), paths
+        if embeddings is None:
+            embeddings = np.empty((total, part[0].shape[1]), dtype=part[0].dtype)
+            labels = np.empty(total, dtype=np.int64)
+        embeddings[start:start + len(part[0])] = part[0]
+        labels[start:start + len(part[0])] = part[1]
+        paths += [str(Path(chunk["root"]) / p) for p in part[2].tolist()]
+        start += len(part[0])
+    return manifest, embeddings, labels, paths
 
 
 def _write_npz(path, **arrays):
@@ -121,36 +107,43 @@ def _write_npz(path, **arrays):
 
 # ---------------------------------------------------------------------- index command
 def build_index(args):
+    utils.refuse_distributed("retrieve.py")
     device = utils.setup_runtime(args.device).device
-    model, config, model_fingerprint = load_model(args.resume, device)
+    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, device)
+    config = checkpoint["model_config"]
     out = Path(args.out)
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
                                transform=build_transform(config["img_size"], train=False))
-    relative = [str(p.relative_to(dataset.image_root)) for p in dataset.paths]
+    root = str(dataset.image_root)
+    wanted = [str(p) for p in dataset.paths]  # root / relative path, as listed
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        if manifest["fingerprint"] != model_fingerprint:
+        if manifest["fingerprint"] != fingerprint:
             raise SystemExit(f"error: {out} was built with another model (fingerprint "
-                             f"{manifest['fingerprint'][:12]}, {args.resume}: {model_fingerprint[:12]}); "
+                             f"{manifest['fingerprint'][:12]}, {args.resume}: {fingerprint[:12]}); "
                              "choose another --out for this checkpoint")
-        done = [p for chunk in manifest["chunks"] for p in _chunk_paths(out / chunk["file"])]
-        if not args.append and done != relative[:len(done)]:
+        if args.dtype and args.dtype != manifest["dtype"]:
+            raise SystemExit(f"error: {out} stores {manifest['dtype']} embeddings; drop --dtype "
+                             "or build a new index")
+        done = [str(Path(chunk["root"]) / p) for chunk in manifest["chunks"]
+                for p in _chunk_paths(out / chunk["file"])]
+        if not args.append and done != wanted[:len(done)]:
             raise SystemExit(f"error: {out} already holds other images than the start of "
                              f"{args.image_list}; add images with --append, or choose another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": model_fingerprint,
+        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint,
                     "model_config": config, "checkpoint": str(args.resume), "classes": [],
-                    "dtype": args.dtype, "dataset_dir": str(args.dataset_dir), "chunks": []}
+                    "dtype": args.dtype or "float32", "chunks": []}
         done = []
     classes = manifest["classes"]
     for name in dataset.classes:  # label names of the index; an appended list may add some
         if name not in classes:
             classes.append(name)
     label_ids = np.array([classes.index(dataset.classes[t]) for t in dataset.targets.tolist()])
-    held = set(done)
-    todo = [i for i, path in enumerate(relative) if path not in held]
-    print(f"index {out}: {len(held)} images already in, {len(todo)} to embed", flush=True)
+    held = {os.path.normpath(p) for p in done}
+    todo = [i for i, path in enumerate(wanted) if os.path.normpath(path) not in held]
+    print(f"index {out}: {len(done)} images already in, {len(todo)} to embed", flush=True)
     runtime = utils.Runtime(device)
     amp = utils.resolve_amp("auto", str(device))
     for start in range(0, len(todo), args.chunk_size):
@@ -159,9 +152,10 @@ def build_index(args):
                             num_workers=args.workers)
         embeddings, _ = utils.extract_embeddings(model, loader, runtime, amp)
         file = f"chunk_{len(manifest['chunks']):05d}.npz"
+        relative = [str(dataset.paths[i].relative_to(dataset.image_root)) for i in part]
         _write_npz(out / file, embeddings=embeddings.cpu().numpy().astype(manifest["dtype"]),
-                   labels=label_ids[part], paths=np.array([relative[i] for i in part]))
-        manifest["chunks"].append({"file": file, "count": len(part)})
+                   labels=label_ids[part], paths=np.array(relative))
+        manifest["chunks"].append({"file": file, "count": len(part), "root": root})
         utils.write_json(out / MANIFEST, manifest)  # after the chunk: a kill never lists a missing one
         print(f"  {start + len(part)}/{len(todo)} embedded", flush=True)
     total = sum(chunk["count"] for chunk in manifest["chunks"])
@@ -230,26 +224,24 @@ def embed_images(model, paths, img_size, device, skip_bad, amp="none"):
 
 
 def query(args):
+    utils.refuse_distributed("retrieve.py")
+    if args.topk < 1:
+        raise SystemExit(f"error: --topk {args.topk}: give at least 1 neighbour")
     device = utils.setup_runtime(args.device).device
     manifest, gallery, gallery_labels, gallery_paths = load_index(args.index)
-    model, config, model_fingerprint = load_model(args.resume, device)
-    if manifest["fingerprint"] != model_fingerprint:
+    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, device)
+    if manifest["fingerprint"] != fingerprint:
         raise SystemExit(f"error: {args.resume} is not the model that built {args.index} "
-                         f"(fingerprints {model_fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
+                         f"(fingerprints {fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
                          "query with the index's checkpoint, or build an index for this one")
-    detector = None
-    if args.ood:
-        detector_path = Path(args.ood_detector or ood.default_detector_path(args.resume))
-        if not detector_path.is_file():
-            raise SystemExit(f"error: --ood needs the detector {detector_path}; fit it with python ood.py")
-        detector = ood.OODDetector.load(detector_path)
-    embeddings, kept = embed_images(model, args.images, config["img_size"], device,
+    detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector) if args.ood else None
+    embeddings, kept = embed_images(model, args.images, checkpoint["model_config"]["img_size"], device,
                                     args.skip_bad_images, utils.resolve_amp("auto", str(device)))
     similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
     classes = manifest["classes"]
-    flags = scores = None
     if detector is not None:
-        flags, scores = detector.flags(embeddings), detector.scores(embeddings)
+        scores = detector.scores(embeddings)
+        flags = detector.flags(embeddings, scores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -266,10 +258,10 @@ def query(args):
             record["ood"] = {"flagged": bool(flags[args.ood_score][q]), "score": args.ood_score,
                              "value": float(scores[args.ood_score][q]),
                              "threshold": detector.thresholds[args.ood_score]}
-        results.append(record)
-        sheet = out / f"{Path(path).stem}.png"
-        contact_sheet(path, record, Path(manifest["dataset_dir"]), sheet)
+        sheet = out / f"{q:04d}_{Path(path).stem}.png"  # numbered: equal names from two folders
+        contact_sheet(path, record, sheet)
         record["contact_sheet"] = str(sheet)
+        results.append(record)
     utils.write_json(out / "results.json", {"index": str(args.index), "checkpoint": str(args.resume),
                                             "topk": args.topk, "queries": results})
     print_results(results)
@@ -296,13 +288,13 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def contact_sheet(query_path, record, gallery_root, out_path, tile=160, columns=5):
+def contact_sheet(query_path, record, out_path, tile=160, columns=5):
     """The query, then its neighbours in rank order, each tile captioned."""
     caption_h = 36
     tiles = [(query_path, [f"QUERY {Path(query_path).name}"[:28], f"vote: {record['vote']}"
                            + (" (OOD!)" if record.get("ood", {}).get("flagged") else "")])]
     for rank, n in enumerate(record["neighbours"], start=1):
-        tiles.append((gallery_root / n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"]))
+        tiles.append((n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"]))
     rows = 1 + (len(tiles) - 1 + columns - 1) // columns
     sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), "white")
     draw, font = ImageDraw.Draw(sheet), _font(14)
@@ -332,9 +324,10 @@ def get_args_parser():
     index.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
     index.add_argument("--out", required=True, help="index folder (created; re-run to resume)")
     index.add_argument("--append", action="store_true", help="add the list's images the index lacks")
-    index.add_argument("--dtype", default="float32", choices=("float32", "float16"),
-                       help="storage of the embeddings; float16 halves the size, ranks may differ "
-                       "from test.py's where similarities differ by less than ~1e-3")
+    index.add_argument("--dtype", choices=("float32", "float16"),
+                       help="storage of the embeddings of a new index (default float32); float16 "
+                       "halves the size, ranks may differ from test.py's where similarities differ "
+                       "by less than ~1e-3")
     index.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))

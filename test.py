@@ -26,8 +26,7 @@ import ood
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
-from model import MODEL_NAMES, build_model
-from model import NECKS
+from model import MODEL_NAMES, NECKS, build_model
 from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS, setup_defaults
 
 KS = (1, 5, 10)
@@ -123,18 +122,15 @@ def run(args, runtime):
     args.amp = utils.resolve_amp(args.amp, str(runtime.device))
     if args.channels_last is None:
         args.channels_last = runtime.device.type == "cuda"
-    detector = None
-    if args.ood:
-        detector_path = Path(args.ood_detector or ood.default_detector_path(args.resume))
-        if not detector_path.is_file():
-            raise SystemExit(f"error: --ood needs the detector {detector_path}; fit it with "
-                             f"python ood.py --resume {args.resume} ... (or give --ood-detector)")
-        detector = ood.OODDetector.load(detector_path)
     checkpoint = utils.load_checkpoint(args.resume)
     config = model_config_from(checkpoint, args)
     model = build_model(**config, pretrained=False)
     utils.load_model_weights(model, utils.state_dict_of(checkpoint), args.resume)
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    detector = None
+    if args.ood:  # before any embedding: a missing or stale detector is found at once
+        fingerprint = utils.model_fingerprint(config, model.state_dict())
+        detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector)
 
     demo = args.dataset == "demo"
     defaults = setup_defaults(args.dataset)
@@ -176,8 +172,10 @@ def run(args, runtime):
               "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": protocol,
               **metrics}
     if detector is not None:
-        scores, flags = detector.scores(query_emb), detector.flags(query_emb)
-        report["ood"] = {"detector": str(detector_path), "tpr": detector.tpr,
+        scores = detector.scores(query_emb)
+        flags = detector.flags(query_emb, scores)
+        report["ood"] = {"detector": str(args.ood_detector or ood.default_detector_path(args.resume)),
+                         "tpr": detector.tpr,
                          "thresholds": detector.thresholds,
                          "flagged_share": {name: float(flag.mean()) for name, flag in flags.items()},
                          "queries": [{"path": str(path), **{name: float(scores[name][i]) for name in scores},

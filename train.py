@@ -4,7 +4,7 @@ Single GPU (the paper's configuration, pretrained backbones, COVIDx lists):
     python train.py --model hybrid_convnext_vit --embedding-dim 1024 --dataset covid \
         --dataset-dir ./data --train-image-list ./train_split.txt \
         --test-image-list ./test_COVIDx4.txt --epochs 50 --lr 0.0001 --batch-size 16
-The paper's exact recipe (Adam at a constant 1e-4, batch-hard triplet loss only): add --recipe seed.
+The seed's loss and optimisation (Adam at a constant 1e-4, batch-hard triplet loss only): add --recipe seed.
 Several GPUs / nodes (each rank draws its own P x K batches):
     torchrun --nproc_per_node=4 train.py ...
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...
@@ -15,8 +15,8 @@ Model selection never sees the test set: the best checkpoint is the one with the
 the validation data (--val-image-list, or by default a patient-grouped --val-fraction of the
 training list); test metrics are logged every epoch for reference only.
 
-Outputs in --save-dir: args.json, metrics.jsonl (one line per epoch, keys prefixed train_,
-val_ and test_), checkpoints `{dataset}_{model}_embed_{dim}_seed_{seed}_epoch_{epoch}_ckpt.pth`
+Outputs in --save-dir: args.json, metrics.jsonl (one line per epoch; loss terms start with
+train_, retrieval numbers with val_ or test_), checkpoints `{dataset}_{model}_embed_{dim}_seed_{seed}_epoch_{epoch}_ckpt.pth`
 and `..._best_ckpt.pth` (best validation mAP).
 """
 import argparse
@@ -89,8 +89,9 @@ def get_args_parser(add_help=True):
                         help="default: one pass over the training images across all ranks")
     parser.add_argument("--recipe", default="strong", choices=tuple(RECIPES),
                         help="strong: BN neck + identity loss + batch-all triplet, AdamW, cosine "
-                        "(learns from scratch); seed: the paper's exact recipe (Adam, constant lr "
-                        "1e-4, batch-hard triplet only, no weight decay). Flags given override it")
+                        "(learns from scratch); seed: the seed's loss and optimisation (Adam, "
+                        "constant lr 1e-4, batch-hard triplet only, no weight decay, no neck). "
+                        "Flags given override it")
     parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
     parser.add_argument("--mining", choices=MININGS, help="triplet mining")
     parser.add_argument("--id-loss-weight", type=float,
@@ -142,11 +143,15 @@ def get_args_parser(add_help=True):
 def _document_defaults(parser):
     """Add the defaults that depend on --dataset and --recipe to the help texts."""
     recipe_keys = set().union(*RECIPES.values())
+    shown = {"workers": ("min(8, CPU count)", "min(2, CPU count)"),  # not this machine's count
+             "train_image_list": (PAPER_DEFAULTS["train_image_list"], "<dataset-dir>/train_split.txt"),
+             "test_image_list": (PAPER_DEFAULTS["test_image_list"], "<dataset-dir>/test_split.txt")}
     for action in parser._actions:
         key = action.dest
         parts = []
         if key in PAPER_DEFAULTS:
-            parts.append(f"paper: {PAPER_DEFAULTS[key]}; --dataset demo: {DEMO_DEFAULTS[key]}")
+            paper, demo = shown.get(key, (PAPER_DEFAULTS[key], DEMO_DEFAULTS[key]))
+            parts.append(f"paper: {paper}; --dataset demo: {demo}")
         if key in recipe_keys:
             parts += [f"--recipe {name}: {values[key]}" for name, values in RECIPES.items() if key in values]
         elif action.default not in (None, argparse.SUPPRESS) and action.help and key != "help":
@@ -421,6 +426,10 @@ def run(args, runtime):
     utils.log(runtime, f"train: {len(train_set)} images, validation: "
                        f"{len(val_set) if val_set else 0}, test: {len(test_set)}; classes: {', '.join(classes)}")
     select_split = "val" if val_set is not None else "test"
+    selection_key = f"{select_split}_mAP"
+    # What the best checkpoint was chosen on: a resumed run compares bests only on the same images.
+    selection_set = val_set or test_set
+    split_digest = utils.digest(sorted(str(p.relative_to(selection_set.image_root)) for p in selection_set.paths))
     if val_set is None:
         utils.log(runtime, "warning: no validation data (--val-fraction 0): the best checkpoint is "
                            "chosen on the test list, as the seed did; its test numbers are optimistic")
@@ -472,12 +481,23 @@ def run(args, runtime):
         except RuntimeError as error:
             raise SystemExit(f"error: --resume {args.resume} was trained with another loss "
                              f"(--id-loss-weight, or its classes): {error}") from error
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:  # parameter groups of another recipe or an older version
+            raise SystemExit(f"error: the optimiser state in {args.resume} does not fit this run "
+                             f"({error}); resume with the flags it was trained with (its args are "
+                             "in the checkpoint and in args.json), or start a new run") from error
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_states(checkpoint["rng_states"][min(runtime.rank, len(checkpoint["rng_states"]) - 1)])
-        start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-        best_epoch = checkpoint.get("best_epoch")
+        start_epoch = checkpoint["epoch"] + 1
+        if checkpoint.get("selection") == selection_key and checkpoint.get("split") == split_digest:
+            best_metric, best_epoch = checkpoint["best_metric"], checkpoint.get("best_epoch")
+        else:  # another selection rule or validation split: its best cannot be compared
+            utils.log(runtime, f"warning: {args.resume} chose its best checkpoint by "
+                               f"{checkpoint.get('selection', 'test R@1 (older version)')} or on other "
+                               f"validation images; this run selects by {selection_key} from epoch "
+                               f"{start_epoch} on")
         utils.log(runtime, f"resumed from {args.resume} (epoch {checkpoint['epoch']})")
     if runtime.distributed:
         objective = DistributedDataParallel(
@@ -513,7 +533,6 @@ def run(args, runtime):
         warning = collapse_warning(record, args)
         if warning:
             print(warning, flush=True)
-        selection_key = f"{select_split}_mAP"
         is_best = evaluated and record[selection_key] > best_metric
         if is_best:
             utils.log(runtime, f"epoch {epoch} kept as best: {selection_key} {record[selection_key]:.2f}"
@@ -528,6 +547,7 @@ def run(args, runtime):
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng_states": states, "args": vars(args),
             "best_metric": best_metric, "best_epoch": best_epoch, "selection": selection_key,
+            "split": split_digest,
             "metrics": record,
         }
         utils.save_checkpoint(state, save_dir / checkpoint_name(args, f"epoch_{epoch}"))

@@ -1,6 +1,7 @@
 """Helpers shared by train.py, test.py and bench.py: distributed setup, checkpoint I/O,
 mixed precision, embedding extraction and logging. Nothing else belongs here."""
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -221,6 +222,46 @@ def load_checkpoint(path, flag="--resume"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
         raise UserError(f"{flag} {path}: cannot load checkpoint ({error})") from error
+
+
+def digest(strings):
+    """SHA-256 of a sequence of strings (e.g. the image paths of a split)."""
+    h = hashlib.sha256()
+    for text in strings:
+        h.update(text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def model_fingerprint(config, state_dict):
+    """SHA-256 of a model config and every weight: equal only for the same model. Files that
+    belong to one model (an OOD detector, a retrieval index) store it and refuse another."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key, tensor in state_dict.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_trained_model(path, device):
+    """(model in eval mode on device, checkpoint dict, fingerprint) from a train.py checkpoint:
+    the model is rebuilt from the checkpoint's own config."""
+    from model import build_model  # here: model imports timm, which utils' other users need not
+
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise UserError(f"{path} has no model config: give a checkpoint written by train.py")
+    model = build_model(**checkpoint["model_config"], pretrained=False)
+    load_model_weights(model, state_dict_of(checkpoint), path)
+    fingerprint = model_fingerprint(checkpoint["model_config"], model.state_dict())
+    return model.to(device).eval(), checkpoint, fingerprint
+
+
+def refuse_distributed(program):
+    """ood.py and retrieve.py run in one process; under torchrun each rank would embed
+    everything and the gather would duplicate it."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(f"{program} runs in a single process; start it with python, not torchrun "
+                        "(test.py and train.py are the programs that use several)")
 
 
 def state_dict_of(checkpoint):

@@ -157,6 +157,14 @@ def test_split_by_patient_keeps_patients_whole_and_stratifies(tmp_path):
         assert 0.2 * total <= held <= 0.2 * total + 4
     assert split_by_patient(dataset, 0.2, seed=1) != (train_idx, val_idx)  # seeded
     assert split_by_patient(dataset, 0.2, seed=0) == (train_idx, val_idx)
+    # one big patient: the class stays in training; validation never takes more than half
+    big = ImageListDataset(tmp_path / "train", write_list(tmp_path / "b.txt", [
+        ("BIG", rows[0][1], "normal"), ("BIG", rows[1][1], "normal"), ("BIG", rows[2][1], "normal"),
+        ("BIG", rows[3][1], "normal"), *[(f"S{i}", rows[4 + i][1], "pneumonia") for i in range(10)]]))
+    for seed in range(5):
+        kept, held = split_by_patient(big, 0.1, seed)
+        assert int((big.targets[kept] == big.classes.index("normal")).sum()) == 4
+        assert int((big.targets[held] == big.classes.index("pneumonia")).sum()) == 2
     part = dataset.subset(val_idx)
     assert len(part) == len(val_idx) and part.classes == dataset.classes
     assert part.targets.tolist() == dataset.targets[val_idx].tolist()

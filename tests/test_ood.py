@@ -1,5 +1,6 @@
 """ood.py: each score against a direct computation, thresholds, errors, and the CLI on phantoms."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -101,12 +102,11 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     probes = tmp_path / "probes"
     ood_probes.write_probes(probes, per_set=6, size=64, sets=("noise", "inverted", "mass"))
     checkpoint = ckpt(tmp_path, "best")
-    common = ["--resume", str(checkpoint), "--dataset", "covid", "--workers", "0", "--device", "cpu",
-              "--fit-image-list", str(phantoms / "train_split.txt"), "--fit-dataset-dir", str(phantoms / "train"),
-              "--in-image-list", str(phantoms / "test_split.txt"), "--in-dataset-dir", str(phantoms / "test"),
-              "-k", "3"]
+    # defaults from the checkpoint: fit on its training images, thresholds on its validation split
+    common = ["--resume", str(checkpoint), "--workers", "0", "--device", "cpu", "-k", "3"]
     report = ood.main(ood.get_args_parser().parse_args([*common, "--probe-dir", str(probes),
                                                         "--report", str(tmp_path / "ood.json")]))
+    assert (report["num_fit"], report["num_calibration"], report["num_in"]) == (20, 10, 25)
     on_disk = json.loads((tmp_path / "ood.json").read_text())
     assert set(on_disk) >= {"results", "thresholds"}
     assert {(r["score"], r["ood_set"]) for r in on_disk["results"]} == {
@@ -127,6 +127,25 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     with pytest.raises(Exception, match="x.png"):
         ood.main(ood.get_args_parser().parse_args([*common, "--ood-image-list", str(tmp_path / "bad.txt"),
                                                    "--ood-dataset-dir", str(tmp_path / "bad")]))
-    with pytest.raises(SystemExit, match="needs the detector"):
+    with pytest.raises(train.utils.UserError, match="no OOD detector"):
         evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
-            "--resume", str(checkpoint), "--ood", "--ood-detector", str(tmp_path / "none.pth")]))
+            "--resume", str(checkpoint), "--ood", "--ood-detector", str(tmp_path / "none.pth"),
+            "--test-dataset-dir", str(phantoms / "test"), "--test-image-list", str(phantoms / "test_split.txt")]))
+    # a detector fitted on another model's embeddings is refused (a replaced best checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "replaced.pth")
+    shutil.copy(ood.default_detector_path(checkpoint), ood.default_detector_path(tmp_path / "replaced.pth"))
+    with pytest.raises(train.utils.UserError, match="another model"):
+        evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+            "--resume", str(tmp_path / "replaced.pth"), "--ood", "--test-dataset-dir", str(phantoms / "test"),
+            "--test-image-list", str(phantoms / "test_split.txt"), "--device", "cpu"]))
+    # retrieve.py query --ood flags with the same detector
+    import retrieve
+    retrieve.main(["index", "--resume", str(checkpoint), "--image-list", str(phantoms / "train_split.txt"),
+                   "--dataset-dir", str(phantoms / "train"), "--out", str(tmp_path / "idx"), "--workers", "0",
+                   "--device", "cpu"])
+    noise = str(probes / "noise" / "noise_0000.png")
+    results = retrieve.main(["query", "--index", str(tmp_path / "idx"), "--resume", str(checkpoint), noise,
+                             "--ood", "--out", str(tmp_path / "q"), "--device", "cpu"])
+    assert set(results[0]["ood"]) == {"flagged", "score", "value", "threshold"}

@@ -1,6 +1,7 @@
 """retrieve.py: index, resume, append, query, fingerprint and format checks, exact search."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,8 @@ def test_index_query_and_test_py_agree(trained, phantoms, tmp_path, capsys):  # 
         sims = [n["similarity"] for n in record["neighbours"]]
         assert sims == sorted(sims, reverse=True)
         assert record["vote"] in record["votes"] and sum(record["votes"].values()) == 5
-    assert (tmp_path / "q" / "phantom_test_00000.png").is_file()
+    assert (tmp_path / "q" / "0000_phantom_test_00000.png").is_file()
+    assert all(Path(n["path"]).is_file() for r in on_disk["queries"] for n in r["neighbours"])
     assert "vote" in capsys.readouterr().out
     # two code paths, one number: top-1 label agreement equals test.py's query-gallery R@1
     top1 = np.mean([r["neighbours"][0]["label"] == fields[2] for r, fields in zip(results, test_list)])
@@ -95,7 +97,11 @@ def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phan
         retrieve.main(append)
     retrieve.main([*append, "--append"])
     retrieve.main([*append, "--append"])
-    assert len(retrieve.load_index(out)[3]) == 55
+    paths = retrieve.load_index(out)[3]
+    assert len(paths) == 55 and all(Path(p).is_file() for p in paths)  # each from its own folder
+    assert sum("/test/" in p for p in paths) == 25
+    with pytest.raises(SystemExit, match="stores float32"):
+        retrieve.main([*append, "--append", "--dtype", "float16"])
 
 
 def test_fingerprint_truncation_and_format_errors(trained, phantoms, tmp_path):  # noqa: F811
@@ -136,3 +142,5 @@ def test_unreadable_query_images_need_the_flag(trained, phantoms, tmp_path):  # 
         retrieve.main(query)
     results = retrieve.main([*query, "--skip-bad-images"])
     assert [r["query"] for r in results] == [good]
+    with pytest.raises(SystemExit, match="--topk 0"):
+        retrieve.main([*query, "--topk", "0"])
