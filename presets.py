@@ -13,6 +13,7 @@ Two independent choices fill every flag left unset on the command line:
             rate. The data pipeline and mixed precision stay this repo's (the whole image
             resized, never centre-cropped; bf16 autocast on recent GPUs unless --amp none).
 """
+import argparse
 import os
 
 from model import DEFAULT_CONVNEXT, DEFAULT_EMBEDDING_DIM, DEFAULT_IMG_SIZE, DEFAULT_VIT
@@ -51,3 +52,23 @@ RECIPES = {
 
 def setup_defaults(dataset):
     return DEMO_DEFAULTS if dataset == "demo" else PAPER_DEFAULTS
+
+
+def document_defaults(parser):
+    """Add the defaults that depend on --dataset and --recipe to the help texts."""
+    recipe_keys = set().union(*RECIPES.values())
+    shown = {"workers": ("min(8, CPU count)", "min(2, CPU count)"),  # not this machine's count
+             "train_image_list": (PAPER_DEFAULTS["train_image_list"], "<dataset-dir>/train_split.txt"),
+             "test_image_list": (PAPER_DEFAULTS["test_image_list"], "<dataset-dir>/test_split.txt")}
+    for action in parser._actions:
+        key = action.dest
+        parts = []
+        if key in PAPER_DEFAULTS:
+            paper, demo = shown.get(key, (PAPER_DEFAULTS[key], DEMO_DEFAULTS[key]))
+            parts.append(f"paper: {paper}; --dataset demo: {demo}")
+        if key in recipe_keys:
+            parts += [f"--recipe {name}: {values[key]}" for name, values in RECIPES.items() if key in values]
+        elif action.default not in (None, argparse.SUPPRESS) and action.help and key != "help":
+            parts.append(f"default: {action.default}")
+        if parts and action.help:
+            action.help += " [" + "; ".join(parts) + "]"

@@ -37,7 +37,7 @@ from dataset import ImageListDataset, build_transform, split_by_patient
 from loss import MININGS, CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
 from metrics import evaluate_retrieval
 from model import MODEL_NAMES, NECKS, build_model
-from presets import DATASETS, DEMO_DATA, DEMO_DEFAULTS, LIST_FORMAT, PAPER_DEFAULTS, RECIPES, setup_defaults
+from presets import DATASETS, DEMO_DATA, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
 from sampler import PKSampler
 
 def get_args_parser(add_help=True):
@@ -136,28 +136,8 @@ def get_args_parser(add_help=True):
                         help="allow a fresh run in a --save-dir that already holds one")
     parser.add_argument("--resume", help="checkpoint to continue from (full training state)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
-    _document_defaults(parser)
+    document_defaults(parser)
     return parser
-
-
-def _document_defaults(parser):
-    """Add the defaults that depend on --dataset and --recipe to the help texts."""
-    recipe_keys = set().union(*RECIPES.values())
-    shown = {"workers": ("min(8, CPU count)", "min(2, CPU count)"),  # not this machine's count
-             "train_image_list": (PAPER_DEFAULTS["train_image_list"], "<dataset-dir>/train_split.txt"),
-             "test_image_list": (PAPER_DEFAULTS["test_image_list"], "<dataset-dir>/test_split.txt")}
-    for action in parser._actions:
-        key = action.dest
-        parts = []
-        if key in PAPER_DEFAULTS:
-            paper, demo = shown.get(key, (PAPER_DEFAULTS[key], DEMO_DEFAULTS[key]))
-            parts.append(f"paper: {paper}; --dataset demo: {demo}")
-        if key in recipe_keys:
-            parts += [f"--recipe {name}: {values[key]}" for name, values in RECIPES.items() if key in values]
-        elif action.default not in (None, argparse.SUPPRESS) and action.help and key != "help":
-            parts.append(f"default: {action.default}")
-        if parts and action.help:
-            action.help += " [" + "; ".join(parts) + "]"
 
 
 def resolve_args(args):
