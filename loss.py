@@ -10,6 +10,7 @@ Distances are Euclidean, computed in fp32 whatever the autocast dtype.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MININGS = ("batch_hard", "batch_all")
 
@@ -25,14 +26,18 @@ def pairwise_distances(x):
 
 
 class TripletMarginLoss(nn.Module):
-    def __init__(self, margin=0.2, mining="batch_hard"):
+    def __init__(self, margin=0.2, mining="batch_hard", soft=False):
+        """soft: log(1 + exp(d_ap - d_an)) instead of max(0, d_ap - d_an + margin) (the soft
+        margin of Hermans et al., 2017; margin unused). Every triplet then has a gradient;
+        "active" counts the violated ones (d_ap > d_an) and batch_all averages over all."""
         super().__init__()
         if mining not in MININGS:
             raise ValueError(f"unknown mining '{mining}'; choose one of {', '.join(MININGS)}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self.margin = margin
+        self.margin = 0.0 if soft else margin
         self.mining = mining
+        self.soft = soft
 
     def forward(self, embeddings, labels):
         """Returns (loss, fraction of active triplets) as 0-dim tensors; both 0 without triplets.
@@ -48,17 +53,21 @@ class TripletMarginLoss(nn.Module):
             valid = positive.any(dim=1) & negative.any(dim=1)  # (B,) anchors with a triplet
             hardest_pos = torch.where(positive, dist, torch.zeros_like(dist)).amax(dim=1)
             hardest_neg = torch.where(negative, dist, torch.full_like(dist, float("inf"))).amin(dim=1)
-            losses = torch.where(valid, hardest_pos - hardest_neg + self.margin, 0.0).clamp_min(0.0)
+            excess = torch.where(valid, hardest_pos - hardest_neg + self.margin, 0.0)
+        else:
+            # (B, B, 1) - (B, 1, B): the excess of every (anchor a, positive p, negative n)
+            valid = positive[:, :, None] & negative[:, None, :]
+            excess = torch.where(valid, dist[:, :, None] - dist[:, None, :] + self.margin, 0.0)
+        active = valid & (excess > 0)
+        if self.soft:
+            losses = torch.where(valid, F.softplus(excess), 0.0)
             denominator = valid.sum()
         else:
-            # (B, B, 1) - (B, 1, B): the loss of every (anchor a, positive p, negative n)
-            valid = positive[:, :, None] & negative[:, None, :]
-            losses = torch.where(valid, dist[:, :, None] - dist[:, None, :] + self.margin, 0.0)
-            losses = losses.clamp_min(0.0)
-            denominator = (losses > 0).sum()  # batch_all averages over the active triplets
-        num_active = (losses > 0).sum()
+            losses = excess.clamp_min(0.0)
+            # batch_all averages over the active triplets, batch_hard over the anchors
+            denominator = active.sum() if self.mining == "batch_all" else valid.sum()
         loss = losses.sum() / denominator.clamp_min(1)
-        return loss, num_active / valid.sum().clamp_min(1)
+        return loss, active.sum() / valid.sum().clamp_min(1)
 
 
 class CosineSoftmaxLoss(nn.Module):

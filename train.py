@@ -94,6 +94,8 @@ def get_args_parser(add_help=True):
                         "Flags given override it")
     parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
     parser.add_argument("--mining", choices=MININGS, help="triplet mining")
+    parser.add_argument("--soft-margin", action="store_true",
+                        help="softplus(d_ap - d_an) instead of the hinge with --margin (Hermans et al., 2017)")
     parser.add_argument("--id-loss-weight", type=float,
                         help="weight of the cosine-softmax identity loss beside the triplet loss (0: off)")
     parser.add_argument("--id-loss-scale", type=float, default=16.0,
@@ -230,7 +232,8 @@ def build_criterion(args, num_classes):
     if args.id_loss_weight > 0:
         identity = CosineSoftmaxLoss(args.embedding_dim, num_classes, args.id_loss_scale,
                                      args.label_smoothing)
-    return RetrievalLoss(TripletMarginLoss(args.margin, args.mining), identity, args.id_loss_weight)
+    triplet = TripletMarginLoss(args.margin, args.mining, soft=args.soft_margin)
+    return RetrievalLoss(triplet, identity, args.id_loss_weight)
 
 
 def build_optimizer(objective, args, device):
@@ -335,13 +338,14 @@ def collapse_warning(record, args):
     """A message when the embedding has collapsed, else None. Collapse: all images map to
     (nearly) one point, so every triplet costs exactly the margin; batch-hard mining from
     random weights falls into it, and a zero gradient at distance 0 keeps it there."""
+    at_collapse = math.log(2.0) if args.soft_margin else args.margin  # the loss when d_ap = d_an = 0
     pinned = (record["active_triplets"] > 0.95
-              and abs(record["train_triplet"] - args.margin) < 0.05 * args.margin)
+              and abs(record["train_triplet"] - at_collapse) < 0.05 * at_collapse)
     if record["embedding_spread"] < 0.05 or pinned:
         return (f"warning: the embedding looks collapsed at epoch {record['epoch']} (mean pairwise "
                 f"distance {record['embedding_spread']:.3f} in a batch, {record['active_triplets']:.0%} "
-                f"of triplets active, triplet loss {record['train_triplet']:.3f} = margin "
-                f"{args.margin}). Try --recipe strong (BN neck and identity loss), --mining "
+                f"of triplets active, triplet loss {record['train_triplet']:.3f}, its value at "
+                f"collapse {at_collapse:.3f}). Try --recipe strong (BN neck and identity loss), --mining "
                 "batch_all, or a lower --lr")
     return None
 

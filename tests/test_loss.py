@@ -118,3 +118,22 @@ def test_retrieval_loss_combines_terms_and_reports_spread():
     assert stats["spread"].item() == pytest.approx((d.sum() / (8 * 7)).item(), rel=1e-5)
     collapsed = F.normalize(torch.ones(8, 6), dim=1)
     assert RetrievalLoss(triplet)(collapsed, labels)[1]["spread"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
+def test_soft_margin_matches_brute_force(mining):
+    torch.manual_seed(1)
+    embeddings = F.normalize(torch.randn(10, 5), dim=1).double()
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    x, y = embeddings.numpy(), labels.numpy()
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    if mining == "batch_hard":
+        excess = [max(d[a, p] for p in range(10) if p != a and y[p] == y[a])
+                  - min(d[a, q] for q in range(10) if y[q] != y[a]) for a in range(10)]
+    else:
+        excess = [d[a, p] - d[a, q] for a, p, q in itertools.product(range(10), repeat=3)
+                  if a != p and y[a] == y[p] and y[q] != y[a]]
+    expected = np.mean(np.log1p(np.exp(excess)))
+    loss, active = TripletMarginLoss(0.2, mining, soft=True)(embeddings, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert active.item() == pytest.approx(np.mean(np.array(excess) > 0), abs=1e-6)
