@@ -243,11 +243,26 @@ def ood_sets(args):
     return sets
 
 
-def training_splits(train_args, runtime):
-    """The checkpoint's own (training, validation or None) images, as train.py split them."""
+def relocate(train_args, dataset_dir):
+    """The run's arguments with every path under its --dataset-dir moved to `dataset_dir`
+    (the data was copied elsewhere since training)."""
+    old = train_args.get("dataset_dir")
+    if not (dataset_dir and old) or Path(dataset_dir) == Path(old):
+        return dict(train_args)
+    moved = dict(train_args, dataset_dir=str(dataset_dir))
+    for key in ("train_image_list", "test_image_list", "val_image_list", "val_dataset_dir"):
+        value = train_args.get(key)
+        if value and Path(value).is_relative_to(old):
+            moved[key] = str(Path(dataset_dir) / Path(value).relative_to(old))
+    return moved
+
+
+def training_splits(train_args, runtime, dataset, dataset_dir):
+    """The checkpoint's own (training, validation or None) images, as train.py split them;
+    `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
     import train  # the same split code as the training run
 
-    run_args = argparse.Namespace(**train_args)
+    run_args = argparse.Namespace(**{**train_args, "dataset": dataset})
     train_set, val_set, _ = train.build_datasets(run_args, runtime)
     return train_set, val_set
 
@@ -257,7 +272,7 @@ def main(args):
     runtime = utils.setup_runtime(args.device)
     model, checkpoint, fingerprint = utils.load_trained_model(args.resume, runtime.device)
     config, classes = checkpoint["model_config"], checkpoint["classes"]
-    train_args = checkpoint.get("args", {})
+    train_args = relocate(checkpoint.get("args", {}), args.dataset_dir)
     dataset = args.dataset or train_args.get("dataset", "covid")
     root = Path(args.dataset_dir or train_args.get("dataset_dir") or setup_defaults(dataset)["dataset_dir"])
     list_format = LIST_FORMAT[dataset]
@@ -281,7 +296,7 @@ def main(args):
         if not train_args:
             raise SystemExit(f"error: {args.resume} does not record its training run; give "
                              "--fit-image-list and --calib-image-list")
-        splits = training_splits(train_args, runtime)
+        splits = training_splits(train_args, runtime, dataset, root)
     if args.fit_image_list:
         fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
     else:

@@ -114,8 +114,11 @@ def build_index(args):
     out = Path(args.out)
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
                                transform=build_transform(config["img_size"], train=False))
-    root = str(dataset.image_root)
-    wanted = [str(p) for p in dataset.paths]  # root / relative path, as listed
+    # Absolute, so the index answers from any working directory; compared normalised, so
+    # `data/x` and `./data/x` name the same folder.
+    root = os.path.abspath(dataset.image_root)
+    wanted = [os.path.normpath(os.path.join(root, os.path.relpath(p, dataset.image_root)))
+              for p in dataset.paths]
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest["fingerprint"] != fingerprint:
@@ -125,8 +128,8 @@ def build_index(args):
         if args.dtype and args.dtype != manifest["dtype"]:
             raise SystemExit(f"error: {out} stores {manifest['dtype']} embeddings; drop --dtype "
                              "or build a new index")
-        done = [str(Path(chunk["root"]) / p) for chunk in manifest["chunks"]
-                for p in _chunk_paths(out / chunk["file"])]
+        done = [os.path.normpath(os.path.join(os.path.abspath(chunk["root"]), p))
+                for chunk in manifest["chunks"] for p in _chunk_paths(out / chunk["file"])]
         if not args.append and done != wanted[:len(done)]:
             raise SystemExit(f"error: {out} already holds other images than the start of "
                              f"{args.image_list}; add images with --append, or choose another --out")
@@ -141,8 +144,8 @@ def build_index(args):
         if name not in classes:
             classes.append(name)
     label_ids = np.array([classes.index(dataset.classes[t]) for t in dataset.targets.tolist()])
-    held = {os.path.normpath(p) for p in done}
-    todo = [i for i, path in enumerate(wanted) if os.path.normpath(path) not in held]
+    held = set(done)
+    todo = [i for i, path in enumerate(wanted) if path not in held]
     print(f"index {out}: {len(done)} images already in, {len(todo)} to embed", flush=True)
     runtime = utils.Runtime(device)
     amp = utils.resolve_amp("auto", str(device))
@@ -305,6 +308,8 @@ def contact_sheet(query_path, record, out_path, tile=160, columns=5):
             thumb = load_image(path).resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)
             sheet.paste(thumb, (x + 4, y + 4))
         except (OSError, ValueError):
+            print(f"warning: {path}: cannot be read for the contact sheet (moved or deleted "
+                  "since indexing?)", file=sys.stderr)
             draw.text((x + 8, y + tile // 2), "image missing", fill="red", font=font)
         colour = "black" if position == 0 or record["neighbours"][position - 1]["label"] != record["vote"] else "darkgreen"
         for i, line in enumerate(lines):

@@ -339,8 +339,9 @@ def collapse_warning(record, args):
     (nearly) one point, so every triplet costs exactly the margin; batch-hard mining from
     random weights falls into it, and a zero gradient at distance 0 keeps it there."""
     at_collapse = math.log(2.0) if args.soft_margin else args.margin  # the loss when d_ap = d_an = 0
-    pinned = (record["active_triplets"] > 0.95
-              and abs(record["train_triplet"] - at_collapse) < 0.05 * at_collapse)
+    pinned = abs(record["train_triplet"] - at_collapse) < 0.05 * at_collapse
+    if not args.soft_margin:  # with the soft margin a collapsed batch counts no triplet as violated
+        pinned = pinned and record["active_triplets"] > 0.95
     if record["embedding_spread"] < 0.05 or pinned:
         return (f"warning: the embedding looks collapsed at epoch {record['epoch']} (mean pairwise "
                 f"distance {record['embedding_spread']:.3f} in a batch, {record['active_triplets']:.0%} "
@@ -438,6 +439,15 @@ def run(args, runtime):
                              f"flags ask for {config}; drop the contradicting flags or give the "
                              "checkpoint's values (e.g. --neck none --recipe seed for a run of the "
                              "seed's recipe)")
+        # The loss is not in the model config, but continuing with another one is another run.
+        loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing")
+        trained_with = {"soft_margin": False, **checkpoint.get("args", {})}
+        changed = [f"--{k.replace('_', '-')} {trained_with[k]} -> {getattr(args, k)}"
+                   for k in loss_args if k in trained_with and trained_with[k] != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"error: --resume {args.resume} was trained with another loss ("
+                             f"{', '.join(changed)}); give the checkpoint's values, or start a new "
+                             "run in another --save-dir")
     model = build_model(**config, pretrained=args.pretrained and checkpoint is None,
                         weights_dir=args.weights_dir, convnext_weights=args.convnext_weights,
                         vit_weights=args.vit_weights, grad_checkpointing=args.grad_checkpointing)
@@ -451,7 +461,8 @@ def run(args, runtime):
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
     utils.log(runtime, f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-                       f"parameters; recipe {args.recipe}: {args.mining} triplet"
+                       f"parameters; recipe {args.recipe}: {args.mining} "
+                       f"{'soft-margin' if args.soft_margin else f'margin {args.margin:g}'} triplet"
                        f"{f' + {args.id_loss_weight:g} x identity loss' if args.id_loss_weight else ''}, "
                        f"neck {args.neck}, {args.optimizer} lr {args.lr:g} ({args.schedule}); batch "
                        f"{args.labels_per_batch} x {args.samples_per_label} per rank x "

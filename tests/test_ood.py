@@ -1,6 +1,7 @@
 """ood.py: each score against a direct computation, thresholds, errors, and the CLI on phantoms."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,13 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     results = retrieve.main(["query", "--index", str(tmp_path / "idx"), "--resume", str(checkpoint), noise,
                              "--ood", "--out", str(tmp_path / "q"), "--device", "cpu"])
     assert set(results[0]["ood"]) == {"flagged", "score", "value", "threshold"}
+
+
+def test_relocate_moves_the_runs_lists_with_its_dataset_dir():
+    run = {"dataset_dir": "old/data", "train_image_list": "old/data/train_split.txt",
+           "test_image_list": "lists/test.txt", "val_image_list": None, "val_dataset_dir": "old/data/train"}
+    moved = ood.relocate(run, "new/place")
+    assert moved["train_image_list"] == str(Path("new/place/train_split.txt"))
+    assert moved["val_dataset_dir"] == str(Path("new/place/train"))
+    assert moved["test_image_list"] == "lists/test.txt"  # a list given on its own stays
+    assert ood.relocate(run, None) == run and ood.relocate(run, "old/data/") == run

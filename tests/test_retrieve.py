@@ -144,3 +144,18 @@ def test_unreadable_query_images_need_the_flag(trained, phantoms, tmp_path):  # 
     assert [r["query"] for r in results] == [good]
     with pytest.raises(SystemExit, match="--topk 0"):
         retrieve.main([*query, "--topk", "0"])
+
+
+def test_index_built_with_relative_paths_answers_from_another_folder(trained, phantoms, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(phantoms.parent)
+    relative = Path(phantoms.name)
+    argv = ["index", "--resume", str(trained), "--image-list", str(relative / "train_split.txt"),
+            "--dataset-dir", str(relative / "train"), "--out", str(tmp_path / "idx"), "--workers", "0",
+            "--device", "cpu"]
+    retrieve.main(argv)
+    dotted = [a.replace(str(relative / "train"), f"./{relative}/train") for a in argv]
+    retrieve.main(dotted)  # the same folder spelt another way: nothing to embed, no error
+    assert len(retrieve.load_index(tmp_path / "idx")[3]) == 30
+    monkeypatch.chdir(tmp_path)
+    paths = retrieve.load_index(tmp_path / "idx")[3]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)

@@ -121,6 +121,12 @@ def test_resume_errors(phantoms, tmp_path):
     with pytest.raises(SystemExit, match="another loss"):
         train.main(tiny_args(phantoms, tmp_path / "b", "--id-loss-weight", "0", "--epochs", "2",
                              "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
+    for flags, named in ((["--soft-margin"], "--soft-margin False -> True"),
+                         (["--margin", "0.3"], "--margin 0.2 -> 0.3"),
+                         (["--mining", "batch_hard"], "--mining batch_all -> batch_hard")):
+        with pytest.raises(SystemExit, match=named):
+            train.main(tiny_args(phantoms, tmp_path / "b", *flags, "--epochs", "2",
+                                 "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
     # a checkpoint of the seed's recipe saved before --neck and the identity loss existed
     train.main(tiny_args(phantoms, tmp_path / "c", "--epochs", "1", "--recipe", "seed"))
     old = torch.load(ckpt(tmp_path / "c", "epoch_1"), weights_only=True)
@@ -336,6 +342,11 @@ def test_collapse_warning():
     assert train.collapse_warning(healthy, args) is None
     pinned = {**healthy, "active_triplets": 1.0, "train_triplet": 0.2}
     assert "collapsed at epoch 3" in train.collapse_warning(pinned, args)
+    soft = train.parse_args(["--dataset", "demo", "--soft-margin"])
+    assert train.collapse_warning(healthy, soft) is None
+    # a collapsed soft-margin batch costs log 2 with no triplet counted as violated
+    assert "collapsed" in train.collapse_warning({**healthy, "active_triplets": 0.0,
+                                                  "train_triplet": 0.6931}, soft)
     shrunk = {**healthy, "embedding_spread": 0.01}
     assert "--recipe strong" in train.collapse_warning(shrunk, args)
 
