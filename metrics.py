@@ -8,6 +8,11 @@ Definitions (DESIGN.md section 5):
   inputs are converted).
 * Protocols: leave-one-out (no gallery given: every query is ranked against
   all the other queries, never against itself) and query-gallery.
+* Groups (patients): with query_groups (and gallery_groups for
+  query-gallery), gallery items of the query's own group are left out of its
+  ranking exactly as the query itself is in leave-one-out: they are neither
+  retrieved nor counted as relevant. Several films of one patient are near
+  copies, and finding them inflates R@K and mAP.
 * A gallery item is relevant to a query when their labels are equal.
 * Ties in similarity rank by gallery index (lower index first), as a stable
   sort would, so every number is deterministic.
@@ -19,6 +24,8 @@ Definitions (DESIGN.md section 5):
   to the tied label that appears first in the ranking; scored with
   scikit-learn's accuracy, macro and support-weighted precision / recall / F1
   (zero_division=0) and the confusion matrix (rows true, columns predicted).
+  Macro averages count only the classes present among the queries (a class
+  without queries has no recall to average); the confusion matrix has them all.
 * All percentages are 0-100.
 
 How it is computed (tests/test_metrics.py checks it against a slow, obvious
@@ -35,6 +42,9 @@ gather. The first keys give the top K; AP follows from one cumulative sum,
 since the j-th relevant item at rank r contributes j / r. Gallery rows that
 are exact duplicates are scored once and shared, so their similarities are
 bit-identical and really tie whatever the matrix-multiply kernel does.
+Gallery items of the query's own group get the largest high word (above
+every finite similarity's) and relevance 0: they sort after every other item,
+by index, and add nothing to AP; each query must keep at least max(K) others.
 
 The per-row work (keys, sort, AP) is a dozen passes over memory plus a sort.
 On CPU it runs on numpy views of the tensors, in cache-sized blocks spread
@@ -72,6 +82,9 @@ _VOTE_TABLE_ELEMENTS = 2**22
 # so it ranks last, and even so its relevance bit is 0; K <= N - 1 keeps it out
 # of every top K and, irrelevant and last, it adds nothing to AP.
 _SELF_KEY = np.iinfo(np.int64).max - 1
+# High word of a gallery item of the query's own group: above every finite
+# similarity's (at most 0x7F7FFFFF), so those items rank after all others.
+_EXCLUDED_HIGH = np.iinfo(np.int32).max
 # AP terms j / r are summed as integers in units of 2**-32: an integer sum is
 # exact whatever order the reduction runs in, so the result does not depend
 # on chunk size, thread count or device.
@@ -80,7 +93,8 @@ _AP_FIXED_POINT = 2.0**32
 
 def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels=None,
                        ks=(1, 5, 10), vote_ks=(1, 5, 10, 15, 20), num_classes=None,
-                       chunk_size=None) -> dict:
+                       chunk_size=None, query_groups=None, gallery_groups=None,
+                       return_per_query=False):
     """Retrieval (R@K, mAP, mP@K) and majority-vote classification metrics.
 
     Args:
@@ -94,6 +108,11 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
             numbers are over all of them; default: the sorted unique values of
             query and gallery labels together.
         chunk_size: queries per matrix multiply; default from a memory budget.
+        query_groups: (Q,) group (patient) ids of any hashable type, or None.
+            Gallery items of a query's own group are left out of its ranking.
+            For leave-one-out they are the gallery's groups too.
+        gallery_groups: (G,) group ids for query-gallery (with query_groups).
+        return_per_query: also return the per-query values (see below).
 
     Computation runs on the device of query_emb (CPU for numpy input).
 
@@ -102,7 +121,13 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
          "classification": {"k": {"accuracy", "precision_macro",
          "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
          "f1_weighted": %, "confusion_matrix": [[int]]}}}, keys are str(k),
-        all values plain Python numbers.
+        all values plain Python numbers. With return_per_query, a pair
+        (that dict, per-query numpy arrays): "hits" (Q, len(ks)) relevant items
+        in the top K; "ap" (Q,) AP as a fraction, NaN where the query has no
+        relevant item; "n_relevant" (Q,); "y_true" (Q,) labels; "votes" and
+        "vote_share" {k: (Q,)}: majority-vote label and the share of the top k
+        that voted for it; "top_indices" (Q, max k) gallery indices in
+        ranking order; "classes" (C,) the label values; "ks", "vote_ks".
     """
     query = _as_embeddings(query_emb, "query_emb")
     device = query.device
@@ -118,17 +143,37 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
     ks = _check_ks(ks, "ks", len(gallery), leave_one_out)
     vote_ks = _check_ks(vote_ks, "vote_ks", len(gallery), leave_one_out)
     _check_chunk_size(chunk_size)
+    query_codes, gallery_codes = _group_codes(query_groups, gallery_groups, len(query), len(gallery),
+                                              leave_one_out, device)
 
     classes = _classes(query_labels, gallery_labels, num_classes)
     query_ids = torch.searchsorted(classes, query_labels)  # (Q,) labels as 0..C-1
     gallery_ids = torch.searchsorted(classes, gallery_labels)  # (G,)
     n_relevant = torch.bincount(gallery_ids, minlength=len(classes))[query_ids] - int(leave_one_out)
+    max_k = max(ks + vote_ks, default=0)
+    if query_codes is not None:
+        # Items of the query's own group leave the ranking: the relevant ones among them no
+        # longer count in R, and each query must keep at least max_k items to rank.
+        n_classes = len(classes)
+        same_group_relevant = _count_matches(gallery_codes * n_classes + gallery_ids,
+                                             query_codes * n_classes + query_ids)
+        same_group = _count_matches(gallery_codes, query_codes)
+        if leave_one_out:  # the query itself is already left out above
+            same_group_relevant, same_group = same_group_relevant - 1, same_group - 1
+        n_relevant = n_relevant - same_group_relevant
+        available = len(gallery) - int(leave_one_out) - same_group  # (Q,)
+        worst = int(available.argmin())
+        if max_k > int(available[worst]):
+            raise ValueError(f"query {worst} (group {_group_name(query_groups, worst)!r}) has only "
+                             f"{int(available[worst])} gallery items outside its own group, fewer "
+                             f"than the {max_k} neighbours asked for; use smaller k, a larger "
+                             "gallery, or keep same-group items in the ranking")
     if not bool((n_relevant > 0).any()):
         raise ValueError("no query has a relevant gallery item (same label), so mAP is undefined; "
                          "check that queries and gallery share labels")
 
-    top_keys, ap_sums = _rank(query, gallery, max(ks + vote_ks, default=0), chunk_size, leave_one_out,
-                              query_ids, gallery_ids)
+    top_keys, ap_sums = _rank(query, gallery, max_k, chunk_size, leave_one_out,
+                              query_ids, gallery_ids, query_codes=query_codes, gallery_codes=gallery_codes)
     top_relevant = (top_keys & 1).cumsum(1)  # (Q, max_k) relevant items within the top k
     top_ids = gallery_ids[(top_keys & 0xFFFFFFFF) >> 1]  # (Q, max_k) neighbour label ids
     at_k = torch.tensor([k - 1 for k in ks], dtype=torch.int64, device=device)
@@ -140,16 +185,28 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
 
     classes_cpu = classes.cpu().numpy()
     y_true = query_labels.cpu().numpy()
-    classification = {}
+    classification, votes, vote_share = {}, {}, {}
     for k in vote_ks:
-        y_pred = classes_cpu[majority_vote(top_ids[:, :k], len(classes)).cpu().numpy()]
+        vote_ids = majority_vote(top_ids[:, :k], len(classes))  # (Q,)
+        y_pred = classes_cpu[vote_ids.cpu().numpy()]
         classification[str(k)] = _classification_scores(y_true, y_pred, classes_cpu.tolist())
-    return {
+        votes[k] = y_pred
+        vote_share[k] = ((top_ids[:, :k] == vote_ids[:, None]).sum(1).double() / k).cpu().numpy()
+    result = {
         "recall_at_k": {str(k): float(v) for k, v in zip(ks, recall.tolist())},
         "map": 100.0 * float(ap.mean()),
         "precision_at_k": {str(k): float(v) for k, v in zip(ks, precision.tolist())},
         "classification": classification,
     }
+    if not return_per_query:
+        return result
+    ap_all = torch.full((len(query),), float("nan"), dtype=torch.float64, device=device)
+    ap_all[with_relevant] = ap
+    per_query = {"hits": hits_at_k.long().cpu().numpy(), "ap": ap_all.cpu().numpy(),
+                 "n_relevant": n_relevant.cpu().numpy(), "y_true": y_true, "votes": votes,
+                 "vote_share": vote_share, "top_indices": ((top_keys & 0xFFFFFFFF) >> 1).cpu().numpy(),
+                 "classes": classes_cpu, "ks": ks, "vote_ks": vote_ks}
+    return result, per_query
 
 
 def rank_topk(query_emb, gallery_emb, k, exclude_self=False, chunk_size=None):
@@ -221,21 +278,26 @@ class _Job(NamedTuple):
     query_ids: object = None  # (Q,) label ids; with gallery_ids, adds relevance and AP
     gallery_ids: object = None  # (G,)
     ap_scale: object = None  # (G,) float32 2**32 / rank, ranks 1..G
+    query_codes: object = None  # (Q,) int64 group codes; with gallery_codes, same-group items leave
+    gallery_codes: object = None  # (G,)
 
 
-def _rank(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_ids=None, on_chunk=None):
+def _rank(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_ids=None, on_chunk=None,
+          query_codes=None, gallery_codes=None):
     """Rank the gallery for every query, chunk by chunk.
 
     Returns the keys of each query's top k, (Q, k) int64 in ranking order,
     and, when label ids are given, the AP sums (Q,) int64 (sum of j / r over
     relevant items, in units of 2**-32). on_chunk(start, sims, top_keys)
-    sees each chunk's (c, G) similarities and (c, k) top keys.
+    sees each chunk's (c, G) similarities and (c, k) top keys. With group
+    codes, gallery items of the query's group rank last, as irrelevant.
     """
     n_queries, n_gallery, device = len(query), len(gallery), query.device
     with_ap = query_ids is not None
     top_keys = torch.empty(n_queries, k, dtype=torch.int64, device=device)
     ap_sums = torch.empty(n_queries, dtype=torch.int64, device=device) if with_ap else None
-    job = _Job(k, exclude_self, torch.arange(n_gallery, dtype=torch.int32, device=device) << 1)
+    job = _Job(k, exclude_self, torch.arange(n_gallery, dtype=torch.int32, device=device) << 1,
+               query_codes=query_codes, gallery_codes=gallery_codes)
     if with_ap:
         ranks = torch.arange(1, n_gallery + 1, dtype=torch.float64, device=device)
         job = job._replace(query_ids=query_ids, gallery_ids=gallery_ids,
@@ -291,10 +353,12 @@ def _rank_rows(sims, first, job, top_out, ap_out):
     block_rows = n_rows if ops is _TORCH_OPS else min(n_rows, _ELEMENTS_PER_BLOCK // n_gallery)
     block_rows = max(1, block_rows)
     with_ap = job.query_ids is not None
+    with_groups = job.query_codes is not None
     keys = ops.empty((block_rows, n_gallery), ops.int64, sims)
     high = ops.empty((block_rows, n_gallery), ops.int32, sims)
     low = ops.empty((block_rows, n_gallery), ops.int32, sims)
     relevant = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_ap else None
+    same = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_groups else None
 
     for b0 in range(0, n_rows, block_rows):
         n = min(block_rows, n_rows - b0)
@@ -311,11 +375,16 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         lo ^= -1
         h ^= lo
         h -= lo
+        if with_groups:  # the query's own group: above every finite similarity's word
+            ops.equal(job.query_codes[q0:q0 + n, None], job.gallery_codes[None, :], same[:n])
+            ops.fill_where(h, same[:n], _EXCLUDED_HIGH)
         words = key.view(ops.int32)  # (n, 2G): low word, high word of each key
         words[:, 1::2] = h
         # Low words: gallery index << 1 | relevance.
         if with_ap:
             ops.equal(job.query_ids[q0:q0 + n, None], job.gallery_ids[None, :], relevant[:n])
+            if with_groups:  # relevant and not of the query's group
+                ops.greater(relevant[:n], same[:n], relevant[:n])
             lo[...] = relevant[:n]
             lo |= job.index_bits
         else:
@@ -358,6 +427,14 @@ class _NumpyOps:
         np.equal(a, b, out=out)
 
     @staticmethod
+    def greater(a, b, out):
+        np.greater(a, b, out=out)
+
+    @staticmethod
+    def fill_where(x, mask, value):
+        np.copyto(x, value, where=mask, casting="unsafe")
+
+    @staticmethod
     def cumsum_rows(x, out):
         np.cumsum(x, axis=1, out=out)
 
@@ -386,6 +463,14 @@ class _TorchOps:
     @staticmethod
     def equal(a, b, out):
         torch.eq(a, b, out=out)
+
+    @staticmethod
+    def greater(a, b, out):
+        torch.gt(a, b, out=out)
+
+    @staticmethod
+    def fill_where(x, mask, value):
+        x.masked_fill_(mask, value)
 
     @staticmethod
     def cumsum_rows(x, out):
@@ -481,6 +566,59 @@ def _check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
 
 
+def _group_codes(query_groups, gallery_groups, n_query, n_gallery, leave_one_out, device):
+    """(query codes (Q,), gallery codes (G,)) int64 tensors, equal where the groups are equal;
+    (None, None) when no gallery item shares a query's group beyond the query itself."""
+    if query_groups is None:
+        if gallery_groups is not None:
+            raise ValueError("gallery_groups needs query_groups too")
+        return None, None
+    if leave_one_out:
+        if gallery_groups is not None:
+            raise ValueError("leave-one-out: give query_groups only (the gallery is the queries)")
+        gallery_groups = query_groups
+    elif gallery_groups is None:
+        raise ValueError("query-gallery: give gallery_groups with query_groups, or neither")
+    query_groups, gallery_groups = _as_group_array(query_groups), _as_group_array(gallery_groups)
+    for name, groups, n in (("query_groups", query_groups, n_query), ("gallery_groups", gallery_groups, n_gallery)):
+        if len(groups) != n:
+            raise ValueError(f"{name} has {len(groups)} entries but there are {n} embeddings; "
+                             "give one group (patient id) per embedding")
+    both = np.concatenate([query_groups, gallery_groups]) if not leave_one_out else query_groups
+    _, codes = np.unique(both, return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    query_codes = codes[:n_query]
+    gallery_codes = query_codes if leave_one_out else codes[n_query:]
+    if leave_one_out and len(np.unique(query_codes)) == n_query:
+        return None, None  # one image per group: only the query itself leaves, as without groups
+    if not leave_one_out and not np.isin(query_codes, gallery_codes).any():
+        return None, None
+    return torch.from_numpy(query_codes).to(device), torch.from_numpy(gallery_codes).to(device)
+
+
+def _as_group_array(groups):
+    if isinstance(groups, torch.Tensor):
+        groups = groups.cpu().numpy()
+    array = np.asarray(groups)
+    if array.ndim != 1:
+        raise ValueError(f"groups must be 1-D (one id per embedding), got shape {array.shape}")
+    if array.dtype == object:  # mixed types: compare them as text
+        array = array.astype(str)
+    return array
+
+
+def _group_name(groups, index):
+    value = _as_group_array(groups)[index]
+    return value.item() if hasattr(value, "item") else value
+
+
+def _count_matches(pool, values):
+    """(Q,) for each value, how many entries of pool (G,) equal it."""
+    unique, counts = torch.unique(pool, return_counts=True)
+    position = torch.searchsorted(unique, values).clamp(max=len(unique) - 1)
+    return torch.where(unique[position] == values, counts[position], torch.zeros_like(values))
+
+
 def _classes(query_labels, gallery_labels, num_classes):
     """Sorted label values the classification is reported over."""
     both = torch.cat([query_labels, gallery_labels])
@@ -497,9 +635,12 @@ def _classes(query_labels, gallery_labels, num_classes):
 def _classification_scores(y_true, y_pred, labels):
     # Standard classification metrics come from scikit-learn, the reference
     # everyone compares against; only the retrieval part is written here.
+    # Averages run over the classes that have queries: a class absent from the
+    # evaluated set would add a 0 (zero_division) to every macro average.
+    present = [label for label in labels if label in set(np.unique(y_true).tolist())]
     scores = {"accuracy": 100.0 * accuracy_score(y_true, y_pred)}
     for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=present,
                                                      average=average, zero_division=0)
         scores.update({f"precision_{average}": 100.0 * float(p),
                        f"recall_{average}": 100.0 * float(r),

@@ -10,19 +10,32 @@ After `python train.py --dataset demo`:
 Several processes (each embeds a shard of the images; rank 0 computes the metrics and writes):
     torchrun --nproc_per_node=4 test.py ...
 
+With patient intervals (1000 resamples of the test patients) and a paired comparison of two
+checkpoints' embeddings of the same list:
+    python test.py ... --bootstrap 1000
+    python test.py --compare runs/a/<a>_test_split_embeddings.npz runs/b/<b>_test_split_embeddings.npz
+
 The model is rebuilt from the checkpoint; model flags are only needed for a bare state dict
-(the seed's checkpoints) and must agree with the checkpoint otherwise. Writes a JSON report
-(--report, default next to the checkpoint) and the embeddings as .npz (--save-dir).
+(the seed's checkpoints) and must agree with the checkpoint otherwise. Images of a query's own
+patient are left out of its ranking (--keep-same-patient keeps them, as the seed did), and a
+patient or file shared with the gallery or the checkpoint's training lists is an error
+(--allow-patient-overlap). Writes a JSON report (--report, default next to the checkpoint), the
+per-query neighbours and pictures beside it, and the embeddings as .npz (--save-dir).
 """
 import argparse
+import datetime
 import os
+import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import evaluation
 import ood
+import splits
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
@@ -36,7 +49,7 @@ MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name"
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Evaluate a retrieval checkpoint", add_help=add_help)
-    parser.add_argument("--resume", required=True, help="checkpoint (full, or a bare state dict)")
+    parser.add_argument("--resume", help="checkpoint (full, or a bare state dict); required unless --compare")
     # Model: read from the checkpoint; give them only for a bare state dict.
     parser.add_argument("--model", choices=MODEL_NAMES, help="architecture (from the checkpoint)")
     parser.add_argument("--embedding-dim", type=int, help="embedding size (from the checkpoint)")
@@ -68,6 +81,34 @@ def get_args_parser(add_help=True):
                         help="add per-query out-of-distribution scores and flags to the report "
                         "(the detector that ood.py fitted for this checkpoint)")
     parser.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
+    parser.add_argument("--save-embeddings", help="embeddings .npz path (default: <checkpoint stem>_<test "
+                        "list stem>[_vs_<gallery list stem>]_embeddings.npz in --save-dir)")
+    parser.add_argument("--neighbours", type=int, default=10,
+                        help="top neighbours per query written to <report stem>_neighbours.json (0: none)")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                        help="confusion matrix, embedding map and risk-coverage PNGs beside the report")
+    parser.add_argument("--map", default="pca", choices=("pca", "tsne"),
+                        help="2-D projection of the embedding map (tsne: scikit-learn, slower)")
+    # Patients and leakage
+    parser.add_argument("--keep-same-patient", action="store_true",
+                        help="keep images of the query's own patient in its ranking (the seed's "
+                        "protocol; near-copies of the query inflate R@1 and mAP)")
+    parser.add_argument("--allow-patient-overlap", action="store_true",
+                        help="go on when the test list shares patients or files with the gallery "
+                        "or the checkpoint's training lists (the report records it)")
+    # Statistics
+    parser.add_argument("--bootstrap", type=int, default=0,
+                        help="resamples of the test patients for 95%% intervals (try 1000; 0: none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling")
+    parser.add_argument("--vote-k", type=int, default=10, choices=VOTE_KS,
+                        help="the majority vote drawn as a confusion matrix and analysed for abstention")
+    parser.add_argument("--abstain-below", type=float,
+                        help="vote share under which the vote abstains: the report gives coverage "
+                        "and accuracy of the answered queries (the risk-coverage curve covers all)")
+    parser.add_argument("--compare", nargs=2, metavar=("A.npz", "B.npz"),
+                        help="paired comparison of two models' embeddings of the same list (files "
+                        "written by test.py): differences A - B with patient-bootstrap intervals "
+                        "and p-values (--bootstrap, default 1000); no checkpoint needed")
     return parser
 
 
@@ -90,11 +131,24 @@ def model_config_from(checkpoint, args):
     return dict(stored)
 
 
+def _ci(entry):
+    if entry is None or entry.get("low") is None:
+        return ""
+    return f" [{entry['low']:.1f}, {entry['high']:.1f}]"
+
+
 def print_report(report):
-    print(f"\n{report['protocol']}: {report['num_queries']} queries, gallery of {report['num_gallery']}")
-    print("  " + "   ".join(f"R@{k} {v:6.2f}" for k, v in report["recall_at_k"].items()))
-    print(f"  mAP {report['map']:6.2f}")
-    print("  " + "   ".join(f"mP@{k} {v:6.2f}" for k, v in report["precision_at_k"].items()))
+    excluded = "excluded" if report.get("same_patient_excluded") else "kept"
+    print(f"\n{report['protocol']}: {report['num_queries']} queries, gallery of {report['num_gallery']}; "
+          f"images of the query's own patient {excluded}")
+    intervals = report.get("confidence_intervals", {})
+    if intervals:
+        print(f"  (95% intervals: {intervals['resamples']} resamples of {intervals['patients']} patients)")
+    print("  " + "   ".join(f"R@{k} {v:6.2f}{_ci(intervals.get('recall_at_k', {}).get(k))}"
+                            for k, v in report["recall_at_k"].items()))
+    print(f"  mAP {report['map']:6.2f}{_ci(intervals.get('map'))}")
+    print("  " + "   ".join(f"mP@{k} {v:6.2f}{_ci(intervals.get('precision_at_k', {}).get(k))}"
+                            for k, v in report["precision_at_k"].items()))
     print("\nmajority-vote kNN classification (%)")
     columns = ("accuracy", "precision_macro", "recall_macro", "f1_macro",
                "precision_weighted", "recall_weighted", "f1_weighted")
@@ -105,12 +159,35 @@ def print_report(report):
         print(f"\nconfusion matrix, k={k} (rows: true {', '.join(report['classes'])}; columns: predicted)")
         for line in row["confusion_matrix"]:
             print("  " + " ".join(f"{n:6d}" for n in line))
+    if "per_class" in report:
+        vote_k = str(report["abstention"]["vote_k"]) if "abstention" in report else next(iter(report["classification"]))
+        print(f"\nper class (%)          queries   R@1     AP  vote recall (k={vote_k})")
+        rows = {**report["per_class"]["classes"], "macro average": report["per_class"]["macro"]}
+        for name, row in rows.items():
+            ap = row.get("ap", row.get("map"))
+            print(f"  {name:<20} {row.get('queries', ''):>7} {row['recall_at_1']:6.2f} "
+                  f"{'   n/a' if ap is None else f'{ap:6.2f}'} {row['vote_recall'][vote_k]:6.2f}")
+    if "abstention" in report:
+        a = report["abstention"]
+        line = (f"\nabstention of the vote at k={a['vote_k']}: AURC {a['risk_coverage']['aurc']:.2f}, "
+                f"ECE of the vote share {a['ece']:.2f}, accuracy at full coverage {a['accuracy_full_coverage']:.2f}")
+        if "operating_point" in a:
+            op = a["operating_point"]
+            answered = "n/a" if op["accuracy_answered"] is None else f"{op['accuracy_answered']:.2f}"
+            line += (f"; abstaining below a share of {op['abstain_below']:g}: coverage {op['coverage']:.1f}, "
+                     f"accuracy of the answered {answered}")
+        print(line)
     if "ood" in report:
         shares = ", ".join(f"{name} {share:.1%}" for name, share in report["ood"]["flagged_share"].items())
         print(f"\nout-of-distribution flags (thresholds at {report['ood']['tpr']:.0%} TPR): {shares}")
 
 
 def main(args):
+    if args.compare:
+        return compare(args)
+    if not args.resume:
+        raise SystemExit("error: give --resume CHECKPOINT to evaluate, or --compare A.npz B.npz to "
+                         "compare two saved embeddings")
     runtime = utils.setup_runtime(args.device)
     try:
         return run(args, runtime)
@@ -118,10 +195,79 @@ def main(args):
         utils.cleanup_runtime(runtime)
 
 
+def training_splits(checkpoint, log):
+    """The checkpoint's training and validation lists as splits.Split, read without their images;
+    lists that cannot be found here are skipped and returned as notes."""
+    found, notes = [], []
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(args, dict) or args.get("dataset") not in LIST_FORMAT:
+        return found, ["the checkpoint records no training lists (bare weights): not checked"]
+    list_format = LIST_FORMAT[args["dataset"]]
+    candidates = [("train", Path(args.get("dataset_dir") or ".") / "train", args.get("train_image_list"))]
+    if args.get("val_image_list"):
+        candidates.append(("validation", args.get("val_dataset_dir"), args["val_image_list"]))
+    for name, root, list_file in candidates:
+        if (list_format != "folder" and not (list_file and Path(list_file).is_file())) or not Path(root).is_dir():
+            notes.append(f"{name} list of the checkpoint ({list_file or root}) not found here: not checked")
+            continue
+        found.append(splits.Split.from_list(name, root, list_file, list_format))
+    for note in notes:
+        log(f"note: {note}")
+    return found, notes
+
+
+def embeddings_path(args, checkpoint_path, query_set, gallery_set):
+    """Leave-one-out and query-gallery runs (and runs on other lists) get different names."""
+    if args.save_embeddings:
+        return Path(args.save_embeddings)
+    def stem(dataset):
+        return Path(dataset.source).stem
+    name = f"{checkpoint_path.stem}_{stem(query_set)}"
+    if gallery_set is not None:
+        name += f"_vs_{stem(gallery_set)}"
+    return Path(args.save_dir or checkpoint_path.parent) / f"{name}_embeddings.npz"
+
+
+def library_versions():
+    import sklearn
+    import timm
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+def neighbour_records(per_query, query_emb, gallery_emb, query_set, gallery_set, classes, vote_k, k):
+    """Each query's top k: path, label, patient and similarity, with the vote at vote_k."""
+    top = per_query["top_indices"][:, :k]  # (Q, k)
+    query = query_emb.float().cpu()
+    gallery = gallery_emb.float().cpu()
+    similarities = []
+    for start in range(0, len(query), 4096):  # (c, k, D) at a time
+        rows = torch.from_numpy(top[start:start + 4096])
+        similarities.append(torch.einsum("cd,ckd->ck", query[start:start + 4096], gallery[rows]))
+    similarities = torch.cat(similarities).numpy()
+    gallery_labels = gallery_set.targets.tolist()
+    records = []
+    for i, path in enumerate(query_set.paths):
+        records.append({
+            "query": str(path), "label": classes[int(query_set.targets[i])], "patient": query_set.patients[i],
+            "vote": classes[int(per_query["votes"][vote_k][i])],
+            "vote_share": float(per_query["vote_share"][vote_k][i]),
+            "neighbours": [{"path": str(gallery_set.paths[j]), "label": classes[gallery_labels[j]],
+                            "patient": gallery_set.patients[j], "similarity": round(float(sim), 6)}
+                           for j, sim in zip(top[i].tolist(), similarities[i])]})
+    return records
+
+
 def run(args, runtime):
     args.amp = utils.resolve_amp(args.amp, str(runtime.device))
     if args.channels_last is None:
         args.channels_last = runtime.device.type == "cuda"
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise SystemExit(f"error: --bootstrap {args.bootstrap}: give 0 (no intervals) or at least 2 "
+                         "resamples (1000 is usual)")
+    if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
+        raise SystemExit(f"error: --abstain-below {args.abstain_below} is a vote share between 0 and 1")
     checkpoint = utils.load_checkpoint(args.resume)
     config = model_config_from(checkpoint, args)
     model = build_model(**config, pretrained=False)
@@ -142,6 +288,24 @@ def run(args, runtime):
     list_format = LIST_FORMAT[args.dataset]
     query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform)
     classes = query_set.classes
+    gallery_set = None
+    if args.gallery_image_list or args.gallery_dataset_dir:
+        if not (args.gallery_image_list or args.dataset == "folder") or not args.gallery_dataset_dir:
+            raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
+                             "--gallery-image-list (only the folder for --dataset folder)")
+        gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
+                                       list_format, classes, transform)
+
+    # ---------------------------------------------------------------- leakage, before embedding
+    def log(message):
+        utils.log(runtime, message)
+
+    checked = [splits.Split.from_dataset("test", query_set)]
+    if gallery_set is not None:
+        checked.append(splits.Split.from_dataset("gallery", gallery_set))
+    trained_on, notes = training_splits(checkpoint, log)
+    leakage = splits.check_splits(checked + trained_on, args.allow_patient_overlap, log, first_only=True)
+    leakage["notes"] = notes
 
     def embed(dataset):
         # Under torchrun each rank embeds its shard; extract_embeddings gathers them in order.
@@ -151,29 +315,44 @@ def run(args, runtime):
         return utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
 
     query_emb, query_labels = embed(query_set)
-    if args.gallery_image_list or args.gallery_dataset_dir:
-        if not (args.gallery_image_list or args.dataset == "folder") or not args.gallery_dataset_dir:
-            raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
-                             "--gallery-image-list (only the folder for --dataset folder)")
-        gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
-                                       list_format, classes, transform)
+    if gallery_set is not None:
         gallery_emb, gallery_labels = embed(gallery_set)
         protocol, num_gallery = "query-gallery", len(gallery_set)
     else:
-        gallery_set = gallery_emb = gallery_labels = None
+        gallery_emb = gallery_labels = None
         protocol, num_gallery = "leave-one-out", len(query_set)
 
     if not runtime.is_main:  # the metrics and every file are rank 0's
         return None
-    metrics = evaluate_retrieval(query_emb, query_labels, gallery_emb, gallery_labels,
-                                 ks=KS, vote_ks=VOTE_KS, num_classes=len(classes))
+    groups = {}
+    if not args.keep_same_patient:
+        groups["query_groups"] = query_set.patients
+        if gallery_set is not None:
+            groups["gallery_groups"] = gallery_set.patients
+    try:
+        metrics, per_query = evaluate_retrieval(query_emb, query_labels, gallery_emb, gallery_labels,
+                                                ks=KS, vote_ks=VOTE_KS, num_classes=len(classes),
+                                                return_per_query=True, **groups)
+    except ValueError as error:  # e.g. a patient holding nearly the whole list
+        raise utils.UserError(f"{test_list}: {error}") from error
     report = {"checkpoint": str(args.resume), "model": config["name"],
               "embedding_dim": config["embedding_dim"], "classes": classes,
               "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": protocol,
-              **metrics}
+              **metrics, "same_patient_excluded": not args.keep_same_patient}
+    ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    report["provenance"] = {
+        "checkpoint_epoch": checkpoint.get("epoch"), "best_epoch": checkpoint.get("best_epoch"),
+        "selected_by": checkpoint.get("selection"), "seed": ckpt_args.get("seed"),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "versions": library_versions()}
+    report["lists"] = {split.name: splits.provenance(split) for split in checked + trained_on}
+    report["leakage"] = leakage
+    report["per_class"] = evaluation.per_class(per_query, classes, query_set.patients)
+    ood_scores = None
     if detector is not None:
         scores = detector.scores(query_emb)
         flags = detector.flags(query_emb, scores)
+        ood_scores = {name: np.asarray(value) for name, value in scores.items()}
         report["ood"] = {"detector": str(args.ood_detector or ood.default_detector_path(args.resume)),
                          "tpr": detector.tpr,
                          "thresholds": detector.thresholds,
@@ -181,24 +360,144 @@ def run(args, runtime):
                          "queries": [{"path": str(path), **{name: float(scores[name][i]) for name in scores},
                                       "flagged": {name: bool(flags[name][i]) for name in flags}}
                                      for i, path in enumerate(query_set.paths)]}
+    report["abstention"] = evaluation.abstention(per_query, args.vote_k, args.abstain_below, ood_scores)
+    if args.bootstrap:
+        report["confidence_intervals"] = evaluation.bootstrap(per_query, query_set.patients, args.bootstrap,
+                                                              args.bootstrap_seed)
     print_report(report)
 
+    # ---------------------------------------------------------------- files
     checkpoint_path = Path(args.resume)
     report_path = Path(args.report or checkpoint_path.with_name(checkpoint_path.stem + "_report.json"))
     report_path.parent.mkdir(parents=True, exist_ok=True)
+    written = {"report": report_path}
+    if args.neighbours > 0:
+        k = min(args.neighbours, per_query["top_indices"].shape[1])
+        neighbours = neighbour_records(per_query, query_emb, query_emb if gallery_emb is None else gallery_emb,
+                                       query_set, gallery_set or query_set, classes, args.vote_k, k)
+        written["neighbours"] = report_path.with_name(report_path.stem + "_neighbours.json")
+        utils.write_json(written["neighbours"], {"protocol": protocol, "k": k, "vote_k": args.vote_k,
+                                                 "same_patient_excluded": not args.keep_same_patient,
+                                                 "queries": neighbours})
+    if args.plots:
+        import plots  # here: matplotlib is only needed for the pictures
+
+        prefix = report_path.with_name(report_path.stem)
+        matrix = report["classification"][str(args.vote_k)]["confusion_matrix"]
+        written["confusion matrix"] = plots.confusion_matrix(
+            matrix, classes, f"{prefix}_confusion.png",
+            title=f"{config['name']}: majority vote, k = {args.vote_k} ({protocol})")
+        written["embedding map"] = plots.embedding_map(
+            query_emb.cpu().numpy(), query_labels.cpu().numpy(), classes, f"{prefix}_embedding_map.png",
+            args.map, title=f"{config['name']}: {len(query_set)} test embeddings ({args.map.upper()})")
+        written["risk-coverage"] = plots.risk_coverage(report["abstention"], f"{prefix}_risk_coverage.png")
+    report["files"] = {name: str(path) for name, path in written.items() if name != "report"}
+    npz_path = embeddings_path(args, checkpoint_path, query_set, gallery_set)
+    report["files"]["embeddings"] = str(npz_path)
     utils.write_json(report_path, report)
-    save_dir = Path(args.save_dir or checkpoint_path.parent)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"query_embeddings": query_emb.cpu().numpy(), "query_labels": query_labels.cpu().numpy(),
-              "query_paths": np.array([str(p) for p in query_set.paths]), "classes": np.array(classes)}
+              "query_paths": np.array([str(p) for p in query_set.paths]),
+              "query_patients": np.array([str(p) for p in query_set.patients]), "classes": np.array(classes),
+              "protocol": np.array(protocol), "checkpoint": np.array(str(args.resume)),
+              "model": np.array(config["name"]), "epoch": np.array(-1 if checkpoint.get("epoch") is None else checkpoint["epoch"])}
     if gallery_set is not None:
         arrays.update(gallery_embeddings=gallery_emb.cpu().numpy(),
                       gallery_labels=gallery_labels.cpu().numpy(),
-                      gallery_paths=np.array([str(p) for p in gallery_set.paths]))
-    npz_path = save_dir / f"{checkpoint_path.stem}_embeddings.npz"
+                      gallery_paths=np.array([str(p) for p in gallery_set.paths]),
+                      gallery_patients=np.array([str(p) for p in gallery_set.patients]))
     np.savez(npz_path, **arrays)
     print(f"\nreport: {report_path}\nembeddings: {npz_path}")
+    for name, path in written.items():
+        if name != "report":
+            print(f"{name}: {path}")
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Paired comparison of two saved embeddings
+# --------------------------------------------------------------------------------------------
+def load_embeddings(path):
+    path = Path(path)
+    if not path.is_file():
+        raise utils.UserError(f"--compare {path}: no such file; give the .npz files test.py wrote "
+                              "(its last lines name them)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise utils.UserError(f"--compare {path}: not an embeddings file of test.py ({error})") from error
+    missing = {"query_embeddings", "query_labels", "query_paths", "classes"} - set(arrays)
+    if missing:
+        raise utils.UserError(f"--compare {path}: lacks {', '.join(sorted(missing))}; write it with test.py")
+    return arrays
+
+
+def compare(args):
+    """Both files' per-query values on the same queries, then a paired patient bootstrap."""
+    paths = [Path(p) for p in args.compare]
+    a, b = (load_embeddings(p) for p in paths)
+    for key in ("query_paths", "query_labels", "classes", "gallery_paths", "gallery_labels"):
+        if (key in a) != (key in b) or (key in a and not np.array_equal(a[key], b[key])):
+            raise utils.UserError(f"--compare: {paths[0].name} and {paths[1].name} differ in {key}; "
+                                  "compare embeddings of the same list(s), protocol and classes")
+    n_resamples = args.bootstrap or 1000
+    if n_resamples < 2:
+        raise SystemExit(f"error: --bootstrap {args.bootstrap}: a comparison needs at least 2 resamples")
+    patients = a["query_patients"] if "query_patients" in a else None
+    if patients is None:
+        print("note: the files hold no patient ids (written by an older test.py): each image counts "
+              "as its own patient")
+    groups = {}
+    if not args.keep_same_patient and patients is not None:
+        groups["query_groups"] = patients
+        if "gallery_embeddings" in a:
+            groups["gallery_groups"] = a.get("gallery_patients", np.array([f"gallery {i}" for i in
+                                                                          range(len(a["gallery_labels"]))]))
+    classes = a["classes"].tolist()
+    per_query = []
+    for data in (a, b):
+        _, values = evaluate_retrieval(data["query_embeddings"], data["query_labels"],
+                                       data.get("gallery_embeddings"), data.get("gallery_labels"),
+                                       ks=KS, vote_ks=VOTE_KS, num_classes=len(classes),
+                                       return_per_query=True, **groups)
+        per_query.append(values)
+    result = evaluation.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
+    intervals = [evaluation.bootstrap(values, patients, n_resamples, args.bootstrap_seed) for values in per_query]
+
+    def describe(path, data, ci):
+        return {"embeddings": str(path), "checkpoint": str(data.get("checkpoint", "")),
+                "model": str(data.get("model", "")), "epoch": int(data["epoch"]) if int(data.get("epoch", -1)) >= 0 else None,
+                "confidence_intervals": ci}
+
+    report = {"a": describe(paths[0], a, intervals[0]), "b": describe(paths[1], b, intervals[1]),
+              "protocol": "query-gallery" if "gallery_embeddings" in a else "leave-one-out",
+              "num_queries": len(a["query_labels"]), "classes": classes,
+              "same_patient_excluded": bool(groups), "comparison": result,
+              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": library_versions()}
+    print_comparison(report)
+    report_path = Path(args.report or paths[0].with_name(f"{paths[0].stem}_vs_{paths[1].stem}_compare.json"))
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    utils.write_json(report_path, report)
+    print(f"\ncomparison: {report_path}")
+    return report
+
+
+def print_comparison(report):
+    c = report["comparison"]
+    print(f"\nA: {report['a']['model'] or report['a']['embeddings']}   B: {report['b']['model'] or report['b']['embeddings']}")
+    print(f"{report['protocol']}, {report['num_queries']} queries of {c['patients']} patients; paired "
+          f"bootstrap, {c['resamples']} resamples; 95% intervals")
+    print(f"  {'metric':<16}{'A':>8}{'B':>8}{'A - B':>8}   {'95% interval':<16}{'p':>7}")
+    rows = [(f"R@{k}", v) for k, v in c["recall_at_k"].items()] + [("mAP", c["map"])]
+    rows += [(f"mP@{k}", v) for k, v in c["precision_at_k"].items()]
+    for k, v in c["classification"].items():
+        rows += [(f"vote acc k={k}", v["accuracy"]), (f"macro-F1 k={k}", v["f1_macro"])]
+    for name, row in rows:
+        interval = "n/a" if row["low"] is None else f"[{row['low']:.1f}, {row['high']:.1f}]"
+        p = "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
+        print(f"  {name:<16}{row['a']:8.2f}{row['b']:8.2f}{row['difference']:8.2f}   {interval:<16}{p:>7}")
 
 
 if __name__ == "__main__":

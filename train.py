@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import demo_data
+import splits
 import utils
 from dataset import ImageListDataset, build_transform, split_by_patient
 from loss import MININGS, CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
@@ -136,6 +137,9 @@ def get_args_parser(add_help=True):
                         help="epoch checkpoints kept (older ones deleted; 0 keeps all)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a fresh run in a --save-dir that already holds one")
+    parser.add_argument("--allow-patient-overlap", action="store_true",
+                        help="go on when the train, validation and test lists share patients or "
+                        "files (an error otherwise: it inflates validation and test numbers)")
     parser.add_argument("--resume", help="checkpoint to continue from (full training state)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
@@ -407,6 +411,9 @@ def run(args, runtime):
 
     # ---------------------------------------------------------------- data
     train_set, val_set, test_set = build_datasets(args, runtime)
+    splits.check_splits([splits.Split.from_dataset(name, dataset) for name, dataset in
+                         (("train", train_set), ("validation", val_set), ("test", test_set)) if dataset],
+                        args.allow_patient_overlap, log=lambda message: utils.log(runtime, message))
     classes = train_set.classes
     utils.log(runtime, f"train: {len(train_set)} images, validation: "
                        f"{len(val_set) if val_set else 0}, test: {len(test_set)}; classes: {', '.join(classes)}")
@@ -551,6 +558,9 @@ def run(args, runtime):
         prune_checkpoints(save_dir, args, epoch)
     utils.log(runtime, f"done; best {select_split} mAP {best_metric:.2f} at epoch {best_epoch} "
                        f"({checkpoint_name(args, 'best')}); checkpoints in {save_dir}")
+    if runtime.is_main and metrics_log.exists():
+        import plots  # here: matplotlib only when a run ends
+        utils.log(runtime, f"learning curves: {plots.learning_curves(metrics_log)}")
     return best_metric
 
 

@@ -17,13 +17,16 @@ import metrics  # noqa: E402
 from metrics import evaluate_retrieval, majority_vote, rank_topk  # noqa: E402
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "retrieval_metrics_golden.json").read_text())
+GROUPS_GOLDEN_PATH = Path(__file__).parent / "data" / "retrieval_groups_golden.json"
 KS, VOTE_KS = (1, 5, 10), (1, 5, 10, 15, 20)
 
 
 # ---------------------------------------------------------------- reference
 
-def reference_rankings(query, gallery=None):
-    """Gallery order of each query: exact float64 similarities, stable argsort of -sim."""
+def reference_rankings(query, gallery=None, query_groups=None, gallery_groups=None):
+    """Gallery order of each query: exact float64 similarities, stable argsort of -sim.
+    With groups, gallery items of the query's own group are dropped (as the query itself
+    is in leave-one-out)."""
     leave_one_out = gallery is None
     gallery = query if leave_one_out else gallery
     # float32 products are exact in float64 and math.fsum is correctly rounded,
@@ -35,6 +38,9 @@ def reference_rankings(query, gallery=None):
         order = np.argsort(-row, kind="stable")
         if leave_one_out:
             order = order[order != i]
+        if query_groups is not None:
+            groups = query_groups if leave_one_out else gallery_groups
+            order = np.array([j for j in order if groups[j] != query_groups[i]], dtype=np.int64)
         rankings.append(order)
     return rankings, sims
 
@@ -46,10 +52,10 @@ def reference_vote(labels):
 
 
 def reference_metrics(query, query_labels, gallery=None, gallery_labels=None, ks=KS, vote_ks=VOTE_KS,
-                      num_classes=None):
+                      num_classes=None, query_groups=None, gallery_groups=None):
     query_labels = [int(x) for x in query_labels]
     gallery_labels = query_labels if gallery is None else [int(x) for x in gallery_labels]
-    rankings, _ = reference_rankings(query, gallery)
+    rankings, _ = reference_rankings(query, gallery, query_groups, gallery_groups)
     n = len(query)
     found, precision, aps = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0.0), []
     predictions = {k: [] for k in vote_ks}
@@ -69,12 +75,13 @@ def reference_metrics(query, query_labels, gallery=None, gallery_labels=None, ks
         for k in vote_ks:
             predictions[k].append(reference_vote(ranked_labels[:k]))
     labels = list(range(num_classes)) if num_classes else sorted(set(query_labels) | set(gallery_labels))
+    present = [label for label in labels if label in set(query_labels)]  # macro: classes with queries
     classification = {}
     for k in vote_ks:
         y_pred = predictions[k]
         scores = {"accuracy": 100 * accuracy_score(query_labels, y_pred)}
         for average in ("macro", "weighted"):
-            p, r, f, _ = precision_recall_fscore_support(query_labels, y_pred, labels=labels,
+            p, r, f, _ = precision_recall_fscore_support(query_labels, y_pred, labels=present,
                                                          average=average, zero_division=0)
             scores.update({f"precision_{average}": 100 * p, f"recall_{average}": 100 * r,
                            f"f1_{average}": 100 * f})
@@ -392,3 +399,137 @@ def test_rank_topk_errors():
         rank_topk(query, query[:3], 4)
     with pytest.raises(ValueError, match="exclude_self needs"):
         rank_topk(query, query[:3], 1, exclude_self=True)
+
+
+# ---------------------------------------------------------------- groups (patients)
+
+def case_groups_leave_one_out_grid():
+    """Several images per patient, many exact ties; patient ids are strings."""
+    rng = np.random.default_rng(11)
+    n = 80
+    groups = np.array([f"P{g:02d}" for g in rng.integers(0, 25, n)])
+    return dict(query_emb=grid_embeddings(rng, n, 6), query_labels=rng.integers(0, 3, n), query_groups=groups)
+
+
+def case_groups_leave_one_out_near_copies():
+    """Each patient's films are near copies of one another: without the exclusion R@1 is ~100."""
+    rng = np.random.default_rng(12)
+    centres = normalised_embeddings(rng, 30, 10, n_duplicates=0)
+    patient = np.repeat(np.arange(30), 3)
+    x = centres[patient] + 0.05 * rng.standard_normal((90, 10)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.integers(0, 4, 30)[patient]
+    return dict(query_emb=x, query_labels=labels, query_groups=patient)
+
+
+def case_groups_query_gallery():
+    """Some query patients also have images in the gallery (integer ids)."""
+    rng = np.random.default_rng(13)
+    return dict(query_emb=grid_embeddings(rng, 40, 5), query_labels=rng.integers(0, 3, 40),
+                query_groups=rng.integers(0, 30, 40), gallery_emb=grid_embeddings(rng, 70, 5),
+                gallery_labels=rng.integers(0, 3, 70), gallery_groups=rng.integers(20, 60, 70))
+
+
+GROUP_CASES = {
+    "groups_leave_one_out_grid": case_groups_leave_one_out_grid,
+    "groups_leave_one_out_near_copies": case_groups_leave_one_out_near_copies,
+    "groups_query_gallery": case_groups_query_gallery,
+}
+
+
+def _reference_for(case):
+    return reference_metrics(case["query_emb"], case["query_labels"], case.get("gallery_emb"),
+                             case.get("gallery_labels"), query_groups=case.get("query_groups"),
+                             gallery_groups=case.get("gallery_groups"))
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_CASES))
+def test_same_group_exclusion_matches_reference(name, backend):
+    case = GROUP_CASES[name]()
+    result = evaluate_retrieval(**case)
+    assert_metrics_close(result, _reference_for(case), tol=1e-4)
+    for chunk_size in (1, 7):
+        assert evaluate_retrieval(**case, chunk_size=chunk_size) == result
+
+
+def test_same_group_exclusion_golden_cases(backend):
+    golden = json.loads(GROUPS_GOLDEN_PATH.read_text())
+    for name, data in golden["cases"].items():
+        arrays = dict(query_emb=np.array(data["query_embeddings"], np.float32),
+                      query_labels=np.array(data["query_labels"]), query_groups=data["query_groups"])
+        if "gallery_embeddings" in data:
+            arrays.update(gallery_emb=np.array(data["gallery_embeddings"], np.float32),
+                          gallery_labels=np.array(data["gallery_labels"]),
+                          gallery_groups=data["gallery_groups"])
+        assert_metrics_close(evaluate_retrieval(**arrays, ks=golden["ks"], vote_ks=golden["vote_ks"]),
+                             data["expected"]), name
+
+
+def test_near_copies_inflate_without_exclusion():
+    case = case_groups_leave_one_out_near_copies()
+    with_copies = evaluate_retrieval(case["query_emb"], case["query_labels"])
+    without = evaluate_retrieval(**case)
+    assert with_copies["recall_at_k"]["1"] == 100.0  # the patient's other film is always first
+    assert without["recall_at_k"]["1"] < 60.0
+
+
+def test_hand_computed_group_example():
+    # Query (label 0, patient p1) against: its own near copy (p1, label 0), 0.9 (p2, label 1),
+    # 0.5 (p3, label 0), 0.4 (p1, label 0), -1 (p4, label 1). Without p1: ranking 1, 2, 4 and
+    # one relevant item, at rank 2.
+    query = np.array([[1.0]], np.float32)
+    gallery = np.array([[1.0], [0.9], [0.5], [0.4], [-1.0]], np.float32)
+    labels = [0, 1, 0, 0, 1]
+    result = evaluate_retrieval(query, [0], gallery, labels, ks=(1, 2), vote_ks=(1, 3),
+                                query_groups=["p1"], gallery_groups=["p1", "p2", "p3", "p1", "p4"])
+    assert result["map"] == pytest.approx(50.0)
+    assert result["recall_at_k"] == {"1": 0.0, "2": 100.0}
+    assert result["classification"]["3"]["confusion_matrix"] == [[0, 1], [0, 0]]  # votes 1, 0, 1
+    kept = evaluate_retrieval(query, [0], gallery, labels, ks=(1, 2), vote_ks=(1,))
+    assert kept["map"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 4) / 3)
+
+
+def test_distinct_groups_change_nothing(case):
+    n = len(case["query_emb"])
+    groups = dict(query_groups=[f"img{i}" for i in range(n)])
+    if "gallery_emb" in case:
+        groups["gallery_groups"] = [f"gal{i}" for i in range(len(case["gallery_emb"]))]
+    assert evaluate_retrieval(**case, **groups) == evaluate_retrieval(**case)
+
+
+def test_per_query_values_give_the_metrics():
+    case = case_groups_leave_one_out_grid()
+    result, per_query = evaluate_retrieval(**case, return_per_query=True)
+    assert result == evaluate_retrieval(**case)
+    hits = per_query["hits"]
+    assert 100 * (hits[:, 0] > 0).mean() == pytest.approx(result["recall_at_k"]["1"])
+    assert 100 * (hits[:, 2] / 10).mean() == pytest.approx(result["precision_at_k"]["10"])
+    assert 100 * np.nanmean(per_query["ap"]) == pytest.approx(result["map"])
+    for k in VOTE_KS:
+        accuracy = 100 * (per_query["votes"][k] == per_query["y_true"]).mean()
+        assert accuracy == pytest.approx(result["classification"][str(k)]["accuracy"])
+        assert ((per_query["vote_share"][k] > 0) & (per_query["vote_share"][k] <= 1)).all()
+    rankings, _ = reference_rankings(case["query_emb"], query_groups=case["query_groups"])
+    np.testing.assert_array_equal(per_query["top_indices"], np.stack([r[:20] for r in rankings]))
+
+
+def test_macro_averages_count_only_classes_with_queries():
+    data = case_leave_one_out_grid()  # labels 0..2, reported over 5 classes
+    result = evaluate_retrieval(**data, num_classes=5)
+    assert result == evaluate_retrieval(**data) | {"classification": result["classification"]}
+    for k, row in result["classification"].items():
+        assert row["recall_macro"] == pytest.approx(evaluate_retrieval(**data)["classification"][k]["recall_macro"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(query_groups=["a"] * 5 + ["b"]), "outside its own group"),
+    (dict(query_groups=["a", "b"]), "one group"),
+    (dict(gallery_groups=list(range(6))), "needs query_groups"),
+    (dict(query_groups=list(range(6)), gallery_groups=list(range(6))), "query_groups only"),
+])
+def test_group_errors(change, message):
+    query, labels = _small()
+    arguments = dict(query_emb=query, query_labels=labels, ks=(1,), vote_ks=(2,))
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        evaluate_retrieval(**arguments)

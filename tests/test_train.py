@@ -64,14 +64,15 @@ def test_train_writes_full_checkpoints_metrics_and_report(phantoms, tmp_path):
         "--test-image-list", str(phantoms / "test_split.txt"), "--workers", "0",
         "--report", str(report_path), "--device", "cpu"]))
     on_disk = json.loads(report_path.read_text())
-    assert set(on_disk) == {"checkpoint", "model", "embedding_dim", "classes", "num_queries",
+    assert set(on_disk) >= {"checkpoint", "model", "embedding_dim", "classes", "num_queries",
                             "num_gallery", "protocol", "recall_at_k", "map", "precision_at_k",
                             "classification"}
     assert on_disk["protocol"] == "leave-one-out" and on_disk["num_queries"] == 25
     assert set(on_disk["classification"]) == {"1", "5", "10", "15", "20"}
     assert on_disk["map"] == pytest.approx(records[-1]["test_mAP"], abs=1e-3)  # same model, same metric
     assert report["recall_at_k"]["1"] == pytest.approx(records[-1]["test_R@1"], abs=1e-3)
-    assert (tmp_path / f"{ckpt(tmp_path, 'epoch_2').stem}_embeddings.npz").exists()
+    assert (tmp_path / f"{ckpt(tmp_path, 'epoch_2').stem}_test_split_embeddings.npz").exists()
+    assert (tmp_path / "learning_curves.png").exists()
 
     # query-gallery: test queries against the training database
     report = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
