@@ -38,6 +38,7 @@ def learning_curves(metrics_path, out_path=None):
     """Loss terms, active triplets, and validation / test R@1 and mAP per epoch, the epoch kept
     as best marked; default output: learning_curves.png beside metrics.jsonl."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     records = read_metrics_log(metrics_path)
     out_path = out_path or Path(metrics_path).with_name("learning_curves.png")
 
@@ -60,13 +61,14 @@ def learning_curves(metrics_path, out_path=None):
                 ax.plot(*data, marker="o", markersize=3, label=label)
         if best:
             ax.axvline(best[-1], color="grey", linestyle=":", linewidth=1, label=f"best (epoch {best[-1]})")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(metrics_path).parent.name}: model selected on validation mAP; test is logged only",
-                 fontsize=10)
+    fig.suptitle(f"{Path(metrics_path).parent.name}: the best epoch is chosen on validation mAP; test is "
+                 "logged only", fontsize=10, y=1.02)
     return _save(fig, out_path)
 
 
