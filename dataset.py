@@ -9,27 +9,31 @@ List formats (paths are relative to the image folder and may not leave it):
     test_set = ImageListDataset("data/test", "test_split.txt", classes=train_set.classes, ...)
 
 Every problem is reported before training starts, with the list file and line: a missing list,
-an empty list, a malformed line, an unknown label, paths leaving the image folder, and missing
-images (all counted, the first few named). Images that cannot be decoded fail at load time with
-their path. Grayscale images of any bit depth are scaled by their bit depth (see load_image).
+an empty list, a malformed line, an unknown label (or two spellings of one, 'Normal' beside
+'normal'), paths leaving the image folder, and missing images (all counted, the first few
+named). `check_images` finds unreadable files up front (or drops them: --skip-bad-images);
+an image that still cannot be decoded fails at load time with its path and list line. 16-bit
+images are scaled by one bit depth per data set, DICOM files through their LUTs (images.py).
 """
 import copy
 import csv
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
+from images import IMAGE_SUFFIXES, ImageError, depth_of, inspect_image, load_image  # noqa: F401 (re-exported)
+
 LIST_FORMATS = ("covidx", "csv", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-GRAYSCALE_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
 class DatasetError(ValueError):
@@ -124,34 +128,29 @@ def read_entries(image_root, list_file, list_format):
 
 
 # --------------------------------------------------------------------------------------------
-# Images
+# Images (decoding lives in images.py)
 # --------------------------------------------------------------------------------------------
-def _to_8bit(array):
-    """Scale a grayscale array by its bit depth: 12-bit data in a 16-bit PNG (values up to
-    4095) becomes the same picture as its 8-bit version, not a nearly black (or, clipped, a
-    white) one. PNG files rarely carry their significant bits, so the depth is the smallest of
-    8/10/12/14/16 bits that holds the image's maximum."""
-    is_float = np.issubdtype(array.dtype, np.floating)
-    array = array.astype(np.float64)
-    if array.min() < 0:
-        array = array - array.min()
-    peak = array.max()
-    if is_float and peak <= 1.0:
-        full_scale = 1.0  # float images in [0, 1]
-    else:
-        full_scale = next((2.0 ** b - 1 for b in GRAYSCALE_BIT_DEPTHS if peak <= 2 ** b - 1), peak)
-    return np.clip(np.rint(array / full_scale * 255.0), 0, 255).astype(np.uint8)
+def _parallel(function, items, workers, desc, progress=True):
+    """[function(item)] over a thread pool with a progress bar; Pillow and zlib decode outside
+    the GIL, so threads use the cores."""
+    workers = max(1, min(workers or os.cpu_count() or 1, 16))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(function, items), total=len(items), desc=desc, leave=False,
+                         disable=not progress or len(items) < 200))
 
 
-def load_image(path):
-    """Decode any common X-ray export to an 8-bit RGB PIL image."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            return Image.fromarray(_to_8bit(np.asarray(image)), mode="L").convert("RGB")
-        if image.mode in ("P", "PA"):
-            image = image.convert("RGBA")  # palette: through RGBA so transparency is honoured
-        return image.convert("RGB")
+def scan_bit_depth(paths, sample=256, workers=None):
+    """The bit depth of a data set's grayscale images of more than 8 bits: the smallest of
+    8/10/12/14/16 that holds the maximum over (an even sample of up to `sample` of) them, or
+    None when there are none. One depth for the whole set, so two films of one scanner keep
+    their relative brightness (see images.py)."""
+    paths = list(paths)
+    if sample and len(paths) > sample:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, sample).round().astype(int)]
+    peaks = [peak for _, peak in _parallel(lambda p: inspect_image(p, decode=False, peak=True),
+                                           paths, workers, "bit depth")
+             if peak is not None]
+    return depth_of(max(peaks)) if peaks else None
 
 
 def build_transform(img_size, train, rand_resize=False, hflip=True):
@@ -177,27 +176,56 @@ def build_transform(img_size, train, rand_resize=False, hflip=True):
 # --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
+def label_key(label):
+    """Labels equal up to case, spaces, '_' and '-' share a key ('Normal', 'normal ', 'COVID_19')."""
+    return re.sub(r"[\s_-]+", "", label.casefold())
+
+
+def check_label_spelling(entries, source):
+    """A DatasetError when two labels of one list differ only by case or spacing: 'Normal'
+    beside 'normal' would otherwise become a class of its own."""
+    first_line, count = {}, {}
+    for _, label, line, _ in entries:
+        first_line.setdefault(label, line)
+        count[label] = count.get(label, 0) + 1
+    spellings = {}
+    for label in first_line:
+        spellings.setdefault(label_key(label), []).append(label)
+    clashes = [sorted(names, key=first_line.get) for names in spellings.values() if len(names) > 1]
+    if clashes:
+        described = "; ".join(" vs ".join(f"'{name}' ({count[name]} images, first on line "
+                                           f"{first_line[name]})" for name in names) for names in clashes)
+        raise DatasetError(f"{source}: labels that differ only by case or spacing would become "
+                           f"separate classes: {described}. Write each class one way in the list")
+
+
 class ImageListDataset(Dataset):
     """Labelled images; `classes` fixes the label order (pass the training set's to the test set).
 
-    Items are (image tensor (3, H, W), label id). `paths` and `targets` give every image's path
-    and label id without loading it.
+    Items are (image tensor (3, H, W), label id). `paths`, `lines` and `targets` give every
+    image's path, list line and label id without loading it. `bit_depth`: the depth 16-bit
+    images are scaled by: "auto" scans the set (see scan_bit_depth), a number fixes it, None
+    scales each image by its own maximum.
     """
 
     def __init__(self, image_root, list_file=None, list_format="covidx", classes=None,
-                 transform=None, max_named_missing=5):
+                 transform=None, max_named_missing=5, bit_depth="auto"):
         entries, source = read_entries(image_root, list_file, list_format)
         labels = [entry[1] for entry in entries]
         if classes is None:
+            check_label_spelling(entries, source)
             classes = sorted(set(labels))
         self.classes = list(classes)
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
         for _, label, line, _ in entries:
             if label not in class_to_idx:
-                raise DatasetError(f"{source}:{line}: unknown label '{label}'; the known labels "
+                similar = [c for c in self.classes if label_key(c) == label_key(label)]
+                hint = f" (did you mean '{similar[0]}'?)" if similar else ""
+                raise DatasetError(f"{source}:{line}: unknown label '{label}'{hint}; the known labels "
                                    f"are {', '.join(self.classes)} (from the training list)")
         self.image_root = Path(image_root)
         self.paths = [self.image_root / entry[0] for entry in entries]
+        self.lines = [entry[2] for entry in entries]
         self.patients = [entry[3] for entry in entries]
         missing = [(p, entry[2]) for p, entry in zip(self.paths, entries) if not p.is_file()]
         if missing:
@@ -208,26 +236,66 @@ class ImageListDataset(Dataset):
         self.targets = torch.tensor([class_to_idx[label] for label in labels])
         self.source = source
         self.transform = transform
+        self.bit_depth = scan_bit_depth(self.paths) if bit_depth == "auto" else bit_depth
 
     def __len__(self):
         return len(self.paths)
+
+    def where(self, index):
+        """'path (list line N)' of one image, for messages."""
+        line = f" (line {self.lines[index]} of {self.source})" if self.lines[index] else ""
+        return f"{self.paths[index]}{line}"
 
     def subset(self, indices, transform=None):
         """A copy holding only `indices` (same classes), with its own transform."""
         part = copy.copy(self)
         part.paths = [self.paths[i] for i in indices]
+        part.lines = [self.lines[i] for i in indices]
         part.patients = [self.patients[i] for i in indices]
         part.targets = self.targets[torch.as_tensor(indices, dtype=torch.long)]
         part.transform = transform
         return part
 
+    def find_bad_images(self, decode=True, workers=None, progress=True):
+        """([(index, problem)] of the images that do not decode (decode=False: whose header does
+        not read, which is fast but misses truncated files), the bit depth measured on every
+        image (with decode; None when no image has more than 8 bits))."""
+        results = _parallel(lambda p: inspect_image(p, decode, peak=decode), self.paths, workers,
+                            "checking images", progress)
+        peaks = [peak for _, peak in results if peak is not None]
+        bad = [(i, problem) for i, (problem, _) in enumerate(results) if problem is not None]
+        return bad, (depth_of(max(peaks)) if peaks else None)
+
+    def check_images(self, skip_bad=False, workers=None, progress=True, max_named=5, bad=None):
+        """Check every image before training (or take `bad` from find_bad_images): without
+        skip_bad the headers, and a DatasetError counts the unreadable files and names the first
+        few with their lines; with skip_bad a full decode, and the bad images are dropped.
+        Returns [(path, list line, problem)] of the dropped images."""
+        if bad is None:
+            bad, _ = self.find_bad_images(decode=skip_bad, workers=workers, progress=progress)
+        if bad and not skip_bad:
+            named = "\n".join(f"  {self.where(i)}: {problem}" for i, problem in bad[:max_named])
+            raise DatasetError(f"{self.source}: {len(bad)} of {len(self)} images cannot be read, "
+                               f"e.g.\n{named}\nReplace or unlist them, or pass --skip-bad-images "
+                               "to drop every unreadable image before training")
+        dropped = [(self.paths[i], self.lines[i], problem) for i, problem in bad]
+        if bad:
+            keep = sorted(set(range(len(self))) - {i for i, _ in bad})
+            if not keep:
+                raise DatasetError(f"{self.source}: none of the {len(self)} images can be read "
+                                   f"(e.g. {self.where(bad[0][0])}: {bad[0][1]})")
+            kept = self.subset(keep, self.transform)
+            self.paths, self.lines, self.patients, self.targets = (kept.paths, kept.lines,
+                                                                   kept.patients, kept.targets)
+        return dropped
+
     def __getitem__(self, index):
-        path = self.paths[index]
         try:
-            image = load_image(path)
+            image = load_image(self.paths[index], self.bit_depth)
         except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for bad files
-            raise DatasetError(f"cannot read image {path} (listed in {self.source}): {error}. "
-                               "Replace the file or remove it from the list") from error
+            raise DatasetError(f"cannot read image {self.where(index)}: {error}. Replace the file "
+                               "or remove it from the list (train.py --skip-bad-images drops "
+                               "unreadable images before training)") from error
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

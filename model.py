@@ -144,20 +144,47 @@ def create_backbone(timm_name, pretrained=False, weights_file=None, weights_dir=
         return timm.create_model(timm_name, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(weights_file)), **kwargs)
 
-    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
-    if pretrained_cfg is None:
-        raise PretrainedWeightsError(f"timm has no pretrained weights for '{timm_name}'")
-    if not _hub_cached(pretrained_cfg.to_dict()) and not _hub_reachable():
-        where = f" in {weights_dir}" if weights_dir else ""
-        raise PretrainedWeightsError(
-            f"pretrained weights for '{timm_name}' are not cached and the Hugging Face hub "
-            f"({pretrained_cfg.hf_hub_id}) cannot be reached{where}. Either\n"
-            f"  - download them on a machine with internet (timm.create_model('{timm_name}', "
-            f"pretrained=True) fills ~/.cache/huggingface; copy that folder over), or\n"
-            f"  - save the weights as <DIR>/{timm_name}.safetensors (or .pth) and pass "
-            f"--weights-dir DIR (or --convnext-weights / --vit-weights FILE), or\n"
-            f"  - train from scratch with --no-pretrained.")
+    problem = missing_weights([timm_name], weights_dir)
+    if problem:
+        raise PretrainedWeightsError(problem)
     return timm.create_model(timm_name, pretrained=True, **kwargs)
+
+
+def missing_weights(timm_names, weights_dir=None, weights_files=None):
+    """None when pre-trained weights for every backbone can be had (a given file, a file in
+    weights_dir, timm's hub cache, or the hub), else one message naming every missing one and
+    how to supply them, so a user fixes all of them at once."""
+    weights_files = weights_files or {}
+    missing, hub_ids = [], []
+    for name in timm_names:
+        given = weights_files.get(name)
+        if given is not None:
+            if not Path(given).is_file():
+                missing.append(f"'{name}': the weights file {given} does not exist")
+            continue
+        if weights_dir is not None and find_weights_file(name, weights_dir) is not None:
+            continue
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None:
+            missing.append(f"'{name}': timm has no pretrained weights for it")
+        elif not _hub_cached(cfg.to_dict()):
+            hub_ids.append((name, cfg.hf_hub_id))
+    if hub_ids and not _hub_reachable():
+        for name, hub_id in hub_ids:
+            where = (f"no {name}.safetensors (or .pth) in {weights_dir}, "
+                     if weights_dir is not None else "")
+            missing.append(f"'{name}': {where}not in the Hugging Face cache, and the hub "
+                           f"({hub_id}) cannot be reached")
+    if not missing:
+        return None
+    listed = "\n".join(f"  - {m}" for m in missing)
+    first = missing[0].split("'")[1]  # the first missing backbone's name, for the example
+    return (f"pretrained weights are missing for {len(missing)} backbone(s):\n{listed}\nEither\n"
+            f"  - download them on a machine with internet (timm.create_model('{first}', "
+            f"pretrained=True) fills ~/.cache/huggingface; copy that folder over), or\n"
+            f"  - save each as <DIR>/<timm name>.safetensors (or .pth) and pass --weights-dir DIR "
+            f"(or --convnext-weights / --vit-weights FILE), or\n"
+            f"  - train from scratch with --no-pretrained.")
 
 
 class InputAdapter(nn.Module):
@@ -327,6 +354,12 @@ def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_
     if img_size % 32:
         raise ValueError(f"--img-size {img_size} must be a multiple of 32 (ConvNeXt stride)")
     weights = dict(pretrained=pretrained, weights_dir=weights_dir)
+    if pretrained:  # every branch checked before anything is built: one message names them all
+        names = {"hybrid_convnext_vit": [convnext_name, vit_name], "convnextv2": [convnext_name],
+                 "vit": [vit_name]}.get(name, [name])
+        problem = missing_weights(names, weights_dir, {convnext_name: convnext_weights, vit_name: vit_weights})
+        if problem:
+            raise PretrainedWeightsError(problem)
     if name == "hybrid_convnext_vit":
         model = HybridConvNeXtViT(convnext_name, vit_name, img_size, embedding_dim,
                                   convnext_weights=convnext_weights, vit_weights=vit_weights,

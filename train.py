@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import demo_data
+import faults
 import splits
 import utils
 from dataset import ImageListDataset, build_transform, split_by_patient
@@ -81,6 +82,13 @@ def get_args_parser(add_help=True):
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                         help="random horizontal flips (note: a flip moves the heart to the right)")
     parser.add_argument("--workers", type=int, help="data loading processes per rank")
+    parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
+                        help="bits of the data in 16-bit images (12 for most scanners); auto: the "
+                        "smallest depth holding the brightest of (a sample of) the training images. "
+                        "One depth for the whole data set, never per image")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="decode every image before training and drop the unreadable ones "
+                        "(listed in <save-dir>/bad_images.txt); default: stop and name them")
     # Batches and loss
     parser.add_argument("-p", "--labels-per-batch", type=int, help="P: labels per batch")
     parser.add_argument("-k", "--samples-per-label", type=int, help="K: images per label")
@@ -140,7 +148,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--allow-patient-overlap", action="store_true",
                         help="go on when the train, validation and test lists share patients or "
                         "files (an error otherwise: it inflates validation and test numbers)")
-    parser.add_argument("--resume", help="checkpoint to continue from (full training state)")
+    parser.add_argument("--resume", help="checkpoint to continue from (full training state); "
+                        "auto: the newest readable one in --save-dir, or a new run if there is none")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip an optimiser step whose loss or gradient is NaN/Inf (counted in "
+                        "metrics.jsonl) instead of stopping the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
     return parser
@@ -200,19 +212,22 @@ def build_datasets(args, runtime):
     list_format = LIST_FORMAT[args.dataset]
     train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
     eval_transform = build_transform(args.img_size, False)
+    bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
     train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
-                                 transform=train_transform)
+                                 transform=train_transform, bit_depth=bit_depth)
     classes = train_set.classes
+    bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
     if args.val_image_list:
         val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, list_format,
-                                   classes=classes, transform=eval_transform)
-    elif args.val_fraction > 0:
+                                   classes=classes, transform=eval_transform, bit_depth=bit_depth)
+    test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
+                                classes=classes, transform=eval_transform, bit_depth=bit_depth)
+    faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
+    if args.val_image_list is None and args.val_fraction > 0:
         train_idx, val_idx = split_by_patient(train_set, args.val_fraction, args.seed)
         val_set = train_set.subset(val_idx, eval_transform)
         train_set = train_set.subset(train_idx, train_transform)
-    test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
-                                classes=classes, transform=eval_transform)
     return train_set, val_set, test_set
 
 
@@ -273,42 +288,42 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_finite(loss_sum, steps, epoch, step, save_dir):
-    loss = (loss_sum / max(steps, 1)).item()
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"training loss is {loss} at epoch {epoch}, step {step}: stopping. The checkpoints in "
-            f"{save_dir} are from before the divergence; lower --lr, use --amp bf16 or none, or "
-            "set --clip-grad 1.0, then --resume from the last one")
-    return loss
-
-
 def train_step(objective, optimizer, scheduler, scaler, images, labels, args,
-               accum_steps=1, step_now=True):
+               accum_steps=1, step_now=True, guard=None, step=0):
     """Forward, loss and backward of one PK batch; with step_now, also the optimiser step.
     The loss is divided by accum_steps, the number of batches whose gradients this step
-    averages. Returns (loss, stats) as detached 0-dim tensors (no host sync)."""
+    averages. The guard sees the loss and gradient norm (see faults.NonFiniteGuard).
+    Returns (loss, stats) as detached 0-dim tensors (no host sync)."""
     loss, stats = objective(images, labels)
     scaler.scale(loss / accum_steps).backward()
+    if guard is not None:
+        guard.observe_loss(step, loss.detach())
     if step_now:
+        grad_norm = None
         if args.clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), args.clip_grad)
+        if guard is None or guard.allow_step(step, objective.parameters(), grad_norm):
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     return loss.detach(), stats
 
 
-def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime):
-    """One pass of the PK sampler; returns the epoch's mean losses, active fraction, embedding
-    spread and speed."""
+def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime, guard=None):
+    """One pass of the PK sampler; returns the epoch's mean losses (over its finite steps),
+    active fraction, embedding spread, speed and skipped steps. The guard stops the run on a
+    NaN/Inf loss or gradient, or skips that step (--skip-nonfinite); a stop signal (SIGTERM,
+    Ctrl-C) ends the epoch at the next step, unsaved (faults.py)."""
     objective.train()
+    guard = guard or faults.NonFiniteGuard(runtime)
+    guard.start_epoch()
     sums = {key: torch.zeros((), device=runtime.device)  # summed on device: no sync per step
-            for key in ("loss", "triplet", "id", "active", "spread")}
+            for key in ("loss", "triplet", "id", "active", "spread", "finite")}
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     start, images_seen, steps = time.perf_counter(), 0, len(loader)
+    pattern = checkpoint_name(args, "epoch_*")
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not runtime.is_main)
     for step, (images, labels) in enumerate(bar):
         images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
@@ -320,20 +335,24 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
         sync = objective.no_sync() if runtime.distributed and not last_micro_step else nullcontext()
         with sync:
             loss, stats = train_step(objective, optimizer, scheduler, scaler, images, labels, args,
-                                     group_size, last_micro_step)
-        sums["loss"] += loss
-        for key in ("triplet", "id", "active", "spread"):
-            sums[key] += stats[key]
+                                     group_size, last_micro_step, guard, step)
+        finite = torch.isfinite(loss)  # skipped non-finite steps stay out of the means
+        sums["finite"] += finite
+        for key, value in (("loss", loss), *((k, stats[k]) for k in ("triplet", "id", "active", "spread"))):
+            sums[key] += torch.where(finite, value, 0.0)
         images_seen += images.shape[0]
+        faults.check_stop(runtime, step, args.print_freq)
         if (step + 1) % args.print_freq == 0:
-            mean_loss = check_finite(sums["loss"], step + 1, epoch, step, args.save_dir)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", active=f"{(sums['active'] / (step + 1)).item():.2f}",
+            guard.check(epoch, loader, args.save_dir, pattern)
+            done = sums["finite"].clamp(min=1)
+            bar.set_postfix(loss=f"{(sums['loss'] / done).item():.4f}", active=f"{(sums['active'] / done).item():.2f}",
                             img_s=f"{images_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
+    guard.check(epoch, loader, args.save_dir, pattern)
     elapsed = time.perf_counter() - start
-    record = {"train_loss": check_finite(sums["loss"], steps, epoch, steps, args.save_dir)}
-    record.update({f"train_{key}": (sums[key] / steps).item() for key in ("triplet", "id")})
-    record.update(active_triplets=(sums["active"] / steps).item(),
-                  embedding_spread=(sums["spread"] / steps).item(),
+    done = sums["finite"].clamp(min=1)
+    record = {f"train_{key}": (sums[key] / done).item() for key in ("loss", "triplet", "id")}
+    record.update(active_triplets=(sums["active"] / done).item(),
+                  embedding_spread=(sums["spread"] / done).item(), train_skipped_steps=guard.skipped,
                   images_per_s=images_seen * runtime.world_size / elapsed, train_time_s=elapsed)
     return record
 
@@ -383,7 +402,11 @@ def prune_checkpoints(save_dir, args, epoch):
 def main(args):
     runtime = utils.setup_runtime(args.device)
     try:
-        return run(args, runtime)
+        with faults.stop_on_signals():
+            return run(args, runtime)
+    except faults.StopRequested as stop:  # SIGTERM / Ctrl-C: the last completed epoch is on disk
+        faults.report_stop(stop, args.save_dir, checkpoint_name(args, "epoch_*"), runtime)
+        raise SystemExit(stop.exit_code)
     finally:
         utils.cleanup_runtime(runtime)
 
@@ -392,9 +415,10 @@ def run(args, runtime):
     utils.print_args(args, runtime)
     save_dir = Path(args.save_dir)
     metrics_log = save_dir / "metrics.jsonl"
-    checkpoint = None
-    if args.resume:
-        checkpoint = utils.load_checkpoint(args.resume)
+    if runtime.is_main:
+        faults.check_save_dir(save_dir)  # an unwritable folder fails now, not after an epoch
+    checkpoint = faults.resolve_resume(args, checkpoint_name(args, "epoch_*"), runtime)
+    if checkpoint is not None:
         for key in ("model", "optimizer", "scheduler", "epoch", "model_config"):
             if key not in checkpoint:
                 raise SystemExit(f"error: --resume {args.resume} is not a full training checkpoint "
@@ -406,6 +430,10 @@ def run(args, runtime):
         save_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite and not args.resume and metrics_log.exists():
             metrics_log.unlink()
+        if checkpoint is not None:  # one line per epoch up to the checkpoint's, whatever a kill left
+            faults.trim_metrics(metrics_log, checkpoint["epoch"], checkpoint.get("metrics"))
+        if faults.remove_stale_temporaries(save_dir):
+            print(f"removed the temporary files of interrupted saves in {save_dir}", flush=True)
         utils.write_json(save_dir / "args.json", vars(args))
     utils.seed_everything(args.seed + runtime.rank)
 
@@ -467,6 +495,9 @@ def run(args, runtime):
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
+    guard = faults.NonFiniteGuard(runtime, args.skip_nonfinite, check_grads=not scaler.is_enabled())
+    if runtime.is_main:  # room for the checkpoints, before any GPU time is spent
+        faults.check_free_space(save_dir, faults.checkpoint_bytes(raw_model, optimizer))
     utils.log(runtime, f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
                        f"parameters; recipe {args.recipe}: {args.mining} "
                        f"{'soft-margin' if args.soft_margin else f'margin {args.margin:g}'} triplet"
@@ -515,10 +546,11 @@ def run(args, runtime):
     if start_epoch == 1:  # epoch 0: the untrained model, the baseline the gain is measured from
         utils.log_record(runtime, metrics_log, {"epoch": 0, **evaluate_all(), "lr": 0.0})
     for epoch in range(start_epoch, args.epochs + 1):
+        faults.check_stop(runtime)  # a stop signal during the last evaluation or save
         sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         record = {"epoch": epoch, **train_one_epoch(objective, optimizer, scheduler, scaler,
-                                                    train_loader, epoch, args, runtime)}
+                                                    train_loader, epoch, args, runtime, guard)}
         record["lr"] = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
         utils.average_buffers(raw_model, runtime)  # one model on every rank, as evaluated and saved
         evaluated = epoch % args.eval_freq == 0 or epoch == args.epochs
@@ -552,9 +584,11 @@ def run(args, runtime):
             "split": split_digest,
             "metrics": record,
         }
-        utils.save_checkpoint(state, save_dir / checkpoint_name(args, f"epoch_{epoch}"))
+        # The best file first: a kill between the two saves resumes from the previous epoch
+        # and writes this same best again, so the best file never lags its epoch checkpoint.
         if is_best:
             utils.save_checkpoint(state, save_dir / checkpoint_name(args, "best"))
+        utils.save_checkpoint(state, save_dir / checkpoint_name(args, f"epoch_{epoch}"))
         prune_checkpoints(save_dir, args, epoch)
     utils.log(runtime, f"done; best {select_split} mAP {best_metric:.2f} at epoch {best_epoch} "
                        f"({checkpoint_name(args, 'best')}); checkpoints in {save_dir}")

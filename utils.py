@@ -21,6 +21,11 @@ CHECKPOINT_FORMAT_VERSION = 1
 class UserError(RuntimeError):
     """A mistake in the command line or its files (a missing checkpoint, no GPU, weights that
     do not fit): run_cli prints its message as one `error:` line."""
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped itself with its files intact (a failed save, a non-finite loss):
+    run_cli prints its message as one `error:` line and exits with code 1."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -201,27 +206,68 @@ class ShardSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def save_checkpoint(state, path):
-    """Write atomically: a crash or kill mid-write leaves the previous file intact."""
+def fsync_dir(folder):
+    """Make a rename or a new file in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, fsync it, rename it over `path`, fsync
+    the folder: a crash, kill, power cut or full disk leaves either the old file or the new one,
+    never a half-written one. HYBRID_SAVE_PAUSE_S (seconds) holds the finished temporary file
+    before the rename, so the fault-injection test can kill inside that window."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get("HYBRID_SAVE_PAUSE_S"):
+            import time
+            time.sleep(float(os.environ["HYBRID_SAVE_PAUSE_S"]))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically (see atomic_write). A failed write (a full disk, a lost
+    mount) raises RunStopped naming the file; what was on disk before is intact."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        raise RunStopped(f"could not write checkpoint {path} ({error}); the checkpoints already in "
+                         f"{Path(path).parent} are intact. Free space (or fix the folder) and run "
+                         "again (train.py: --resume auto continues from the newest checkpoint)") from error
 
 
 def load_checkpoint(path, flag="--resume"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such checkpoint file")
+    advice = ("take an earlier checkpoint (train.py --resume auto takes the newest readable one "
+              "in --save-dir)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{flag} {path}: the file is empty (0 bytes), cut off before anything "
+                        f"was written (a full disk or an interrupted copy); {advice}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise UserError(f"{flag} {path}: cannot load checkpoint ({error})") from error
+        raise UserError(f"{flag} {path}: cannot load checkpoint, the file is truncated, corrupt or "
+                        f"not a PyTorch checkpoint ({type(error).__name__}: {error}); {advice}") from error
 
 
 def digest(strings):
@@ -309,30 +355,36 @@ def log(runtime, *message):
 
 
 def log_record(runtime, path, record):
-    """Print a metrics record and append it to a JSON-lines file (main process only)."""
+    """Print a metrics record and append it to a JSON-lines file (main process only), flushed
+    to disk before the epoch's checkpoint is written."""
     if runtime.is_main:
         line = json.dumps(record)
         print(line, flush=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json(path, data):
-    """Atomic JSON write (see save_checkpoint)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomic JSON write (see atomic_write)."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
 
 
 def run_cli(main, *args):
     """main(*args) for a command-line program: a user mistake (UserError, a dataset or
     pretrained-weights problem, a SystemExit with a message) ends in one `error: ...` line on
-    stderr and exit code 2, as argparse does; HYBRID_DEBUG=1 shows the traceback instead."""
+    stderr and exit code 2, as argparse does; a run that stopped itself (RunStopped, a
+    non-finite loss) in one such line and exit code 1. --debug (anywhere on the command line)
+    or HYBRID_DEBUG=1 shows the traceback instead."""
     from dataset import DatasetError  # here, not at the top: dataset imports torchvision
     from model import PretrainedWeightsError
 
     debug = os.environ.get("HYBRID_DEBUG", "0").lower() not in ("0", "", "false", "no")
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        debug = True
+    hint = "(--debug or HYBRID_DEBUG=1 shows the traceback)"
     try:
         return main(*args)
     except SystemExit as error:
@@ -344,8 +396,13 @@ def run_cli(main, *args):
     except (UserError, DatasetError, PretrainedWeightsError) as error:
         if debug:
             raise
-        print(f"error: {error}\n(HYBRID_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {error}\n{hint}", file=sys.stderr)
         sys.exit(2)
+    except (RunStopped, FloatingPointError) as error:
+        if debug:
+            raise
+        print(f"error: {error}\n{hint}", file=sys.stderr)
+        sys.exit(1)
 
 
 def print_args(args, runtime):

@@ -1,9 +1,14 @@
+import struct
+import sys
+import zlib
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dataset import DatasetError, ImageListDataset, build_transform, load_image, read_covidx_list
+import images
+from dataset import DatasetError, ImageListDataset, build_transform, load_image, read_covidx_list, scan_bit_depth
 
 
 def write_images(root, names, size=40, value=128):
@@ -181,3 +186,215 @@ def test_transforms_keep_the_whole_portrait_radiograph():
         assert out.shape == (64, 64)
         assert out[0].mean() > 1.5 and out[-1].mean() > 1.5, "top or bottom of the chest cut off"
         assert out[32].mean() < 0  # the middle stays dark
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files, bit depth per data set, DICOM
+# --------------------------------------------------------------------------------------------
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height (a decompression bomb: tiny on disk)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """good.png plus one file of every bad kind, all listed (the bad ones from line 2 on)."""
+    root = tmp_path / "train"
+    write_images(root, ["good.png", "good2.png"], size=256)
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (256, 256), np.uint8)  # noise: a large, incompressible file
+    Image.fromarray(noisy).save(root / "full.png")
+    Image.fromarray(noisy).save(root / "full.jpg", quality=95)
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("<html>404 Not Found</html>\n")
+    (root / "cut.png").write_bytes((root / "full.png").read_bytes()[:3000])
+    (root / "cut.jpg").write_bytes((root / "full.jpg").read_bytes()[:3000])
+    png_header_only(root / "bomb.png", 11_000, 10_000)  # 110 M pixels: above our limit
+    png_header_only(root / "huge.png", 20_000, 20_000)  # 400 M pixels: Pillow's own limit too
+    names = ["good.png", "empty.png", "text.png", "cut.png", "cut.jpg", "bomb.png", "huge.png", "good2.png"]
+    return root, write_list(tmp_path / "l.txt", [("P", name, "normal") for name in names]), names
+
+
+def test_every_bad_file_fails_with_its_name_and_list_line(hostile):
+    root, list_file, names = hostile
+    dataset = ImageListDataset(root, list_file, transform=build_transform(32, False))
+    assert dataset[0][0].shape == (3, 32, 32)
+    reasons = {"empty.png": "empty \\(0 bytes\\)", "text.png": "not an image file",
+               "cut.png": "truncated|broken|error", "cut.jpg": "truncated|broken|error",
+               "bomb.png": "above the limit of 100,000,000", "huge.png": "limit"}
+    for index, name in enumerate(names[1:-1], start=1):
+        with pytest.raises(DatasetError, match=f"cannot read image .*{name} \\(line {index + 1} of .*l.txt\\): "
+                                               f"(.*)({reasons[name]})"):
+            dataset[index]
+
+
+def test_header_check_names_bad_files_before_training(hostile):
+    root, list_file, _ = hostile
+    dataset = ImageListDataset(root, list_file)
+    with pytest.raises(DatasetError) as error:
+        dataset.check_images(progress=False)
+    message = str(error.value)
+    # the header check finds empty, non-image and oversized files (truncation needs a decode)
+    assert "4 of 8 images cannot be read" in message and "--skip-bad-images" in message
+    for name, line in (("empty.png", 2), ("text.png", 3), ("bomb.png", 6), ("huge.png", 7)):
+        assert f"{name} (line {line} of" in message
+
+
+def test_skip_bad_images_decodes_everything_and_drops_the_bad_ones(hostile):
+    root, list_file, _ = hostile
+    dataset = ImageListDataset(root, list_file, transform=build_transform(32, False))
+    dropped = dataset.check_images(skip_bad=True, workers=2, progress=False)
+    assert sorted(path.name for path, _, _ in dropped) == sorted(
+        ["empty.png", "text.png", "cut.png", "cut.jpg", "bomb.png", "huge.png"])
+    assert sorted(line for _, line, _ in dropped) == [2, 3, 4, 5, 6, 7]
+    assert [p.name for p in dataset.paths] == ["good.png", "good2.png"] and dataset.lines == [1, 8]
+    assert len(dataset.targets) == 2 and all(dataset[i][0].shape == (3, 32, 32) for i in range(2))
+
+
+def test_skip_bad_images_in_train_writes_the_list_and_trains(tmp_path):
+    import demo_data
+    import train
+    root = tmp_path / "demo"
+    demo_data.write_demo_dataset(root, train_per_class=6, test_per_class=3, size=64, seed=0)
+    lines = (root / "train_split.txt").read_text().splitlines()
+    broken = lines[3].split()[1]
+    (root / "train" / broken).write_bytes((root / "train" / broken).read_bytes()[:200])  # truncated
+    args = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name", "vit_tiny_patch16_224",
+            "--img-size", "32", "--embedding-dim", "8", "--no-pretrained", "-p", "5", "-k", "2",
+            "--workers", "0", "--batches-per-epoch", "1", "--device", "cpu", "--dataset-dir", str(root),
+            "--train-image-list", str(root / "train_split.txt"), "--test-image-list",
+            str(root / "test_split.txt"), "--epochs", "1"]
+    with pytest.raises(DatasetError, match=f"{broken} \\(line 4 of"):  # without the flag: at its first load
+        train.main(train.parse_args([*args, "--save-dir", str(tmp_path / "a"), "--batches-per-epoch", "6",
+                                     "--val-fraction", "0"]))
+    train.main(train.parse_args([*args, "--save-dir", str(tmp_path / "b"), "--skip-bad-images"]))
+    listed = (tmp_path / "b" / "bad_images.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(root / "train" / broken) + "\t4\t")
+
+
+def test_bit_depth_is_decided_per_data_set_not_per_image(tmp_path):
+    # Two 12-bit films of one scanner: one uses the full range, one is darker (max 1000).
+    # Scaled per image, the dark one would come out 4x brighter; per data set both keep their
+    # relative brightness.
+    bright = np.full((32, 32), 2000, np.uint16)
+    bright[0, 0] = 4095
+    dark = np.full((32, 32), 500, np.uint16)
+    dark[0, 0] = 1000
+    write_images(tmp_path / "img", [])
+    Image.fromarray(bright).save(tmp_path / "img" / "bright.png")
+    Image.fromarray(dark).save(tmp_path / "img" / "dark.png")
+    rows = [("P1", "bright.png", "normal"), ("P2", "dark.png", "normal")]
+    dataset = ImageListDataset(tmp_path / "img", write_list(tmp_path / "l.txt", rows))
+    assert dataset.bit_depth == 12 and scan_bit_depth(dataset.paths) == 12
+    to_pixels = lambda i: np.asarray(load_image(dataset.paths[i], dataset.bit_depth))[..., 0].astype(int)
+    assert to_pixels(0)[5, 5] == round(2000 / 4095 * 255) and to_pixels(1)[5, 5] == round(500 / 4095 * 255)
+    assert np.asarray(load_image(dataset.paths[1]))[5, 5, 0] == round(500 / 1023 * 255)  # per image: 10-bit
+    # a fixed depth (--bit-depth 16) and the 0..65535 range
+    fixed = ImageListDataset(tmp_path / "img", tmp_path / "l.txt", bit_depth=16)
+    assert fixed.bit_depth == 16
+    assert np.asarray(load_image(fixed.paths[0], 16))[5, 5, 0] == round(2000 / 65535 * 255)
+    full = np.full((32, 32), 30000, np.uint16)
+    full[0, 0] = 65535
+    Image.fromarray(full).save(tmp_path / "img" / "full.png")
+    assert scan_bit_depth([tmp_path / "img" / "full.png", *dataset.paths]) == 16
+    # an image brighter than the data set's depth is clipped, with a warning that names it
+    with pytest.warns(UserWarning, match="full.png has values up to 65535.*--bit-depth 16"):
+        assert np.asarray(load_image(tmp_path / "img" / "full.png", 12))[5, 5, 0] == 255
+    # 8-bit data sets have no depth to decide
+    write_images(tmp_path / "eight", ["a.png"])
+    assert ImageListDataset(tmp_path / "eight", write_list(tmp_path / "e.txt", [("P", "a.png", "x")])).bit_depth is None
+
+
+def test_labels_that_differ_only_by_case_or_spacing_are_an_error(tmp_path):
+    write_images(tmp_path / "train", ["a.png", "b.png", "c.png"])
+    rows = [("P1", "a.png", "normal"), ("P2", "b.png", "Normal"), ("P3", "c.png", "COVID-19")]
+    with pytest.raises(DatasetError, match=r"l.txt: labels that differ only by case or spacing .*"
+                                           r"'normal' \(1 images, first on line 1\) vs 'Normal' \(1 images, first on line 2\)"):
+        ImageListDataset(tmp_path / "train", write_list(tmp_path / "l.txt", rows))
+    (tmp_path / "t.csv").write_text("filename,label\na.png,Normal_\n")
+    with pytest.raises(DatasetError, match=r"unknown label 'Normal_' \(did you mean 'normal'\?\)"):
+        ImageListDataset(tmp_path / "train", tmp_path / "t.csv", "csv", classes=["normal", "COVID-19"])
+
+
+def test_small_classes_are_named_in_the_warning():
+    from sampler import PKSampler
+    with pytest.warns(UserWarning, match=r"effusion \(1\)"):
+        PKSampler([0, 0, 0, 1], p=2, k=2, label_names=["normal", "effusion"])
+
+
+def write_dicom(path, stored, photometric, window=None, slope=1.0, intercept=0.0, bits=12):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "P1"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def png_export(stored, photometric, window=None, slope=1.0, intercept=0.0):
+    """What a DICOM-to-PNG export of the study shows, written out independently of images.py:
+    modality rescale, the LINEAR window of PS3.3 C.11.2.1.2 (else the value range), inverted
+    for MONOCHROME1."""
+    values = stored.astype(np.float64) * slope + intercept
+    if window is None:
+        out = (values - values.min()) / (values.max() - values.min())
+    else:
+        centre, width = window
+        out = np.clip((values - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    out = np.rint(out * 255).astype(np.uint8)
+    return 255 - out if photometric == "MONOCHROME1" else out
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("window, slope, intercept", [(None, 1.0, 0.0), ((1500.0, 2000.0), 1.0, 0.0),
+                                                      ((-200.0, 3000.0), 2.0, -2048.0), (None, 2.0, -2048.0)])
+def test_dicom_matches_the_png_export_of_the_same_study(tmp_path, photometric, window, slope, intercept):
+    pytest.importorskip("pydicom")  # listed in requirements_hybrid.txt; the message without it is tested below
+    rng = np.random.default_rng(0)
+    stored = np.clip(rng.normal(1800, 700, (48, 40)), 0, 4095).astype(np.uint16)
+    stored[:8] = np.linspace(0, 4095, 40).astype(np.uint16)  # the whole range, so the window clips
+    write_dicom(tmp_path / "study.dcm", stored, photometric, window, slope, intercept)
+    Image.fromarray(png_export(stored, photometric, window, slope, intercept)).save(tmp_path / "study.png")
+    from_dicom = np.asarray(load_image(tmp_path / "study.dcm"))
+    from_png = np.asarray(load_image(tmp_path / "study.png"))
+    assert from_dicom.shape == (48, 40, 3)
+    assert np.abs(from_dicom.astype(int) - from_png.astype(int)).max() <= 1
+    bone_bright = from_dicom[..., 0][stored > 3000].mean() > from_dicom[..., 0][stored < 1000].mean()
+    assert bone_bright == (photometric == "MONOCHROME2")  # MONOCHROME1 stores white as low values
+
+
+def test_dicom_in_lists_and_folders_and_without_pydicom(tmp_path, monkeypatch):
+    pytest.importorskip("pydicom")
+    stored = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))
+    (tmp_path / "img" / "normal").mkdir(parents=True)
+    write_dicom(tmp_path / "img" / "normal" / "a.dcm", stored, "MONOCHROME2", (2048.0, 4096.0))
+    write_images(tmp_path / "img", ["normal/b.png"])
+    folder = ImageListDataset(tmp_path / "img", list_format="folder", transform=build_transform(32, False))
+    assert sorted(p.name for p in folder.paths) == ["a.dcm", "b.png"] and folder[0][0].shape == (3, 32, 32)
+    assert folder.check_images(skip_bad=True, progress=False) == []
+    (tmp_path / "img" / "normal" / "empty.dcm").write_bytes(b"")
+    listed = ImageListDataset(tmp_path / "img", write_list(tmp_path / "l.txt", [
+        ("P1", "normal/a.dcm", "normal"), ("P2", "normal/empty.dcm", "normal")]))
+    with pytest.raises(DatasetError, match=r"empty.dcm \(line 2 of .*l.txt\): the file is empty"):
+        listed[1]
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if pydicom were not installed
+    with pytest.raises(DatasetError, match=r"a.dcm \(line 1 of .*l.txt\): reading DICOM files needs "
+                                           r"pydicom 3 or newer: pip install pydicom"):
+        listed[0]
+    assert "pip install pydicom" in images.check_image(tmp_path / "img" / "normal" / "a.dcm")

@@ -299,7 +299,7 @@ def test_validation_list_and_split_sizes(phantoms, tmp_path, capsys):
     # an explicit validation list (here the test list, images in the test folder)
     train.main(tiny_args(phantoms, tmp_path / "b", "--epochs", "1",
                          "--val-image-list", str(phantoms / "test_split.txt"),
-                         "--val-dataset-dir", str(phantoms / "test")))
+                         "--val-dataset-dir", str(phantoms / "test"), "--allow-patient-overlap"))
     assert "train: 30 images, validation: 25, test: 25" in capsys.readouterr().out
     record = read_metrics(tmp_path / "b")[-1]
     assert record["val_mAP"] == pytest.approx(record["test_mAP"])  # the same images
@@ -322,7 +322,8 @@ def test_overwrite_keeps_the_new_runs_checkpoints(phantoms, tmp_path):
 def test_partial_accumulation_group_is_averaged_over_its_own_size(monkeypatch):
     seen = []
 
-    def fake_step(objective, optimizer, scheduler, scaler, images, labels, args, accum_steps=1, step_now=True):
+    def fake_step(objective, optimizer, scheduler, scaler, images, labels, args, accum_steps=1, step_now=True,
+                  guard=None, step=0):
         seen.append((accum_steps, step_now))
         zero = torch.zeros(())
         return zero, {"triplet": zero, "id": zero, "active": zero, "spread": zero}
