@@ -81,6 +81,8 @@ def test_kill_loop_loses_nothing_and_ends_with_the_uninterrupted_weights(phantom
         process = start(command, log, HYBRID_SAVE_PAUSE_S=str(SAVE_PAUSE_S))
         started_at = time.time()
         mode = rng.choice(("start-up", "mid-epoch", "checkpoint write", "checkpoint write"))
+        if cycle == 0:  # the first kill lands before any checkpoint exists
+            mode = "start-up"
         if newest_epoch(save_dir) >= KILL_LOOP_EPOCHS - 3:  # near the end: kills that cannot finish it
             mode = rng.choice(("start-up", "first checkpoint write"))
         if mode == "start-up":  # importing, reading lists, building the model, epoch-0 evaluation
