@@ -338,6 +338,17 @@ class SingleBackboneModel(nn.Module):
         return emb
 
 
+def check_pretrained(name, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, weights_dir=None,
+                     convnext_weights=None, vit_weights=None):
+    """Raise PretrainedWeightsError naming every backbone of model `name` whose pre-trained
+    weights cannot be had, before anything is built (train.py calls it before reading data)."""
+    names = {"hybrid_convnext_vit": [convnext_name, vit_name], "convnextv2": [convnext_name],
+             "vit": [vit_name]}.get(name, [name])
+    problem = missing_weights(names, weights_dir, {convnext_name: convnext_weights, vit_name: vit_weights})
+    if problem:
+        raise PretrainedWeightsError(problem)
+
+
 def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_SIZE,
                 convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, pretrained=True,
                 weights_dir=None, convnext_weights=None, vit_weights=None,
@@ -354,12 +365,8 @@ def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_
     if img_size % 32:
         raise ValueError(f"--img-size {img_size} must be a multiple of 32 (ConvNeXt stride)")
     weights = dict(pretrained=pretrained, weights_dir=weights_dir)
-    if pretrained:  # every branch checked before anything is built: one message names them all
-        names = {"hybrid_convnext_vit": [convnext_name, vit_name], "convnextv2": [convnext_name],
-                 "vit": [vit_name]}.get(name, [name])
-        problem = missing_weights(names, weights_dir, {convnext_name: convnext_weights, vit_name: vit_weights})
-        if problem:
-            raise PretrainedWeightsError(problem)
+    if pretrained:
+        check_pretrained(name, convnext_name, vit_name, weights_dir, convnext_weights, vit_weights)
     if name == "hybrid_convnext_vit":
         model = HybridConvNeXtViT(convnext_name, vit_name, img_size, embedding_dim,
                                   convnext_weights=convnext_weights, vit_weights=vit_weights,

@@ -38,7 +38,7 @@ import utils
 from dataset import ImageListDataset, build_transform, split_by_patient
 from loss import MININGS, CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
 from metrics import evaluate_retrieval
-from model import MODEL_NAMES, NECKS, build_model
+from model import MODEL_NAMES, NECKS, build_model, check_pretrained
 from presets import DATASETS, DEMO_DATA, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
 from sampler import PKSampler
 
@@ -426,6 +426,9 @@ def run(args, runtime):
     elif runtime.is_main and metrics_log.exists() and not args.overwrite:
         raise SystemExit(f"error: {save_dir} already holds a run ({metrics_log}); continue it with "
                          "--resume <checkpoint>, choose another --save-dir, or pass --overwrite")
+    if args.pretrained and checkpoint is None:  # every missing weights file named before the data is read
+        check_pretrained(args.model, args.convnext_name, args.vit_name, args.weights_dir,
+                         args.convnext_weights, args.vit_weights)
     if runtime.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite and not args.resume and metrics_log.exists():

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import sys
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,8 +267,12 @@ def load_checkpoint(path, flag="--resume"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory at the end
+            why = f"{path.stat().st_size:,} bytes without the archive directory a complete checkpoint ends with"
+        else:
+            why = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         raise UserError(f"{flag} {path}: cannot load checkpoint, the file is truncated, corrupt or "
-                        f"not a PyTorch checkpoint ({type(error).__name__}: {error}); {advice}") from error
+                        f"not a PyTorch checkpoint ({why}); {advice}") from error
 
 
 def digest(strings):

@@ -19,7 +19,7 @@ from conftest import ROOT
 from test_train import TINY, ckpt, phantoms, read_metrics, tiny_args  # noqa: F401 (fixture)
 
 KILLS = 20
-KILL_LOOP_EPOCHS = 20
+KILL_LOOP_EPOCHS = 14
 SAVE_PAUSE_S = 0.2  # HYBRID_SAVE_PAUSE_S: the finished temporary file waits this long before its rename
 
 
