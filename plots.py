@@ -34,7 +34,7 @@ def read_metrics_log(path):
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def learning_curves(metrics_path, out_path=None):
+def learning_curves(metrics_path, out_path=None, title=None):
     """Loss terms, active triplets, and validation / test R@1 and mAP per epoch, the epoch kept
     as best marked; default output: learning_curves.png beside metrics.jsonl."""
     plt = _pyplot()
@@ -67,8 +67,8 @@ def learning_curves(metrics_path, out_path=None):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(metrics_path).parent.name}: the best epoch is chosen on validation mAP; test is "
-                 "logged only", fontsize=10, y=1.02)
+    fig.suptitle(f"{title or Path(metrics_path).parent.name}: the best epoch is chosen on validation "
+                 "mAP; test is logged only", fontsize=10, y=1.02)
     return _save(fig, out_path)
 
 
@@ -123,10 +123,11 @@ def embedding_map(embeddings, labels, classes, out_path, method="pca", title=Non
                        label=f"{name} ({int(mask.sum())})")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"{method.upper()} 1")
-    ax.set_ylabel(f"{method.upper()} 2")
+    shown = {"pca": "PCA", "tsne": "t-SNE"}[method]
+    ax.set_xlabel(f"{shown} 1")
+    ax.set_ylabel(f"{shown} 2")
     ax.legend(fontsize=8, markerscale=1.5, loc="best")
-    ax.set_title(title or f"test embeddings ({method.upper()})", fontsize=10)
+    ax.set_title(title or f"test embeddings ({shown})", fontsize=10)
     return _save(fig, out_path)
 
 

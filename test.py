@@ -389,7 +389,8 @@ def run(args, runtime):
             title=f"{config['name']}: majority vote, k = {args.vote_k} ({protocol})")
         written["embedding map"] = plots.embedding_map(
             query_emb.cpu().numpy(), query_labels.cpu().numpy(), classes, f"{prefix}_embedding_map.png",
-            args.map, title=f"{config['name']}: {len(query_set)} test embeddings ({args.map.upper()})")
+            args.map, title=f"{config['name']}: {len(query_set)} test embeddings "
+            f"({'PCA' if args.map == 'pca' else 't-SNE'})")
         written["risk-coverage"] = plots.risk_coverage(report["abstention"], f"{prefix}_risk_coverage.png")
     report["files"] = {name: str(path) for name, path in written.items() if name != "report"}
     npz_path = embeddings_path(args, checkpoint_path, query_set, gallery_set)
