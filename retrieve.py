@@ -5,7 +5,7 @@ Index (resumable: re-running the same command skips the chunks already written):
         [--dataset covid|csv|folder] --out gallery.index [--dtype float16] [--append]
 Query:
     python retrieve.py query --index gallery.index --resume CKPT IMG [IMG ...] --topk 10 \
-        [--ood] --out OUTDIR
+        [--ood] [--explain] --out OUTDIR
 On the demo (after `make demo`):
     python retrieve.py index --resume runs/demo/<name>_best_ckpt.pth --dataset demo \
         --image-list data/demo/train_split.txt --dataset-dir data/demo/train --out runs/demo/gallery.index
@@ -21,8 +21,12 @@ A checkpoint whose fingerprint differs from the index's is refused.
 The search is exact: the gallery is scanned in chunks (one matrix product per chunk, a running
 top-k), so memory stays near the gallery's own size. Ties rank by gallery index, as in test.py.
 A query writes `OUTDIR/results.json` ({"queries": [{"query", "neighbours": [{"path", "label",
-"similarity"}], "vote", "votes", "ood"?, "contact_sheet"}]}; neighbour paths are the image files as
-indexed), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query, and prints a table.
+"similarity"}], "vote", "votes", "ood"?, "explanation"?, "contact_sheet"}]}; neighbour paths are the image files as
+indexed), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query (with --explain, each tile
+carries explain.py's heat map), and prints a table. For galleries of many millions, where the
+exact scan (linear in the gallery) is too slow: `index --faiss-ivf NLIST` adds an approximate
+faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss is optional:
+`pip install faiss-cpu`).
 """
 import argparse
 import hashlib
@@ -37,13 +41,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
+import explain
+import explain_figures
 import ood
 import utils
 from dataset import DatasetError, ImageListDataset, build_transform, load_image
+from gradcam import RetrievalGradCAM, default_layers
 from presets import DATASETS, LIST_FORMAT
 
 INDEX_FORMAT = "hybrid-retrieval-index"
 INDEX_VERSION = 1
+FAISS_FILE = "faiss_ivf.index"
 MANIFEST = "manifest.json"
 
 
@@ -162,9 +170,58 @@ def build_index(args):
         utils.write_json(out / MANIFEST, manifest)  # after the chunk: a kill never lists a missing one
         print(f"  {start + len(part)}/{len(todo)} embedded", flush=True)
     total = sum(chunk["count"] for chunk in manifest["chunks"])
+    if args.faiss_ivf:
+        manifest["faiss"] = build_faiss_index(out, args.faiss_ivf)
+    elif manifest.get("faiss", {}).get("count", total) != total:
+        print(f"warning: {out}'s faiss index holds {manifest['faiss']['count']} of {total} images and "
+              "is dropped; rebuild it with --faiss-ivf", file=sys.stderr)
+        del manifest["faiss"]
     utils.write_json(out / MANIFEST, manifest)
     print(f"index {out}: {total} images, {len(classes)} classes, {manifest['dtype']}")
     return manifest
+
+
+# ---------------------------------------------------------------------- optional faiss index
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise utils.UserError("faiss is not installed: `pip install faiss-cpu` (or faiss-gpu), or "
+                              "use the exact search (the default)") from error
+    return faiss
+
+
+def build_faiss_index(index_dir, nlist):
+    """An inverted-file index (faiss IndexIVFFlat, inner product) over the whole gallery, for
+    galleries of many millions where the exact scan is too slow; approximate: a query searches
+    only the --nprobe closest of the `nlist` clusters."""
+    faiss = import_faiss()
+    _, embeddings, _, _ = load_index(index_dir)
+    if nlist > len(embeddings):
+        raise utils.UserError(f"--faiss-ivf {nlist}: more clusters than the {len(embeddings)} images")
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    quantizer = faiss.IndexFlatIP(vectors.shape[1])  # kept referenced until the index is written
+    index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).permutation(len(vectors))[:256 * nlist]  # faiss's own guideline
+    index.train(vectors[np.sort(sample)])
+    index.add(vectors)
+    tmp = Path(index_dir) / f".{FAISS_FILE}.tmp{os.getpid()}"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, Path(index_dir) / FAISS_FILE)
+    return {"file": FAISS_FILE, "nlist": nlist, "count": len(vectors)}
+
+
+def faiss_search(index_dir, manifest, queries, k, nprobe):
+    faiss = import_faiss()
+    entry = manifest.get("faiss")
+    total = sum(chunk["count"] for chunk in manifest["chunks"])
+    if not entry or entry["count"] != total:
+        raise utils.UserError(f"{index_dir} has no up-to-date faiss index; build one with "
+                              "`retrieve.py index ... --faiss-ivf NLIST`, or drop --search faiss")
+    index = faiss.read_index(str(Path(index_dir) / entry["file"]))
+    index.nprobe = nprobe
+    scores, indices = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+    return torch.from_numpy(scores), torch.from_numpy(indices)
 
 
 def _chunk_paths(path):
@@ -240,11 +297,20 @@ def query(args):
     detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector) if args.ood else None
     embeddings, kept = embed_images(model, args.images, checkpoint["model_config"]["img_size"], device,
                                     args.skip_bad_images, utils.resolve_amp("auto", str(device)))
-    similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
+    if args.search == "faiss":
+        similarities, indices = faiss_search(args.index, manifest, embeddings, min(args.topk, len(gallery)),
+                                             args.nprobe)
+    else:
+        similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
     classes = manifest["classes"]
     if detector is not None:
         scores = detector.scores(embeddings)
         flags = detector.flags(embeddings, scores)
+    cam = None
+    if args.explain:
+        cam = RetrievalGradCAM(model, default_layers(model))
+        transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
+        prototypes = class_prototypes(gallery, gallery_labels, len(classes)).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -261,8 +327,17 @@ def query(args):
             record["ood"] = {"flagged": bool(flags[args.ood_score][q]), "score": args.ood_score,
                              "value": float(scores[args.ood_score][q]),
                              "threshold": detector.thresholds[args.ood_score]}
+        maps = None
+        if cam is not None:  # the query towards its vote's prototype, each neighbour towards the query
+            query_map = explain.heatmaps(cam, transform, [path], prototypes[classes.index(vote)][None], device)
+            neighbour_maps = explain.heatmaps(cam, transform, [n["path"] for n in neighbours],
+                                              embeddings[q].expand(len(neighbours), -1), device)
+            maps = [m for _, m in query_map + neighbour_maps]
+            peak = np.unravel_index(int(maps[0].argmax()), maps[0].shape)
+            record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
+                                     "layers": cam.layers, "peak_xy": [int(peak[1]), int(peak[0])]}
         sheet = out / f"{q:04d}_{Path(path).stem}.png"  # numbered: equal names from two folders
-        contact_sheet(path, record, sheet)
+        contact_sheet(path, record, sheet, maps=maps)
         record["contact_sheet"] = str(sheet)
         results.append(record)
     utils.write_json(out / "results.json", {"index": str(args.index), "checkpoint": str(args.resume),
@@ -270,6 +345,15 @@ def query(args):
     print_results(results)
     print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
     return results
+
+
+def class_prototypes(gallery, labels, num_classes, chunk_size=65536):
+    """Normalised mean embedding of each class, summed chunk by chunk (float16 indexes)."""
+    sums = torch.zeros(num_classes, gallery.shape[1])
+    for start in range(0, len(gallery), chunk_size):
+        block = torch.from_numpy(gallery[start:start + chunk_size]).float()
+        sums.index_add_(0, torch.from_numpy(labels[start:start + chunk_size]), block)
+    return torch.nn.functional.normalize(sums, dim=1)
 
 
 def print_results(results):
@@ -291,8 +375,9 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def contact_sheet(query_path, record, out_path, tile=160, columns=5):
-    """The query, then its neighbours in rank order, each tile captioned."""
+def contact_sheet(query_path, record, out_path, tile=160, columns=5, maps=None):
+    """The query, then its neighbours in rank order, each tile captioned; with `maps` (one
+    saliency map per tile, query first) each thumbnail carries its heat map."""
     caption_h = 36
     tiles = [(query_path, [f"QUERY {Path(query_path).name}"[:28], f"vote: {record['vote']}"
                            + (" (OOD!)" if record.get("ood", {}).get("flagged") else "")])]
@@ -305,7 +390,10 @@ def contact_sheet(query_path, record, out_path, tile=160, columns=5):
         row, col = (0, 0) if position == 0 else (1 + (position - 1) // columns, (position - 1) % columns)
         x, y = col * tile, row * (tile + caption_h)
         try:
-            thumb = load_image(path).resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)
+            thumb = load_image(path)
+            if maps is not None:
+                thumb = Image.fromarray(explain_figures.overlay(thumb, maps[position]))
+            thumb = thumb.resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)
             sheet.paste(thumb, (x + 4, y + 4))
         except (OSError, ValueError):
             print(f"warning: {path}: cannot be read for the contact sheet (moved or deleted "
@@ -334,6 +422,9 @@ def get_args_parser():
                        "halves the size, ranks may differ from test.py's where similarities differ "
                        "by less than ~1e-3")
     index.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
+    index.add_argument("--faiss-ivf", type=int, metavar="NLIST",
+                       help="also build an approximate faiss IVF index with NLIST clusters (needs "
+                            "faiss; about sqrt(N) to 4 sqrt(N) clusters for N images)")
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     index.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -343,7 +434,13 @@ def get_args_parser():
     ask.add_argument("--resume", required=True, help="the checkpoint that built the index")
     ask.add_argument("--topk", type=int, default=10, help="neighbours per query")
     ask.add_argument("--out", required=True, help="folder for results.json and the contact sheets")
+    ask.add_argument("--search", choices=("exact", "faiss"), default="exact",
+                     help="exact chunked scan, or the index's faiss IVF index (approximate)")
+    ask.add_argument("--nprobe", type=int, default=16, help="clusters a faiss query visits")
     ask.add_argument("--ood", action="store_true", help="flag queries the OOD detector rejects")
+    ask.add_argument("--explain", action="store_true",
+                     help="heat maps on the contact sheet (explain.py's saliency): the query's towards "
+                          "its vote's mean embedding, each neighbour's towards the query")
     ask.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood.SCORES, help="score that flags")
     ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")

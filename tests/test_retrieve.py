@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -159,3 +160,43 @@ def test_index_built_with_relative_paths_answers_from_another_folder(trained, ph
     monkeypatch.chdir(tmp_path)
     paths = retrieve.load_index(tmp_path / "idx")[3]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+
+
+def test_query_with_explain_draws_heat_maps(trained, phantoms, tmp_path):  # noqa: F811
+    out = tmp_path / "idx"
+    retrieve.main(index_argv(trained, phantoms, out, "--dtype", "float16"))
+    image = str(phantoms / "test" / "phantom_test_00003.png")
+    common = ["query", "--index", str(out), "--resume", str(trained), image, "--topk", "4", "--device", "cpu"]
+    plain = retrieve.main([*common, "--out", str(tmp_path / "plain")])[0]
+    explained = retrieve.main([*common, "--explain", "--out", str(tmp_path / "explained")])[0]
+    assert plain["neighbours"] == explained["neighbours"] and "explanation" not in plain
+    x, y = explained["explanation"]["peak_xy"]
+    assert 0 <= x < 64 and 0 <= y < 64
+    sheets = [np.asarray(Image.open(r["contact_sheet"]).convert("RGB"), dtype=float) for r in (plain, explained)]
+    assert sheets[0].shape == sheets[1].shape and np.abs(sheets[0] - sheets[1]).mean() > 5  # coloured maps
+
+
+def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "idx"
+    images = [str(phantoms / "test" / f"phantom_test_{i:05d}.png") for i in range(6)]
+    query = ["query", "--index", str(out), "--resume", str(trained), *images, "--topk", "5", "--device", "cpu"]
+    pytest.importorskip("faiss")  # an optional dependency; requirements_hybrid.txt installs it
+    retrieve.main(index_argv(trained, phantoms, out, "--faiss-ivf", "4", "--chunk-size", "8"))
+    assert retrieve.read_manifest(out)["faiss"]["count"] == 30
+    exact = retrieve.main([*query, "--out", str(tmp_path / "e")])
+    # visiting every cluster is an exhaustive search: the same neighbours as the exact scan
+    approximate = retrieve.main([*query, "--search", "faiss", "--nprobe", "4", "--out", str(tmp_path / "f")])
+    for e, f in zip(exact, approximate):
+        assert [n["path"] for n in e["neighbours"]] == [n["path"] for n in f["neighbours"]]
+        assert [n["similarity"] for n in e["neighbours"]] == pytest.approx([n["similarity"] for n in f["neighbours"]], abs=1e-5)
+    # appending without rebuilding drops the stale faiss index, and --search faiss says so
+    append = ["index", "--resume", str(trained), "--image-list", str(phantoms / "test_split.txt"),
+              "--dataset-dir", str(phantoms / "test"), "--out", str(out), "--workers", "0", "--device", "cpu", "--append"]
+    retrieve.main(append)
+    with pytest.raises(train.utils.UserError, match="no up-to-date faiss index"):
+        retrieve.main([*query, "--search", "faiss", "--out", str(tmp_path / "g")])
+    with pytest.raises(train.utils.UserError, match="more clusters"):
+        retrieve.main(index_argv(trained, phantoms, tmp_path / "small", "--faiss-ivf", "100"))
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if not installed
+    with pytest.raises(train.utils.UserError, match="pip install faiss-cpu"):
+        retrieve.main([*query, "--search", "faiss", "--out", str(tmp_path / "h")])

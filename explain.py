@@ -1,0 +1,380 @@
+"""Explain a retrieval: where the model looks (Grad-CAM on both branches), what the lung and heart
+masks say about it, which radiological signs of ontology.json that supports, how much of the
+similarity each branch carries, and how faithful the map is.
+
+One image (overlays, a figure with the neighbours, explanation.json):
+
+    python explain.py --resume CKPT --image IMG --gallery-image-list LIST --gallery-dataset-dir DIR \\
+        [--lung-mask M --heart-mask M | --mask-dir DIR] --out OUTDIR
+
+A list (summary.json = {"images": [...], "aggregate": {...}}; with lesion masks under
+<mask-dir>/lesion the aggregate holds the pointing game and zone agreement):
+
+    python explain.py --resume CKPT --image-list LIST --dataset-dir DIR \\
+        --gallery-image-list LIST --gallery-dataset-dir DIR --mask-dir DIR --out OUTDIR
+
+The gallery defaults to the checkpoint's training list. The Grad-CAM target (--target) is the
+mean gallery embedding of the predicted class (the neighbours' majority vote), or the query's
+k-th retrieved neighbour.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import explain_figures
+import ontology as onto
+import regions
+import utils
+from dataset import ImageListDataset, build_transform, load_image
+from gradcam import METHODS, RetrievalGradCAM, default_layers
+from metrics import majority_vote
+from presets import DATASETS, LIST_FORMAT
+
+
+# ---------------------------------------------------------------------- gallery
+@torch.inference_mode()
+def embed_gallery(model, dataset, device, batch_size, workers):
+    """Embeddings (N, D), labels (N,) and, for the hybrid, each branch's pooled features (for
+    the branch attribution), in one pass."""
+    model.eval()
+    embeddings, labels, parts = [], [], {"convnext": [], "vit": []}
+    for images, targets in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        images = images.to(device)
+        if hasattr(model, "vit") and hasattr(model, "convnext"):
+            conv, vit = model.convnext(images)[0], model.vit(images)[0]
+            parts["convnext"].append(conv.float())
+            parts["vit"].append(vit.float())
+            embeddings.append(model.head(torch.cat([conv, vit], dim=1)).float())
+        else:
+            embeddings.append(model(images).float())
+        labels.append(targets.to(device))
+    means = {k: torch.cat(v).mean(0) for k, v in parts.items() if v}
+    return torch.cat(embeddings), torch.cat(labels), means
+
+
+@torch.inference_mode()
+def branch_attribution(model, images, targets, branch_means):
+    """Similarity to the target, and how much of it each branch carries: the drop in cosine
+    similarity when that branch's pooled features are replaced by their gallery mean before
+    the fusion head (the other branch kept). None for single-backbone models."""
+    if not branch_means:
+        return None
+    conv, vit = model.convnext(images)[0].float(), model.vit(images)[0].float()
+    targets = F.normalize(targets.float(), dim=1)
+
+    def similarity(c, v):
+        return (model.head(torch.cat([c, v], dim=1)).float() * targets).sum(1)
+
+    full = similarity(conv, vit)
+    without_conv = similarity(branch_means["convnext"].expand_as(conv), vit)
+    without_vit = similarity(conv, branch_means["vit"].expand_as(vit))
+    records = []
+    for s, dc, dv in zip(full.tolist(), (full - without_conv).tolist(), (full - without_vit).tolist()):
+        total = abs(dc) + abs(dv)
+        records.append({"similarity": s, "convnext_drop": dc, "vit_drop": dv,
+                        "convnext_share": abs(dc) / total if total > 0 else None,
+                        "vit_share": abs(dv) / total if total > 0 else None})
+    return records
+
+
+# ---------------------------------------------------------------------- faithfulness
+@torch.inference_mode()
+def faithfulness(model, image, target, saliency, steps=16, seed=0):
+    """Deletion and insertion curves (Petsiuk et al., 2018) of one image (3, H, W): the
+    similarity to `target` as the most salient pixels are removed (deletion) or restored
+    (insertion), in `steps` equal parts; the same with a random order as the baseline. Areas
+    are taken over 0..1 on the x axis: a faithful map has a smaller deletion and a larger
+    insertion area than the random order."""
+    # Deletion fills with the image's mean (removes the content), insertion starts from a
+    # blurred copy (a constant start would be out of distribution for every step).
+    grey = image.mean(dim=(1, 2), keepdim=True).expand_as(image)
+    blurred = F.avg_pool2d(image[None], 9, stride=1, padding=4, count_include_pad=False)[0]
+    order = torch.argsort(saliency.flatten(), descending=True)
+    random_order = torch.randperm(order.numel(), generator=torch.Generator().manual_seed(seed))
+    target = F.normalize(target.float(), dim=0)
+    counts = torch.linspace(0, order.numel(), steps + 1).round().long()
+
+    def curve(ranking, start, end):
+        batch = []
+        for n in counts.tolist():
+            mask = torch.zeros(order.numel(), dtype=torch.bool)
+            mask[ranking[:n]] = True
+            mask = mask.view(1, *image.shape[-2:]).to(image.device)
+            batch.append(torch.where(mask, end, start))
+        return (model(torch.stack(batch)).float() @ target).tolist()
+
+    result = {}
+    for name, ranking in (("", order), ("random_", random_order)):
+        deletion, insertion = curve(ranking, image, grey), curve(ranking, blurred, image)
+        result[f"{name}deletion_auc"] = float(np.trapezoid(deletion, dx=1 / steps))
+        result[f"{name}insertion_auc"] = float(np.trapezoid(insertion, dx=1 / steps))
+        if not name:
+            result["deletion_curve"], result["insertion_curve"] = deletion, insertion
+    return result
+
+
+# ---------------------------------------------------------------------- one batch of queries
+def explain_batch(ctx, paths, labels=None, masks=None):
+    """Records for images at `paths` (their original files); `masks` a list of dicts with
+    lungs/heart/lesion bool arrays or None."""
+    device, transform = ctx["device"], ctx["transform"]
+    originals = [load_image(p) for p in paths]
+    images = torch.stack([transform(img) for img in originals]).to(device)
+    with torch.inference_mode():
+        embeddings = ctx["model"](images).float()
+    scores, neighbours = (embeddings @ ctx["gallery"].T).topk(ctx["topk"], dim=1)
+    votes = majority_vote(ctx["gallery_labels"][neighbours], len(ctx["classes"]))
+    if ctx["target"] == "prototype":
+        targets = ctx["prototypes"][votes]
+    else:
+        targets = ctx["gallery"][neighbours[:, ctx["neighbour_rank"] - 1]]
+    attribution = branch_attribution(ctx["model"], images, targets, ctx["branch_means"])
+    weights = None
+    if attribution and all(a["convnext_share"] is not None for a in attribution):  # fused = by share
+        weights = {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
+    maps = ctx["cam"](images, targets, branch_weights=weights)
+    records = []
+    for i, (path, original) in enumerate(zip(paths, originals)):
+        size = (original.height, original.width)
+        full = {b: F.interpolate(maps[b][i][None, None], size=size, mode="bilinear",
+                                 align_corners=False)[0, 0].cpu().numpy() for b in ctx["branches"]}
+        mask = (masks[i] if masks else None) or {}
+        stats = regions.region_statistics(full["fused"], mask.get("lungs"), mask.get("heart"))
+        predicted = ctx["classes"][int(votes[i])]
+        reasoning = onto.reason(ctx["ontology"], stats, predicted)
+        record = {
+            "image": ctx["names"][i],
+            "label": labels[i] if labels is not None else None,
+            "predicted": predicted,
+            "votes": {ctx["classes"][c]: int(n) for c, n in
+                      enumerate(torch.bincount(ctx["gallery_labels"][neighbours[i]], minlength=len(ctx["classes"])).tolist()) if n},
+            "peak_xy": stats["peak_xy"], "top_zone": stats["top_zone"], "ctr": stats["ctr"],
+            "rules_fired": reasoning["rules_fired"], "contradicting": reasoning["contradicting"],
+            "target": ctx["target"], "target_similarity": float(maps["similarity"][i]),
+            "neighbours": [{"path": ctx["gallery_paths"][j], "label": ctx["classes"][int(ctx["gallery_labels"][j])],
+                            "similarity": float(s)} for s, j in zip(scores[i].tolist(), neighbours[i].tolist())],
+            "branch_attribution": attribution[i] if attribution else None,
+            "regions": {k: v for k, v in stats.items() if k not in ("peak_xy", "top_zone", "ctr")},
+            "peaks": {b: list(np.unravel_index(int(full[b].argmax()), size))[::-1] for b in ctx["branches"]},
+            "sentences": reasoning["sentences"],
+        }
+        record["peaks"] = {b: [int(v) for v in xy] for b, xy in record["peaks"].items()}
+        if ctx["faithfulness_steps"] and ctx["faithfulness_left"] > 0:
+            ctx["faithfulness_left"] -= 1
+            record["faithfulness"] = faithfulness(ctx["model"], images[i], targets[i], maps["fused"][i],
+                                                  ctx["faithfulness_steps"])
+        if mask.get("lesion") is not None and mask["lesion"].any():
+            record["lesion"] = lesion_check(full, mask, size, ctx["branches"], seed=i)
+        records.append((record, full, original))
+    return records
+
+
+def lesion_check(full, mask, size, branches, seed):
+    """Pointing game (peak inside the lesion dilated by 10% of the image width) per branch and
+    for a random point of the lungs; whether the top zone is a zone of the lesion."""
+    lesion = regions._fit(mask["lesion"], size)
+    tolerance = 0.1 * size[1]
+    hits = {b: regions.pointing_hit(np.unravel_index(int(full[b].argmax()), size)[::-1], lesion, tolerance)
+            for b in branches}
+    result = {"pointing": hits}
+    if mask.get("lungs") is not None:
+        lungs = regions._fit(mask["lungs"], size)
+        rows, cols = np.nonzero(lungs)
+        pick = np.random.default_rng(seed).integers(len(rows))
+        hits["random_lung_point"] = regions.pointing_hit((cols[pick], rows[pick]), lesion, tolerance)
+        truth = regions.lesion_zones(lesion, lungs)
+        top = regions.region_statistics(full["fused"], lungs)["top_zone"]
+        result.update(lesion_zones=truth, zone_agrees=top in truth)
+    return result
+
+
+def aggregate(records, branches):
+    """Means over the records: pointing game and zone agreement on images with a lesion mask,
+    rule firing rates per label, faithfulness areas, branch shares, CTR."""
+    out = {"num_images": len(records)}
+    with_lesion = [r for r in records if "lesion" in r]
+    if with_lesion:
+        keys = list(branches) + (["random_lung_point"] if "random_lung_point" in with_lesion[0]["lesion"]["pointing"] else [])
+        out["pointing_game"] = {k: float(np.mean([r["lesion"]["pointing"][k] for r in with_lesion])) for k in keys}
+        out["pointing_game_by_label"] = {
+            label: {k: float(np.mean([r["lesion"]["pointing"][k] for r in with_lesion if r["label"] == label])) for k in keys}
+            for label in sorted({r["label"] for r in with_lesion})}
+        agree = [r["lesion"]["zone_agrees"] for r in with_lesion if "zone_agrees" in r["lesion"]]
+        out["zone_agreement"] = float(np.mean(agree)) if agree else None
+        out["num_with_lesion"] = len(with_lesion)
+    labels = sorted({r["label"] for r in records if r["label"] is not None})
+    rules = sorted({rule for r in records for rule in r["rules_fired"]})
+    out["rules_fired_rate_by_label"] = {
+        label: {rule: float(np.mean([rule in r["rules_fired"] for r in records if r["label"] == label]))
+                for rule in rules} for label in labels}
+    if labels:
+        out["vote_accuracy"] = float(np.mean([r["predicted"] == r["label"] for r in records]))
+    faithful = [r["faithfulness"] for r in records if "faithfulness" in r]
+    if faithful:
+        out["faithfulness"] = {k: float(np.mean([f[k] for f in faithful])) for k in faithful[0] if k.endswith("auc")}
+    shares = [r["branch_attribution"]["convnext_share"] for r in records
+              if r["branch_attribution"] and r["branch_attribution"]["convnext_share"] is not None]
+    if shares:
+        out["convnext_share_of_similarity"] = float(np.mean(shares))
+    ctrs = [r["ctr"] for r in records if r["ctr"] is not None]
+    if ctrs:
+        out["ctr_by_label"] = {label: float(np.mean([r["ctr"] for r in records if r["label"] == label and r["ctr"] is not None]))
+                               for label in labels if any(r["label"] == label and r["ctr"] is not None for r in records)}
+    return out
+
+
+# ---------------------------------------------------------------------- command line
+def read_masks(mask_dir, name, lung_mask=None, heart_mask=None):
+    """{"lungs", "heart", "lesion"} bool arrays (None where the file is absent)."""
+    files = {"lungs": lung_mask, "heart": heart_mask, "lesion": None}
+    if mask_dir:
+        for kind in files:
+            candidate = Path(mask_dir) / kind / name
+            if files[kind] is None and candidate.is_file():
+                files[kind] = candidate
+    out = {}
+    for kind, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise utils.UserError(f"--{kind.rstrip('s')}-mask {path}: no such file")
+        out[kind] = regions.load_mask(path) if path is not None else None
+    return out
+
+
+def build_context(args):
+    utils.refuse_distributed("explain.py")
+    device = utils.setup_runtime(args.device).device
+    model, checkpoint, _ = utils.load_trained_model(args.resume, device)
+    run = checkpoint.get("args", {})
+    list_format = LIST_FORMAT[args.dataset or run.get("dataset", "covid")]
+    gallery_list = args.gallery_image_list or run.get("train_image_list")
+    gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
+    if not gallery_list or not gallery_dir:
+        raise utils.UserError(f"{args.resume} does not record its training list; give "
+                              "--gallery-image-list and --gallery-dataset-dir")
+    classes = checkpoint["classes"]
+    transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
+    gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform)
+    embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
+    prototypes = torch.stack([F.normalize(embeddings[labels == c].mean(0), dim=0) if (labels == c).any()
+                              else torch.zeros_like(embeddings[0]) for c in range(len(classes))])
+    layers = default_layers(model, convnext_stage=args.convnext_stage)
+    cam = RetrievalGradCAM(model, layers, method=args.method)
+    return {"model": model, "device": device, "transform": transform, "classes": classes,
+            "gallery": embeddings, "gallery_labels": labels, "gallery_paths": [str(p) for p in gallery.paths],
+            "prototypes": prototypes, "branch_means": means, "cam": cam, "branches": list(layers) + ["fused"],
+            "topk": min(args.topk, len(gallery)), "target": args.target, "neighbour_rank": args.neighbour_rank,
+            "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
+            "faithfulness_left": args.faithfulness_images,
+            "list_format": list_format, "names": None, "layers": layers}
+
+
+def main(args):
+    if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
+        raise utils.UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
+    if bool(args.image) == bool(args.image_list):
+        raise utils.UserError("give either --image (one radiograph) or --image-list with --dataset-dir")
+    try:
+        ctx = build_context(args)
+    except onto.OntologyError as error:
+        raise utils.UserError(str(error)) from error
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.image:
+        masks = read_masks(args.mask_dir, Path(args.image).name, args.lung_mask, args.heart_mask)
+        ctx["names"] = [args.image]
+        record, full, original = explain_batch(ctx, [args.image], masks=[masks])[0]
+        neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
+        explain_figures.write_overlays(out, original, full)
+        explain_figures.write_figure(out / "figure.png", original, full, record, neighbour_maps)
+        record["files"] = sorted(p.name for p in out.glob("*.png"))
+        utils.write_json(out / "explanation.json", record)
+        for sentence in record["sentences"]:
+            print(sentence)
+        print(f"wrote {out / 'explanation.json'} and the figures in {out}")
+        return record
+    dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"])
+    records = []
+    for start in range(0, len(dataset), args.batch_size):
+        part = list(range(start, min(start + args.batch_size, len(dataset))))
+        paths = [dataset.paths[i] for i in part]
+        ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
+        labels = [dataset.classes[int(dataset.targets[i])] for i in part]
+        masks = [read_masks(args.mask_dir, p.name) if args.mask_dir else None for p in paths]
+        for record, full, original in explain_batch(ctx, paths, labels, masks):
+            records.append(record)
+            if len(records) <= args.save_overlays:
+                explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
+        print(f"  {len(records)}/{len(dataset)} explained", flush=True)
+    summary = {"images": records, "aggregate": aggregate(records, ctx["branches"]),
+               "layers": ctx["layers"], "target": args.target, "checkpoint": str(args.resume)}
+    utils.write_json(out / "summary.json", summary)
+    explain_figures.print_aggregate(summary["aggregate"])
+    print(f"wrote {out / 'summary.json'}")
+    return summary
+
+
+def neighbour_heatmaps(ctx, record, count):
+    """Maps of the top neighbours towards the query: where each looks like the query."""
+    count = min(count, len(record["neighbours"]))
+    if count == 0:
+        return []
+    query = ctx["transform"](load_image(ctx["names"][0]))[None].to(ctx["device"])
+    with torch.inference_mode():
+        target = ctx["model"](query).float()[0]
+    paths = [n["path"] for n in record["neighbours"][:count]]
+    return heatmaps(ctx["cam"], ctx["transform"], paths, target.expand(count, -1), ctx["device"])
+
+
+def heatmaps(cam, transform, paths, targets, device):
+    """[(original PIL image, fused map at its resolution)] of the images at `paths`, each for
+    the similarity to its row of `targets`."""
+    originals = [load_image(p) for p in paths]
+    images = torch.stack([transform(img) for img in originals]).to(device)
+    fused = cam(images, targets.to(device))["fused"]
+    return [(img, F.interpolate(fused[i][None, None], size=(img.height, img.width), mode="bilinear",
+                                align_corners=False)[0, 0].cpu().numpy()) for i, img in enumerate(originals)]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Explain retrievals: Grad-CAM on both branches, "
+                                     "region statistics, ontology rules, branch attribution")
+    parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
+    parser.add_argument("--image", help="one radiograph to explain")
+    parser.add_argument("--image-list", help="a list of radiographs to explain (batch mode)")
+    parser.add_argument("--dataset-dir", help="folder of --image-list's images")
+    parser.add_argument("--dataset", choices=DATASETS, help="list format (default: the checkpoint's)")
+    parser.add_argument("--gallery-image-list", help="labelled gallery (default: the run's training list)")
+    parser.add_argument("--gallery-dataset-dir", help="its folder (default: <run's dataset-dir>/train)")
+    parser.add_argument("--lung-mask", help="binary lung mask PNG of --image")
+    parser.add_argument("--heart-mask", help="binary heart mask PNG of --image")
+    parser.add_argument("--mask-dir", help="folder with lungs/, heart/ and optionally lesion/ masks "
+                        "named like the images (as demo_data.py writes them)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--topk", type=int, default=10, help="neighbours retrieved and voting")
+    parser.add_argument("--target", choices=("prototype", "neighbour"), default="prototype",
+                        help="Grad-CAM target: the predicted class's mean gallery embedding, or a neighbour")
+    parser.add_argument("--neighbour-rank", type=int, default=1, help="which neighbour, with --target neighbour")
+    parser.add_argument("--convnext-stage", type=int, default=0, choices=range(4),
+                        help="ConvNeXt stage the map is read from (stride 4 * 2**stage)")
+    parser.add_argument("--method", choices=METHODS, default="gradnorm",
+                        help="saliency from the layer's gradients (see gradcam.py)")
+    parser.add_argument("--ontology", default=str(onto.DEFAULT_ONTOLOGY), help="ontology JSON")
+    parser.add_argument("--faithfulness-steps", type=int, default=16,
+                        help="steps of the deletion/insertion curves (0: skip them)")
+    parser.add_argument("--faithfulness-images", type=int, default=60,
+                        help="batch mode: curves for the first N images (each costs 4 x steps forward passes)")
+    parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
+    parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser().parse_args())

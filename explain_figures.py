@@ -1,0 +1,77 @@
+"""Pictures and console output of explain.py: heat-map overlays and the query/neighbour figure."""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+TITLES = {"convnext": "ConvNeXt + MXA", "vit": "ViT tokens", "cnn": "CNN", "fused": "fused"}
+
+
+def overlay(image, saliency, alpha=0.45):
+    """An RGB uint8 array: the radiograph in grey with the map in the 'jet' colours on top."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0
+    heat = plt.get_cmap("jet")(np.clip(saliency, 0, 1))[..., :3]
+    return (255 * ((1 - alpha) * grey + alpha * heat)).astype(np.uint8)
+
+
+def write_overlays(folder, image, maps):
+    """overlay_image.png and overlay_<branch>.png, each at the original file's resolution."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image.convert("RGB").save(folder / "overlay_image.png")
+    for branch, saliency in maps.items():
+        Image.fromarray(overlay(image, saliency)).save(folder / f"overlay_{branch}.png")
+
+
+def write_figure(path, image, maps, record, neighbour_maps):
+    """Row 1: the query and its maps; row 2: the top neighbours, each with the map of where it
+    resembles the query. Captions give labels, similarities, the branch shares and the rules."""
+    columns = max(len(maps) + 1, len(neighbour_maps), 1)
+    rows = 2 if neighbour_maps else 1
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image.convert("L"), cmap="gray")
+    axes[0, 0].set_title(f"query\nlabel {record['label'] or '?'}, vote {record['predicted']}", fontsize=9)
+    share = record.get("branch_attribution") or {}
+    for i, (branch, saliency) in enumerate(maps.items(), start=1):
+        axes[0, i].imshow(overlay(image, saliency))
+        caption = TITLES.get(branch, branch)
+        if branch in ("convnext", "vit") and share.get(f"{branch}_share") is not None:
+            caption += f"\n{share[f'{branch}_share']:.0%} of the similarity"
+        axes[0, i].set_title(caption, fontsize=9)
+        if branch == "fused":
+            x, y = record["peak_xy"]
+            axes[0, i].plot([x], [y], marker="+", color="white", markersize=12, mew=2)
+    for i, (neighbour, (img, saliency)) in enumerate(zip(record["neighbours"], neighbour_maps)):
+        axes[1, i].imshow(overlay(img, saliency))
+        axes[1, i].set_title(f"#{i + 1} {neighbour['label']}\nsim {neighbour['similarity']:.3f}", fontsize=9)
+    text = "; ".join(record["rules_fired"]) or "no rule fired"
+    fig.suptitle(f"rules fired: {text}" + (f"  |  against the vote: {', '.join(record['contradicting'])}"
+                                           if record["contradicting"] else ""), fontsize=9, y=0.995)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_aggregate(aggregate):
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    print(f"explained {aggregate['num_images']} images")
+    if "vote_accuracy" in aggregate:
+        print(f"  majority-vote accuracy {pct(aggregate['vote_accuracy'])}")
+    if "pointing_game" in aggregate:
+        games = ", ".join(f"{k} {pct(v)}" for k, v in aggregate["pointing_game"].items())
+        print(f"  pointing game on {aggregate['num_with_lesion']} images with a lesion: {games}")
+        print(f"  zone agreement {pct(aggregate['zone_agreement'])}")
+    if "faithfulness" in aggregate:
+        f = aggregate["faithfulness"]
+        print(f"  deletion AUC {f['deletion_auc']:.3f} (random order {f['random_deletion_auc']:.3f}), "
+              f"insertion AUC {f['insertion_auc']:.3f} (random order {f['random_insertion_auc']:.3f})")
+    if "convnext_share_of_similarity" in aggregate:
+        print(f"  ConvNeXt branch share of the similarity {pct(aggregate['convnext_share_of_similarity'])}")

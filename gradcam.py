@@ -1,0 +1,147 @@
+"""Grad-CAM for retrieval: which pixels make a query similar to a chosen embedding.
+
+    cam = RetrievalGradCAM(model)                     # layers: defaults per model type
+    maps = cam(images, targets)                       # targets: (B, D) embeddings
+    maps["convnext"], maps["vit"], maps["fused"]      # (B, H, W) in [0, 1], image resolution
+
+The score is the cosine similarity between the query's embedding and its target (a retrieved
+neighbour, or a class's mean gallery embedding); one forward and one backward pass give the
+activations A and gradients dS/dA of the chosen layers. Three ways to turn them into a map:
+
+- "gradnorm" (default): the norm over channels of dS/dA at each location: how strongly the
+  similarity depends on the features there.
+- "gradcam": Selvaraju et al. (2017): channels weighted by their spatially averaged gradient,
+  summed, rectified.
+- "hirescam": Draelos & Carin (2020): element-wise gradient x activation, summed, rectified.
+
+Why gradnorm by default, measured on the demo checkpoint (HYBRID_MODEL_GUIDE.md, Explanations):
+the phantoms' lesions replace dark lung air, so the model's evidence for a finding is largely
+the *absence* of its air-texture features where the lesion is. Activation-weighted maps
+(gradcam, hirescam) then light up the healthy lung around it (pointing game 5-11% against 31%
+for a random lung point), while the gradient magnitude peaks on the lesion.
+
+Written by hand (about sixty lines) instead of using pytorch-grad-cam: the target is a
+similarity between two embeddings rather than a class logit, the hybrid needs two layers of
+different shapes (a ConvNeXt feature map and ViT tokens) from one forward and one backward pass,
+and the ViT layer has to drop its prefix tokens before being laid out on the patch grid.
+
+Layers (`layers=` overrides; names of `model.named_modules()`):
+- ConvNeXt branch: the output of an earlier stage (`convnext_stage`, stride 4 * 2**stage; the
+  first, stride 4, by default: the last stage's stride-32 map is 2 x 2 at the demo's 64 px, too
+  coarse to point with). The MXA block after the last stage stays on the score's path.
+- ViT branch: the input of the last block's attention (`blocks[-1].norm1`). The last block's
+  output patch tokens cannot be used: the CLS token, the branch's feature, no longer reads them,
+  so their gradient is zero.
+- ResNet-50 / DenseNet-121 baselines: their stride-16 stage (`layer3`, `features.denseblock3`).
+"""
+import torch
+import torch.nn.functional as F
+
+METHODS = ("gradnorm", "gradcam", "hirescam")
+
+# Candidate layers per branch, first match wins: the hybrid's branches, or a baseline's one.
+CANDIDATES = {
+    "convnext": ("convnext.backbone.stages_2", "branch.backbone.stages_2"),
+    "vit": ("vit.backbone.blocks", "branch.backbone.blocks"),  # + ".<last>.norm1"
+    "cnn": ("branch.backbone.layer3", "branch.backbone.features.denseblock3"),
+}
+
+
+def default_layers(model, convnext_stage=0):
+    """{branch name: module name} of the layers Grad-CAM reads in `model`."""
+    names = dict(model.named_modules())
+    layers = {}
+    for branch, options in CANDIDATES.items():
+        found = next((name for name in options if name in names), None)
+        if found and branch == "vit":
+            found = f"{found}.{len(names[found]) - 1}.norm1"
+        elif found and branch == "convnext":
+            found = found.replace("stages_2", f"stages_{convnext_stage}")
+        if found:
+            layers[branch] = found
+    if not layers:
+        raise ValueError("no Grad-CAM layer found in this model; pass layers={'name': 'module.path'}")
+    return layers
+
+
+class RetrievalGradCAM:
+    def __init__(self, model, layers=None, vit_prefix_tokens=None, method="gradnorm"):
+        if method not in METHODS:
+            raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
+        self.model = model
+        self.method = method
+        self.layers = layers or default_layers(model)
+        modules = dict(model.named_modules())
+        missing = [name for name in self.layers.values() if name not in modules]
+        if missing:
+            raise ValueError(f"no module named {', '.join(missing)} in the model")
+        self.modules = {branch: modules[name] for branch, name in self.layers.items()}
+        vit = getattr(model, "vit", None) or getattr(model, "branch", None)
+        self.prefix = vit_prefix_tokens if vit_prefix_tokens is not None else \
+            getattr(getattr(vit, "backbone", None), "num_prefix_tokens", 1)
+
+    def __call__(self, images, targets, amp_dtype=None, branch_weights=None):
+        """Maps of `images` (B, 3, H, W) for the similarity to `targets` (B, D); returns
+        {branch: (B, H, W)} plus "fused", each in [0, 1] per image, and "similarity" (B,).
+        fused = the branches' maps weighted by `branch_weights` ({branch: (B,)}, e.g. each
+        branch's share of the similarity), equal weights by default."""
+        activations = {}
+
+        def keep(branch):
+            def hook(_module, _inputs, output):
+                output.retain_grad()
+                activations[branch] = output
+            return hook
+
+        handles = [m.register_forward_hook(keep(b)) for b, m in self.modules.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad(), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
+                                                     enabled=amp_dtype is not None):
+                images = images.detach().requires_grad_(True)  # hooks need a graph even if frozen
+                embeddings = self.model(images).float()
+                similarity = (embeddings * F.normalize(targets.float().to(embeddings.device), dim=1)).sum(1)
+                self.model.zero_grad(set_to_none=True)
+                similarity.sum().backward()  # images are independent: one backward for the batch
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        size = images.shape[-2:]
+        maps = {branch: self._cam(activations[branch], size) for branch in self.modules}
+        weights = torch.stack([torch.as_tensor(branch_weights[b], dtype=torch.float32, device=images.device)
+                               if branch_weights else torch.ones(len(images), device=images.device)
+                               for b in maps])  # (branches, B)
+        weights = weights / weights.sum(0).clamp_min(1e-12)
+        maps["fused"] = _unit((weights[:, :, None, None] * torch.stack(list(maps.values()))).sum(0))
+        maps["similarity"] = similarity.detach()
+        return maps
+
+    def _cam(self, activation, size):
+        values, grads = activation.detach().float(), activation.grad.float()
+        if values.dim() == 3:  # ViT tokens (B, prefix + N, C) -> (B, C, h, w)
+            values, grads = (_token_grid(t[:, self.prefix:]) for t in (values, grads))
+        if self.method == "gradcam":  # channels weighted by their mean gradient
+            weights = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+            cam = F.relu((weights * values).sum(1, keepdim=True))  # (B, 1, h, w)
+        elif self.method == "hirescam":  # element-wise gradient x activation
+            cam = F.relu((grads * values).sum(1, keepdim=True))
+        else:  # gradnorm: how strongly the similarity depends on the features at each location
+            cam = grads.norm(dim=1, keepdim=True)
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+        return _unit(cam)
+
+
+def _token_grid(tokens):
+    batch, count, channels = tokens.shape
+    side = int(round(count ** 0.5))
+    if side * side != count:
+        raise ValueError(f"{count} patch tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(batch, channels, side, side)
+
+
+def _unit(maps):
+    """Each map scaled to a maximum of 1 (an all-zero map stays zero)."""
+    peak = maps.flatten(1).amax(1).clamp_min(1e-12)
+    return maps / peak.view(-1, *([1] * (maps.dim() - 1)))

@@ -1,0 +1,129 @@
+"""Ontology-driven reasoning over region statistics: which radiological signs the saliency map
+and the masks show, whether they support or contradict the retrieved finding, in plain words.
+
+    ontology = load_ontology("ontology.json")        # validated; errors name the entry
+    result = reason(ontology, stats, predicted="effusion")
+    result["rules_fired"], result["contradicting"], result["sentences"]
+
+The rules, their thresholds and their sentences live in the JSON file (see its "description");
+this module only evaluates them. Each rule is a conjunction of conditions `stat op value` over
+the statistics of regions.region_statistics (and the derived ones it adds).
+"""
+import json
+import operator
+import string
+from pathlib import Path
+
+DEFAULT_ONTOLOGY = Path(__file__).with_name("ontology.json")
+OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+       "==": operator.eq, "!=": operator.ne}
+RULE_KEYS = {"id", "sign", "when", "supports", "contradicts", "sentence", "caution"}
+
+
+class OntologyError(ValueError):
+    """A malformed ontology file; the message names the file and the entry."""
+
+
+def load_ontology(path=DEFAULT_ONTOLOGY):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise OntologyError(f"{path}: cannot be read ({error})") from error
+    except json.JSONDecodeError as error:
+        raise OntologyError(f"{path}: not valid JSON at line {error.lineno}: {error.msg}") from error
+    validate(data, path)
+    return data
+
+
+def validate(data, path="ontology"):
+    def fail(where, message):
+        raise OntologyError(f"{path}: {where}: {message}")
+
+    if not isinstance(data, dict):
+        fail("top level", "must be an object with findings, regions, signs and rules")
+    for key in ("findings", "signs", "rules"):
+        if key not in data:
+            fail("top level", f"missing '{key}'")
+    findings, signs = data["findings"], data["signs"]
+    if not isinstance(findings, dict) or not findings:
+        fail("findings", "must be a non-empty object {name: {description}}")
+    if not isinstance(signs, dict):
+        fail("signs", "must be an object {id: name}")
+    if not isinstance(data["rules"], list):
+        fail("rules", "must be a list")
+    seen = set()
+    for i, rule in enumerate(data["rules"]):
+        where = f"rules[{i}]" + (f" (id '{rule.get('id')}')" if isinstance(rule, dict) else "")
+        if not isinstance(rule, dict):
+            fail(where, "must be an object")
+        unknown = set(rule) - RULE_KEYS
+        if unknown:
+            fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
+        if not isinstance(rule.get("id"), str) or not rule["id"]:
+            fail(where, "needs a non-empty string 'id'")
+        if rule["id"] in seen:
+            fail(where, "duplicate id")
+        seen.add(rule["id"])
+        if rule.get("sign") not in signs:
+            fail(where, f"sign {rule.get('sign')!r} is not one of the signs {sorted(signs)}")
+        conditions = rule.get("when")
+        if not isinstance(conditions, list) or not conditions:
+            fail(where, "'when' must be a non-empty list of {stat, op, value}")
+        for j, condition in enumerate(conditions):
+            if not isinstance(condition, dict) or set(condition) != {"stat", "op", "value"}:
+                fail(f"{where} when[{j}]", "must be exactly {\"stat\", \"op\", \"value\"}")
+            if condition["op"] not in OPS:
+                fail(f"{where} when[{j}]", f"unknown op {condition['op']!r}; use one of {' '.join(OPS)}")
+        for key in ("supports", "contradicts"):
+            names = rule.get(key, [])
+            if not isinstance(names, list) or any(name not in findings for name in names):
+                fail(where, f"'{key}' must list findings among {sorted(findings)}, got {names!r}")
+        if not isinstance(rule.get("sentence"), str):
+            fail(where, "needs a 'sentence' (placeholders: {stat} or {stat:.2f})")
+        for _, field, _, _ in string.Formatter().parse(rule["sentence"]):
+            if field is not None and field not in {c["stat"] for c in conditions} | {"top_zone"}:
+                fail(where, f"sentence uses {{{field}}}, which is not one of its conditions' stats")
+
+
+def _holds(condition, stats):
+    value = stats.get(condition["stat"])
+    if value is None:
+        return None  # absent statistic (no mask): neither fires nor contradicts
+    try:
+        return bool(OPS[condition["op"]](value, condition["value"]))
+    except TypeError:
+        return False
+
+
+def reason(ontology, stats, predicted=None):
+    """The rules that fire on `stats`, which support or contradict `predicted`, and sentences."""
+    fired, supporting, contradicting, cautions, sentences = [], [], [], [], []
+    for rule in ontology["rules"]:
+        results = [_holds(condition, stats) for condition in rule["when"]]
+        if None in results or not all(results):
+            continue
+        values = {c["stat"]: stats[c["stat"]] for c in rule["when"]}
+        record = {"id": rule["id"], "sign": ontology["signs"][rule["sign"]], "values": values,
+                  "supports": rule.get("supports", []), "contradicts": rule.get("contradicts", [])}
+        fired.append(record)
+        sentence = rule["sentence"].format(**values, top_zone=stats.get("top_zone"))
+        if predicted in record["supports"]:
+            supporting.append(rule["id"])
+        if predicted in record["contradicts"]:
+            contradicting.append(rule["id"])
+            sentence += f" This speaks against {predicted}."
+        if rule.get("caution"):
+            cautions.append(rule["id"])
+        sentences.append(sentence)
+    if predicted is not None:
+        summary = f"Retrieved finding: {predicted}"
+        if supporting:
+            names = ", ".join(ontology["signs"][r["sign"]] for r in ontology["rules"] if r["id"] in supporting)
+            summary += f", supported by: {names}."
+        else:
+            summary += "; no sign in the ontology supports it on this image."
+        sentences.insert(0, summary)
+    return {"predicted": predicted, "rules_fired": [r["id"] for r in fired], "fired": fired,
+            "supporting": supporting, "contradicting": contradicting, "cautions": cautions,
+            "sentences": sentences}

@@ -1,0 +1,254 @@
+"""Explanations: Grad-CAM sanity checks, region statistics, ontology rules, explain.py end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo_data
+import explain
+import ontology as onto
+import regions
+import train
+from conftest import SMALL_MODEL
+from gradcam import METHODS, RetrievalGradCAM, default_layers
+from model import build_model
+from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):  # noqa: F811
+    save_dir = tmp_path_factory.mktemp("run")
+    train.main(tiny_args(phantoms, save_dir, "--epochs", "2", "--img-size", "64"))
+    return ckpt(save_dir, "best")
+
+
+def small_model(name="hybrid_convnext_vit", seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, embedding_dim=16, pretrained=False, neck="bn", **SMALL_MODEL).eval()
+
+
+def correlation(a, b):
+    return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
+
+
+# ---------------------------------------------------------------------- Grad-CAM
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_depend_on_the_weights_and_on_the_target(method):
+    model = small_model()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    target_a, target_b = torch.randn(2, 16), torch.randn(2, 16)
+    maps = RetrievalGradCAM(model, method=method)(images, target_a)
+    assert set(maps) == {"convnext", "vit", "fused", "similarity"}
+    for branch in ("convnext", "vit", "fused"):
+        assert maps[branch].shape == (2, 64, 64) and torch.isfinite(maps[branch]).all()
+        assert maps[branch].amax(dim=(1, 2)).allclose(torch.ones(2))  # scaled to a peak of 1
+    again = RetrievalGradCAM(model, method=method)(images, target_a)
+    assert torch.equal(maps["fused"], again["fused"])  # deterministic
+    other_target = RetrievalGradCAM(model, method=method)(images, target_b)
+    assert correlation(maps["fused"], other_target["fused"]) < 0.95
+    randomised = RetrievalGradCAM(small_model(seed=7), method=method)(images, target_a)
+    assert correlation(maps["fused"], randomised["fused"]) < 0.9  # model-randomisation check
+
+
+def test_layers_of_each_model_and_branch_weights():
+    hybrid = small_model()
+    assert default_layers(hybrid) == {"convnext": "convnext.backbone.stages_0",
+                                      "vit": "vit.backbone.blocks.11.norm1"}
+    assert default_layers(hybrid, convnext_stage=2)["convnext"].endswith("stages_2")
+    assert set(default_layers(small_model("convnextv2"))) == {"convnext"}
+    assert set(default_layers(small_model("vit"))) == {"vit"}
+    resnet = build_model("resnet50", embedding_dim=16, img_size=64, pretrained=False).eval()
+    maps = RetrievalGradCAM(resnet)(torch.randn(1, 3, 64, 64), torch.randn(1, 16))
+    assert set(maps) == {"cnn", "fused", "similarity"} and maps["cnn"].shape == (1, 64, 64)
+    images, target = torch.randn(2, 3, 64, 64), torch.randn(2, 16)
+    cam = RetrievalGradCAM(hybrid)
+    only_conv = cam(images, target, branch_weights={"convnext": [1.0, 1.0], "vit": [0.0, 0.0]})
+    assert torch.allclose(only_conv["fused"], only_conv["convnext"])
+    with pytest.raises(ValueError, match="saliency method"):
+        RetrievalGradCAM(hybrid, method="occlusion")
+
+
+def test_map_under_bf16_autocast_and_in_training_mode_model():
+    model = small_model().train()
+    maps = RetrievalGradCAM(model)(torch.randn(2, 3, 64, 64), torch.randn(2, 16), amp_dtype=torch.bfloat16)
+    assert torch.isfinite(maps["fused"]).all() and model.training  # mode restored
+
+
+# ---------------------------------------------------------------------- region statistics
+def hand_made_masks(size=60):
+    lungs = np.zeros((size, size), bool)
+    lungs[10:40, 10:25] = True  # image left = patient right
+    lungs[10:40, 35:50] = True
+    heart = np.zeros((size, size), bool)
+    heart[28:42, 22:40] = True
+    lungs &= ~heart
+    return lungs, heart
+
+
+def test_region_statistics_on_hand_made_masks():
+    lungs, heart = hand_made_masks()
+    saliency = np.zeros(lungs.shape)
+    saliency[32:36, 12:16] = 1.0  # patient's right lung, lower third (rows 30-39)
+    saliency[0:2, 0:2] = 0.5  # outside both
+    stats = regions.region_statistics(saliency, lungs, heart)
+    assert stats["lungs_share"] == pytest.approx(16 / 18) and stats["outside_share"] == pytest.approx(2 / 18)
+    assert stats["heart_share"] == 0.0
+    assert stats["top_zone"] == "right_lower" and stats["peak_zone"] == "right_lower"
+    assert stats["right_lung_share"] == pytest.approx(1.0) and stats["lower_share"] == pytest.approx(1.0)
+    assert stats["ctr"] == pytest.approx(18 / 40)  # heart 18 columns wide, lungs 40
+    assert stats["peak_xy"] == [12, 32]  # [x, y]: column, then row
+    # masks of another size are resized to the map; a missing mask gives None, not a guess
+    big = np.kron(saliency, np.ones((2, 2)))
+    resized = regions.region_statistics(big, lungs, heart)
+    assert resized["top_zone"] == "right_lower" and resized["ctr"] == pytest.approx(18 / 40, abs=0.03)
+    no_heart = regions.region_statistics(saliency, lungs, None)
+    assert no_heart["ctr"] is None and no_heart["heart_share"] is None and no_heart["outside_share"] is None
+    nothing = regions.region_statistics(saliency)
+    assert nothing["top_zone"] is None and nothing["zones"] is None and nothing["peak_xy"] is not None
+
+
+def test_zones_left_right_and_lesion_ground_truth():
+    lungs, _ = hand_made_masks()
+    zones, midline = regions.zone_map(lungs)
+    assert regions.ZONES[zones[12, 12]] == "right_upper" and regions.ZONES[zones[25, 45]] == "left_middle"
+    lesion = np.zeros_like(lungs)
+    lesion[33:39, 36:44] = True
+    assert regions.lesion_zones(lesion, lungs) == ["left_lower"]
+    assert regions.pointing_hit((40, 35), lesion, tolerance=0)
+    assert not regions.pointing_hit((20, 20), lesion, tolerance=5)
+    assert regions.pointing_hit((30, 36), lesion, tolerance=6)  # 6 pixels left of the lesion
+
+
+def test_ctr_from_written_masks_matches_the_generator(tmp_path):
+    root = tmp_path / "demo"
+    demo_data.write_demo_dataset(root, train_per_class=1, test_per_class=4, size=96, seed=3)
+    meta = json.loads((root / "demo_meta.json").read_text())["images"]
+    for name, info in meta.items():
+        lungs = regions.load_mask(root / "masks" / "lungs" / name, size=(150, 150))  # resized
+        heart = regions.load_mask(root / "masks" / "heart" / name, size=(150, 150))
+        assert regions.cardiothoracic_ratio(lungs, heart) == pytest.approx(info["ctr"], abs=0.03)
+
+
+# ---------------------------------------------------------------------- ontology
+def base_stats(**changes):
+    stats = {"ctr": 0.45, "lungs_share": 0.8, "outside_share": 0.1, "lower_share": 0.3,
+             "right_lung_share": 0.5, "left_lung_share": 0.5, "peripheral_share": 0.3,
+             "dominant_lung_share": 0.5, "top_zone_share": 0.2, "top_zone": "right_middle",
+             "peak_level": "middle"}
+    return {**stats, **changes}
+
+
+RULE_CASES = {  # rule id: (stats where it fires, stats where it stays silent)
+    "enlarged_cardiac_silhouette": (dict(ctr=0.62), dict(ctr=0.45)),
+    "normal_cardiac_silhouette": (dict(ctr=0.45), dict(ctr=0.62)),
+    "basal_effusion": (dict(lower_share=0.7, peak_level="lower"), dict(lower_share=0.7, peak_level="upper")),
+    "peripheral_ground_glass": (dict(peripheral_share=0.6, lower_share=0.5),
+                                dict(peripheral_share=0.6, lower_share=0.5, left_lung_share=0.1)),
+    "focal_consolidation": (dict(dominant_lung_share=0.9, top_zone_share=0.6),
+                            dict(dominant_lung_share=0.6, top_zone_share=0.6)),
+    "attention_outside_lungs": (dict(outside_share=0.7, lungs_share=0.2), dict(outside_share=0.3)),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_CASES))
+def test_each_rule_fires_and_stays_silent(rule):
+    ontology = onto.load_ontology()
+    assert {r["id"] for r in ontology["rules"]} == set(RULE_CASES)
+    fires, silent = RULE_CASES[rule]
+    result = onto.reason(ontology, base_stats(**fires), predicted="normal")
+    assert rule in result["rules_fired"]
+    fired = next(r for r in result["fired"] if r["id"] == rule)
+    assert all(fired["values"][k] == v for k, v in fires.items() if k in fired["values"])
+    assert rule not in onto.reason(ontology, base_stats(**silent), predicted="normal")["rules_fired"]
+
+
+def test_reasoning_supports_contradicts_and_absent_statistics():
+    ontology = onto.load_ontology()
+    big_heart = onto.reason(ontology, base_stats(ctr=0.62), predicted="normal")
+    assert big_heart["contradicting"] == ["enlarged_cardiac_silhouette"]
+    assert "speaks against normal" in " ".join(big_heart["sentences"])
+    agrees = onto.reason(ontology, base_stats(ctr=0.62), predicted="cardiomegaly")
+    assert agrees["supporting"] == ["enlarged_cardiac_silhouette"] and not agrees["contradicting"]
+    assert "0.62" in " ".join(agrees["sentences"])
+    no_masks = onto.reason(ontology, {k: None for k in base_stats()}, predicted="pneumonia")
+    assert no_masks["rules_fired"] == [] and "no sign" in no_masks["sentences"][0]
+
+
+@pytest.mark.parametrize("breakage, named", [
+    (lambda o: o["rules"][2]["when"][0].update(op="=>"), "rules[2] (id 'basal_effusion') when[0]"),
+    (lambda o: o["rules"][0].update(supports=["tuberculosis"]), "rules[0] (id 'enlarged_cardiac_silhouette')"),
+    (lambda o: o["rules"][1].update(sign="no_such_sign"), "rules[1]"),
+    (lambda o: o["rules"].append(dict(o["rules"][0])), "duplicate id"),
+    (lambda o: o.pop("findings"), "missing 'findings'"),
+])
+def test_malformed_ontology_names_the_entry(tmp_path, breakage, named):
+    data = json.loads(onto.DEFAULT_ONTOLOGY.read_text())
+    breakage(data)
+    path = tmp_path / "ontology.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(onto.OntologyError, match=named.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        onto.load_ontology(path)
+    path.write_text("{ not json")
+    with pytest.raises(onto.OntologyError, match="line 1"):
+        onto.load_ontology(path)
+
+
+# ---------------------------------------------------------------------- explain.py
+def test_explain_one_image_and_a_batch(trained, phantoms, tmp_path, capsys):  # noqa: F811
+    gallery = ["--gallery-image-list", str(phantoms / "train_split.txt"),
+               "--gallery-dataset-dir", str(phantoms / "train")]
+    common = ["--resume", str(trained), "--device", "cpu", "--workers", "0", "--topk", "3",
+              "--faithfulness-steps", "4", *gallery]
+    name = "phantom_test_00000.png"
+    image = phantoms / "test" / name
+    # masks of another size than the image: resized
+    for kind in ("lungs", "heart"):
+        Image.open(phantoms / "masks" / kind / name).resize((100, 100)).save(tmp_path / f"{kind}.png")
+    record = explain.main(explain.get_args_parser().parse_args([
+        *common, "--image", str(image), "--lung-mask", str(tmp_path / "lungs.png"),
+        "--heart-mask", str(tmp_path / "heart.png"), "--out", str(tmp_path / "one")]))
+    on_disk = json.loads((tmp_path / "one" / "explanation.json").read_text())
+    for key in ("image", "label", "predicted", "peak_xy", "top_zone", "ctr", "rules_fired",
+                "regions", "branch_attribution", "sentences", "faithfulness", "neighbours"):
+        assert key in on_disk
+    assert on_disk["image"] == str(image) and record["ctr"] is not None
+    width, height = Image.open(image).size
+    assert 0 <= on_disk["peak_xy"][0] < width and 0 <= on_disk["peak_xy"][1] < height
+    for png in ("figure.png", "overlay_image.png", "overlay_convnext.png", "overlay_vit.png", "overlay_fused.png"):
+        assert (tmp_path / "one" / png).is_file()
+    attribution = on_disk["branch_attribution"]
+    assert attribution["convnext_share"] + attribution["vit_share"] == pytest.approx(1.0)
+    f = on_disk["faithfulness"]
+    assert len(f["deletion_curve"]) == 5 and f["deletion_curve"][0] == pytest.approx(on_disk["target_similarity"], abs=1e-4)
+    assert capsys.readouterr().out.startswith("Retrieved finding:")
+
+    summary = explain.main(explain.get_args_parser().parse_args([
+        *common, "--image-list", str(phantoms / "test_split.txt"), "--dataset-dir", str(phantoms / "test"),
+        "--mask-dir", str(phantoms / "masks"), "--out", str(tmp_path / "batch")]))
+    on_disk = json.loads((tmp_path / "batch" / "summary.json").read_text())
+    assert len(on_disk["images"]) == 25 and on_disk["images"][0]["image"] == name
+    for record in on_disk["images"]:
+        assert {"image", "label", "predicted", "peak_xy", "top_zone", "ctr", "rules_fired"} <= set(record)
+    aggregate = summary["aggregate"]
+    assert aggregate["num_with_lesion"] == 15  # pneumonia, COVID-19 and effusion phantoms
+    assert set(aggregate["pointing_game"]) == {"convnext", "vit", "fused", "random_lung_point"}
+    assert 0 <= aggregate["zone_agreement"] <= 1
+    assert set(aggregate["rules_fired_rate_by_label"]) == {"normal", "pneumonia", "COVID-19", "effusion", "cardiomegaly"}
+    # CTR from the written masks, within 0.03 of the generator's value
+    meta = json.loads((phantoms / "demo_meta.json").read_text())["images"]
+    assert all(abs(r["ctr"] - meta[r["image"]]["ctr"]) <= 0.03 for r in on_disk["images"])
+
+
+def test_explain_errors(trained, phantoms, tmp_path):  # noqa: F811
+    base = ["--resume", str(trained), "--device", "cpu", "--workers", "0", "--out", str(tmp_path)]
+    with pytest.raises(train.utils.UserError, match="either --image"):
+        explain.main(explain.get_args_parser().parse_args(base))
+    image = str(phantoms / "test" / "phantom_test_00000.png")
+    with pytest.raises(train.utils.UserError, match="no such file"):
+        explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--lung-mask", str(tmp_path / "x.png")]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"findings": {}, "signs": {}, "rules": []}))
+    with pytest.raises(train.utils.UserError, match="findings"):
+        explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--ontology", str(bad)]))
