@@ -84,9 +84,13 @@ def test_optimised_train_steps_match_plain():
     # fp32 with the other three optimisations: the same arithmetic up to summation order.
     exact = bench.train_case(argv, frozenset({"channels_last", "fused", "checkpointing"}), 2, 0)["losses"]
     assert exact == pytest.approx(plain, abs=1e-4)
-    # bf16 autocast on top: bf16 forward, bf16 gradients into the fused AdamW update.
+    # bf16 autocast on top: the first loss sees the same weights, so only the forward's
+    # precision differs (the identity loss scales cosines by 16). The update then differs more
+    # than rounding: Adam's first step is about lr * sign(gradient), and bf16 flips the sign of
+    # the small gradient entries; so the second loss must fall, not match.
     optimised = bench.train_case(argv, OPTIMISED, 2, 0)["losses"]
-    assert optimised == pytest.approx(plain, rel=1e-2)  # the identity loss scales cosines by 16
+    assert optimised[0] == pytest.approx(plain[0], rel=1e-2)
+    assert optimised[1] < optimised[0] - 0.01
 
 
 def test_cli_train_suite_end_to_end(capsys):
