@@ -82,6 +82,23 @@ def branch_attribution(model, images, targets, branch_means):
     return records
 
 
+def fusion_weights(model, images, targets, branch_means=None):
+    """{branch: (B,) shares} for the fused map of the hybrid, None for other models."""
+    if not (hasattr(model, "convnext") and hasattr(model, "vit")):
+        return None
+    if branch_means is None:
+        with torch.inference_mode():
+            branch_means = {"convnext": model.convnext(images)[0].float().mean(0),
+                            "vit": model.vit(images)[0].float().mean(0)}
+    return _weights(branch_attribution(model, images, targets, branch_means))
+
+
+def _weights(attribution):
+    if not attribution or any(a["convnext_share"] is None for a in attribution):
+        return None  # equal weights
+    return {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
+
+
 # ---------------------------------------------------------------------- faithfulness
 @torch.inference_mode()
 def faithfulness(model, image, target, saliency, steps=16, seed=0):
@@ -134,17 +151,14 @@ def explain_batch(ctx, paths, labels=None, masks=None):
     else:
         targets = ctx["gallery"][neighbours[:, ctx["neighbour_rank"] - 1]]
     attribution = branch_attribution(ctx["model"], images, targets, ctx["branch_means"])
-    weights = None
-    if attribution and all(a["convnext_share"] is not None for a in attribution):  # fused = by share
-        weights = {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
-    maps = ctx["cam"](images, targets, branch_weights=weights)
+    maps = ctx["cam"](images, targets, branch_weights=_weights(attribution))
     records = []
     for i, (path, original) in enumerate(zip(paths, originals)):
         size = (original.height, original.width)
         full = {b: F.interpolate(maps[b][i][None, None], size=size, mode="bilinear",
                                  align_corners=False)[0, 0].cpu().numpy() for b in ctx["branches"]}
         mask = (masks[i] if masks else None) or {}
-        stats = regions.region_statistics(full["fused"], mask.get("lungs"), mask.get("heart"))
+        stats = regions.region_statistics(full["fused"], mask.get("lungs"), mask.get("heart"), ctx["salient"])
         predicted = ctx["classes"][int(votes[i])]
         reasoning = onto.reason(ctx["ontology"], stats, predicted)
         record = {
@@ -270,7 +284,7 @@ def build_context(args):
             "topk": min(args.topk, len(gallery)), "target": args.target, "neighbour_rank": args.neighbour_rank,
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
             "faithfulness_left": args.faithfulness_images,
-            "list_format": list_format, "names": None, "layers": layers}
+            "list_format": list_format, "names": None, "layers": layers, "salient": args.salient}
 
 
 def main(args):
@@ -327,15 +341,20 @@ def neighbour_heatmaps(ctx, record, count):
     with torch.inference_mode():
         target = ctx["model"](query).float()[0]
     paths = [n["path"] for n in record["neighbours"][:count]]
-    return heatmaps(ctx["cam"], ctx["transform"], paths, target.expand(count, -1), ctx["device"])
+    return heatmaps(ctx["cam"], ctx["transform"], paths, target.expand(count, -1), ctx["device"],
+                    ctx["branch_means"])
 
 
-def heatmaps(cam, transform, paths, targets, device):
+def heatmaps(cam, transform, paths, targets, device, branch_means=None):
     """[(original PIL image, fused map at its resolution)] of the images at `paths`, each for
-    the similarity to its row of `targets`."""
+    the similarity to its row of `targets`. For the hybrid, the fused map weights the branches
+    by their share of the similarity (branch_attribution against `branch_means`, by default the
+    mean pooled features of these images)."""
     originals = [load_image(p) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
-    fused = cam(images, targets.to(device))["fused"]
+    targets = targets.to(device)
+    weights = fusion_weights(cam.model, images, targets, branch_means)
+    fused = cam(images, targets, branch_weights=weights)["fused"]
     return [(img, F.interpolate(fused[i][None, None], size=(img.height, img.width), mode="bilinear",
                                 align_corners=False)[0, 0].cpu().numpy()) for i, img in enumerate(originals)]
 
@@ -364,6 +383,9 @@ def get_args_parser():
     parser.add_argument("--method", choices=METHODS, default="gradnorm",
                         help="saliency from the layer's gradients (see gradcam.py)")
     parser.add_argument("--ontology", default=str(onto.DEFAULT_ONTOLOGY), help="ontology JSON")
+    parser.add_argument("--salient", type=float, default=0.0,
+                        help="region statistics over the pixels at or above this fraction of the map's "
+                             "maximum only (0: the whole map)")
     parser.add_argument("--faithfulness-steps", type=int, default=16,
                         help="steps of the deletion/insertion curves (0: skip them)")
     parser.add_argument("--faithfulness-images", type=int, default=60,

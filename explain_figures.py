@@ -36,7 +36,8 @@ def write_figure(path, image, maps, record, neighbour_maps):
     for ax in axes.flat:
         ax.axis("off")
     axes[0, 0].imshow(image.convert("L"), cmap="gray")
-    axes[0, 0].set_title(f"query\nlabel {record['label'] or '?'}, vote {record['predicted']}", fontsize=9)
+    label = f"label {record['label']}, " if record["label"] else ""
+    axes[0, 0].set_title(f"query\n{label}vote {record['predicted']}", fontsize=9)
     share = record.get("branch_attribution") or {}
     for i, (branch, saliency) in enumerate(maps.items(), start=1):
         axes[0, i].imshow(overlay(image, saliency))

@@ -64,9 +64,13 @@ def peripheral_band(lungs, midline, fraction=1 / 3):
     return lungs & ((column <= right_edge) | (column >= left_edge))
 
 
-def region_statistics(saliency, lungs=None, heart=None):
-    """Statistics of a non-negative (H, W) map; masks of another size are resized to it."""
+def region_statistics(saliency, lungs=None, heart=None, salient=0.0):
+    """Statistics of a non-negative (H, W) map; masks of another size are resized to it.
+    `salient` > 0 keeps only the salient region, the pixels at or above that fraction of the
+    map's maximum (a dense map otherwise spreads every share towards the regions' areas)."""
     saliency = np.clip(np.asarray(saliency, dtype=np.float64), 0, None)
+    if salient > 0:
+        saliency = np.where(saliency >= salient * saliency.max(), saliency, 0.0)
     size = saliency.shape
     lungs = _fit(lungs, size)
     heart = _fit(heart, size)

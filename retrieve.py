@@ -332,6 +332,8 @@ def query(args):
             query_map = explain.heatmaps(cam, transform, [path], prototypes[classes.index(vote)][None], device)
             neighbour_maps = explain.heatmaps(cam, transform, [n["path"] for n in neighbours],
                                               embeddings[q].expand(len(neighbours), -1), device)
+            # (fused maps weight the hybrid's branches against the mean of the images shown:
+            # the index keeps no per-branch features)
             maps = [m for _, m in query_map + neighbour_maps]
             peak = np.unravel_index(int(maps[0].argmax()), maps[0].shape)
             record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
