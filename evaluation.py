@@ -142,7 +142,8 @@ def paired_comparison(per_query_a, per_query_b, groups=None, n_resamples=1000, s
     bootstrap: both models are scored on the same resampled patients, so what the two share
     (the hard patients) cancels. The p-value is two-sided, from the bootstrap distribution of
     the difference: 2 x the smaller share of resamples on either side of 0 (including 0),
-    capped at 1; identical models give difference 0 and p = 1.
+    capped at 1; identical models give difference 0 and p = 1. A p-value of 0 means no
+    resample fell on the other side: p < 2 / n_resamples.
 
     Returns {"method", "resamples", "level", "seed", "patients", <metric>: {"a", "b",
     "difference", "low", "high", "p_value"}} nested like bootstrap().

@@ -84,7 +84,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--save-embeddings", help="embeddings .npz path (default: <checkpoint stem>_<test "
                         "list stem>[_vs_<gallery list stem>]_embeddings.npz in --save-dir)")
     parser.add_argument("--neighbours", type=int, default=10,
-                        help="top neighbours per query written to <report stem>_neighbours.json (0: none)")
+                        help="top neighbours per query written to <report stem>_neighbours.json (default 10; 0: none)")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="confusion matrix, embedding map and risk-coverage PNGs beside the report")
     parser.add_argument("--map", default="pca", choices=("pca", "tsne"),
@@ -498,6 +498,8 @@ def print_comparison(report):
     for name, row in rows:
         interval = "n/a" if row["low"] is None else f"[{row['low']:.1f}, {row['high']:.1f}]"
         p = "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
+        if row["p_value"] == 0.0:  # no resample on the other side of 0: below the resolution 2 / B
+            p = f"<{2 / c['resamples']:.3f}" if 2 / c["resamples"] >= 0.001 else "<0.001"
         print(f"  {name:<16}{row['a']:8.2f}{row['b']:8.2f}{row['difference']:8.2f}   {interval:<16}{p:>7}")
 
 
