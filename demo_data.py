@@ -38,7 +38,7 @@ Layout written by ``write_demo_dataset`` (COVIDx lists + CheXmask-style masks)::
 
 Usage
     python demo_data.py --out data/demo --train-per-class 60 --test-per-class 20 \\
-        --size 256 --seed 0 [--sixteen-bit] [--preview /tmp/preview.png]
+        --size 256 --seed 0 [--sixteen-bit] [--preview preview.png]
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def explain_batch(ctx, paths, labels=None, masks=None):
     """Records for images at `paths` (their original files); `masks` a list of dicts with
     lungs/heart/lesion bool arrays or None."""
     device, transform = ctx["device"], ctx["transform"]
-    originals = [load_image(p) for p in paths]
+    originals = [load_image(p, ctx["bit_depth"]) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
     with torch.inference_mode():
         embeddings = ctx["model"](images).float()
@@ -183,12 +183,13 @@ def explain_batch(ctx, paths, labels=None, masks=None):
             record["faithfulness"] = faithfulness(ctx["model"], images[i], targets[i], maps["fused"][i],
                                                   ctx["faithfulness_steps"])
         if mask.get("lesion") is not None and mask["lesion"].any():
-            record["lesion"] = lesion_check(full, mask, size, ctx["branches"], seed=i)
+            record["lesion"] = lesion_check(full, mask, size, ctx["branches"], ctx["seen"] + i,
+                                            stats["top_zone"])
         records.append((record, full, original))
     return records
 
 
-def lesion_check(full, mask, size, branches, seed):
+def lesion_check(full, mask, size, branches, seed, top_zone):
     """Pointing game (peak inside the lesion dilated by 10% of the image width) per branch and
     for a random point of the lungs; whether the top zone is a zone of the lesion."""
     lesion = regions._fit(mask["lesion"], size)
@@ -199,11 +200,11 @@ def lesion_check(full, mask, size, branches, seed):
     if mask.get("lungs") is not None:
         lungs = regions._fit(mask["lungs"], size)
         rows, cols = np.nonzero(lungs)
-        pick = np.random.default_rng(seed).integers(len(rows))
-        hits["random_lung_point"] = regions.pointing_hit((cols[pick], rows[pick]), lesion, tolerance)
-        truth = regions.lesion_zones(lesion, lungs)
-        top = regions.region_statistics(full["fused"], lungs)["top_zone"]
-        result.update(lesion_zones=truth, zone_agrees=top in truth)
+        if len(rows):
+            pick = np.random.default_rng(seed).integers(len(rows))
+            hits["random_lung_point"] = regions.pointing_hit((cols[pick], rows[pick]), lesion, tolerance)
+            truth = regions.lesion_zones(lesion, lungs)
+            result.update(lesion_zones=truth, zone_agrees=top_zone in truth)
     return result
 
 
@@ -213,11 +214,16 @@ def aggregate(records, branches):
     out = {"num_images": len(records)}
     with_lesion = [r for r in records if "lesion" in r]
     if with_lesion:
-        keys = list(branches) + (["random_lung_point"] if "random_lung_point" in with_lesion[0]["lesion"]["pointing"] else [])
-        out["pointing_game"] = {k: float(np.mean([r["lesion"]["pointing"][k] for r in with_lesion])) for k in keys}
+        keys = list(branches) + ["random_lung_point"]
+
+        def rate(records, key):  # over the records that have this measure (a lung mask for some)
+            values = [r["lesion"]["pointing"][key] for r in records if key in r["lesion"]["pointing"]]
+            return float(np.mean(values)) if values else None
+
+        out["pointing_game"] = {k: rate(with_lesion, k) for k in keys}
         out["pointing_game_by_label"] = {
-            label: {k: float(np.mean([r["lesion"]["pointing"][k] for r in with_lesion if r["label"] == label])) for k in keys}
-            for label in sorted({r["label"] for r in with_lesion})}
+            label: {k: rate([r for r in with_lesion if r["label"] == label], k) for k in keys}
+            for label in sorted({str(r["label"]) for r in with_lesion})}
         agree = [r["lesion"]["zone_agrees"] for r in with_lesion if "zone_agrees" in r["lesion"]]
         out["zone_agreement"] = float(np.mean(agree)) if agree else None
         out["num_with_lesion"] = len(with_lesion)
@@ -272,7 +278,9 @@ def build_context(args):
                               "--gallery-image-list and --gallery-dataset-dir")
     classes = checkpoint["classes"]
     transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
-    gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform)
+    bit_depth = utils.data_bit_depth(checkpoint)  # 16-bit files scaled as in training
+    gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform,
+                               bit_depth=bit_depth or "auto")
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = torch.stack([F.normalize(embeddings[labels == c].mean(0), dim=0) if (labels == c).any()
                               else torch.zeros_like(embeddings[0]) for c in range(len(classes))])
@@ -281,10 +289,12 @@ def build_context(args):
     return {"model": model, "device": device, "transform": transform, "classes": classes,
             "gallery": embeddings, "gallery_labels": labels, "gallery_paths": [str(p) for p in gallery.paths],
             "prototypes": prototypes, "branch_means": means, "cam": cam, "branches": list(layers) + ["fused"],
-            "topk": min(args.topk, len(gallery)), "target": args.target, "neighbour_rank": args.neighbour_rank,
+            "topk": min(args.topk, len(gallery)), "target": args.target,
+            "neighbour_rank": min(args.neighbour_rank, len(gallery)),
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
             "faithfulness_left": args.faithfulness_images,
-            "list_format": list_format, "names": None, "layers": layers, "salient": args.salient}
+            "list_format": list_format, "names": None, "layers": layers, "salient": args.salient,
+            "bit_depth": bit_depth or gallery.bit_depth, "seen": 0}
 
 
 def main(args):
@@ -292,6 +302,14 @@ def main(args):
         raise utils.UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
     if bool(args.image) == bool(args.image_list):
         raise utils.UserError("give either --image (one radiograph) or --image-list with --dataset-dir")
+    if args.image_list and not args.dataset_dir:
+        raise utils.UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
+    if args.image and not Path(args.image).is_file():
+        raise utils.UserError(f"--image {args.image}: no such file")
+    for flag, path in (("--lung-mask", args.lung_mask), ("--heart-mask", args.heart_mask),
+                       ("--mask-dir", args.mask_dir)):
+        if path and not Path(path).exists():
+            raise utils.UserError(f"{flag} {path}: no such file or folder")
     try:
         ctx = build_context(args)
     except onto.OntologyError as error:
@@ -311,7 +329,8 @@ def main(args):
             print(sentence)
         print(f"wrote {out / 'explanation.json'} and the figures in {out}")
         return record
-    dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"])
+    dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"],
+                               bit_depth=ctx["bit_depth"] or "auto")
     records = []
     for start in range(0, len(dataset), args.batch_size):
         part = list(range(start, min(start + args.batch_size, len(dataset))))
@@ -319,6 +338,7 @@ def main(args):
         ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
         labels = [dataset.classes[int(dataset.targets[i])] for i in part]
         masks = [read_masks(args.mask_dir, p.name) if args.mask_dir else None for p in paths]
+        ctx["seen"] = start  # the random lung point of image i is drawn with seed i
         for record, full, original in explain_batch(ctx, paths, labels, masks):
             records.append(record)
             if len(records) <= args.save_overlays:
@@ -337,20 +357,20 @@ def neighbour_heatmaps(ctx, record, count):
     count = min(count, len(record["neighbours"]))
     if count == 0:
         return []
-    query = ctx["transform"](load_image(ctx["names"][0]))[None].to(ctx["device"])
+    query = ctx["transform"](load_image(ctx["names"][0], ctx["bit_depth"]))[None].to(ctx["device"])
     with torch.inference_mode():
         target = ctx["model"](query).float()[0]
     paths = [n["path"] for n in record["neighbours"][:count]]
     return heatmaps(ctx["cam"], ctx["transform"], paths, target.expand(count, -1), ctx["device"],
-                    ctx["branch_means"])
+                    ctx["branch_means"], ctx["bit_depth"])
 
 
-def heatmaps(cam, transform, paths, targets, device, branch_means=None):
+def heatmaps(cam, transform, paths, targets, device, branch_means=None, bit_depth=None):
     """[(original PIL image, fused map at its resolution)] of the images at `paths`, each for
     the similarity to its row of `targets`. For the hybrid, the fused map weights the branches
     by their share of the similarity (branch_attribution against `branch_means`, by default the
     mean pooled features of these images)."""
-    originals = [load_image(p) for p in paths]
+    originals = [load_image(p, bit_depth) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
     targets = targets.to(device)
     weights = fusion_weights(cam.model, images, targets, branch_means)
@@ -399,4 +419,4 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser().parse_args())
+    utils.run_cli(lambda: main(get_args_parser().parse_args()))

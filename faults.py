@@ -344,7 +344,13 @@ class NonFiniteGuard:
         return True
 
     def check(self, epoch, loader, save_dir, pattern):
-        first = int(self.first_bad)  # the host sync
+        first_bad = self.first_bad
+        if self.runtime.distributed:  # every rank stops together (the losses of ranks differ)
+            never = torch.iinfo(torch.long).max
+            first_bad = torch.where(first_bad < 0, never, first_bad).clone()
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            first_bad = torch.where(first_bad == never, -1, first_bad)
+        first = int(first_bad)  # the host sync
         if first < 0:
             return
         files = batch_files(loader, first)

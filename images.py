@@ -170,7 +170,7 @@ def load_image(path, bit_depth=None):
         if image.mode in WIDE_MODES:
             return Image.fromarray(to_8bit(np.asarray(image), bit_depth, str(path)), mode="L").convert("RGB")
         if image.mode in ("P", "PA"):
-            image = image.convert("RGBA")  # palette: through RGBA so transparency is honoured
+            image = image.convert("RGBA")  # palette: via RGBA, as Pillow asks for palettes with transparency
         return image.convert("RGB")
 
 

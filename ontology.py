@@ -14,10 +14,18 @@ import operator
 import string
 from pathlib import Path
 
+import numpy as np
+
+import regions
+
 DEFAULT_ONTOLOGY = Path(__file__).with_name("ontology.json")
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
        "==": operator.eq, "!=": operator.ne}
 RULE_KEYS = {"id", "sign", "when", "supports", "contradicts", "sentence", "caution"}
+# What rules may test: the statistics regions.region_statistics returns (computed on a blank
+# map, so the list cannot drift from the code).
+STATISTICS = set(regions.region_statistics(np.zeros((2, 2)))) - {"peak_xy", "zones"}
+TEXT_STATISTICS = {"top_zone", "peak_zone", "peak_level"}
 
 
 class OntologyError(ValueError):
@@ -75,6 +83,13 @@ def validate(data, path="ontology"):
                 fail(f"{where} when[{j}]", "must be exactly {\"stat\", \"op\", \"value\"}")
             if condition["op"] not in OPS:
                 fail(f"{where} when[{j}]", f"unknown op {condition['op']!r}; use one of {' '.join(OPS)}")
+            if condition["stat"] not in STATISTICS:
+                fail(f"{where} when[{j}]", f"unknown stat {condition['stat']!r}; the statistics are "
+                     f"{', '.join(sorted(STATISTICS))}")
+            wanted = str if condition["stat"] in TEXT_STATISTICS else (int, float)
+            if not isinstance(condition["value"], wanted) or isinstance(condition["value"], bool):
+                fail(f"{where} when[{j}]", f"value {condition['value']!r} of {condition['stat']} must be "
+                     f"{'a string' if wanted is str else 'a number'}")
         for key in ("supports", "contradicts"):
             names = rule.get(key, [])
             if not isinstance(names, list) or any(name not in findings for name in names):

@@ -262,7 +262,10 @@ def training_splits(train_args, runtime, dataset, dataset_dir):
     `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
     import train  # the same split code as the training run
 
-    run_args = argparse.Namespace(**{**train_args, "dataset": dataset})
+    # Flags added since an older checkpoint was saved get their defaults; images are never
+    # dropped here (that would write bad_images.txt into the training run's folder).
+    run_args = argparse.Namespace(**{"bit_depth": "auto", **train_args, "dataset": dataset,
+                                     "skip_bad_images": False})
     train_set, val_set, _ = train.build_datasets(run_args, runtime)
     return train_set, val_set
 
@@ -286,7 +289,8 @@ def main(args):
     def embed(dataset_or_folder, list_file=None, known_classes=None):
         data = dataset_or_folder
         if not isinstance(data, ImageListDataset):
-            data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform)
+            data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform,
+                                    bit_depth=utils.data_bit_depth(checkpoint) or "auto")
         data.transform = transform
         loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
         return utils.extract_embeddings(model, loader, runtime, amp)[0].cpu(), data.targets

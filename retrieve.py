@@ -121,7 +121,8 @@ def build_index(args):
     config = checkpoint["model_config"]
     out = Path(args.out)
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
-                               transform=build_transform(config["img_size"], train=False))
+                               transform=build_transform(config["img_size"], train=False),
+                               bit_depth=utils.data_bit_depth(checkpoint) or "auto")
     # Absolute, so the index answers from any working directory; compared normalised, so
     # `data/x` and `./data/x` name the same folder.
     root = os.path.abspath(dataset.image_root)
@@ -221,6 +222,9 @@ def faiss_search(index_dir, manifest, queries, k, nprobe):
     index = faiss.read_index(str(Path(index_dir) / entry["file"]))
     index.nprobe = nprobe
     scores, indices = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+    if (indices < 0).any():  # the visited clusters held fewer than k images: faiss pads with -1
+        print(f"warning: the {nprobe} clusters visited held fewer than {k} images for some queries; "
+              "they get fewer neighbours (raise --nprobe)", file=sys.stderr)
     return torch.from_numpy(scores), torch.from_numpy(indices)
 
 
@@ -259,14 +263,15 @@ def search(queries, gallery, k, chunk_size=65536):
 
 
 # ---------------------------------------------------------------------- query command
-def embed_images(model, paths, img_size, device, skip_bad, amp="none"):
+def embed_images(model, paths, img_size, device, skip_bad, amp="none", bit_depth=None):
     """Embeddings of the readable images and the list of those kept; unreadable ones are an
-    error naming them, or skipped (with a message) when skip_bad."""
+    error naming them, or skipped (with a message) when skip_bad. 16-bit files are scaled by
+    `bit_depth`, the training data's."""
     transform = build_transform(img_size, train=False)
     tensors, kept, bad = [], [], []
     for path in paths:
         try:
-            tensors.append(transform(load_image(path)))
+            tensors.append(transform(load_image(path, bit_depth)))
             kept.append(path)
         except (OSError, ValueError, SyntaxError) as error:
             bad.append(f"{path}: {error}")
@@ -295,8 +300,9 @@ def query(args):
                          f"(fingerprints {fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
                          "query with the index's checkpoint, or build an index for this one")
     detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector) if args.ood else None
+    bit_depth = utils.data_bit_depth(checkpoint)
     embeddings, kept = embed_images(model, args.images, checkpoint["model_config"]["img_size"], device,
-                                    args.skip_bad_images, utils.resolve_amp("auto", str(device)))
+                                    args.skip_bad_images, utils.resolve_amp("auto", str(device)), bit_depth)
     if args.search == "faiss":
         similarities, indices = faiss_search(args.index, manifest, embeddings, min(args.topk, len(gallery)),
                                              args.nprobe)
@@ -317,29 +323,29 @@ def query(args):
     for q, path in enumerate(kept):
         neighbours = [{"path": gallery_paths[i], "label": classes[gallery_labels[i]],
                        "similarity": round(float(s), 6)}
-                      for s, i in zip(similarities[q].tolist(), indices[q].tolist())]
+                      for s, i in zip(similarities[q].tolist(), indices[q].tolist()) if i >= 0]
         votes = {}
         for n in neighbours:  # counts in order of first appearance: a tie goes to the better ranked
             votes[n["label"]] = votes.get(n["label"], 0) + 1
-        vote = max(votes, key=votes.get)
+        vote = max(votes, key=votes.get) if votes else None
         record = {"query": str(path), "neighbours": neighbours, "vote": vote, "votes": votes}
         if detector is not None:
             record["ood"] = {"flagged": bool(flags[args.ood_score][q]), "score": args.ood_score,
                              "value": float(scores[args.ood_score][q]),
                              "threshold": detector.thresholds[args.ood_score]}
         maps = None
-        if cam is not None:  # the query towards its vote's prototype, each neighbour towards the query
-            query_map = explain.heatmaps(cam, transform, [path], prototypes[classes.index(vote)][None], device)
-            neighbour_maps = explain.heatmaps(cam, transform, [n["path"] for n in neighbours],
-                                              embeddings[q].expand(len(neighbours), -1), device)
-            # (fused maps weight the hybrid's branches against the mean of the images shown:
-            # the index keeps no per-branch features)
-            maps = [m for _, m in query_map + neighbour_maps]
+        if cam is not None and neighbours:  # the query towards its vote's prototype, each neighbour towards the query
+            # One batch, so the hybrid's branch shares (which weight the fused maps) are measured
+            # against the mean features of the images shown: the index keeps no per-branch ones.
+            targets = torch.cat([prototypes[classes.index(vote)][None],
+                                 embeddings[q].expand(len(neighbours), -1)])
+            maps = [m for _, m in explain.heatmaps(cam, transform, [path] + [n["path"] for n in neighbours],
+                                                   targets, device, bit_depth=bit_depth)]
             peak = np.unravel_index(int(maps[0].argmax()), maps[0].shape)
             record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
                                      "layers": cam.layers, "peak_xy": [int(peak[1]), int(peak[0])]}
         sheet = out / f"{q:04d}_{Path(path).stem}.png"  # numbered: equal names from two folders
-        contact_sheet(path, record, sheet, maps=maps)
+        contact_sheet(path, record, sheet, maps=maps, bit_depth=bit_depth)
         record["contact_sheet"] = str(sheet)
         results.append(record)
     utils.write_json(out / "results.json", {"index": str(args.index), "checkpoint": str(args.resume),
@@ -377,7 +383,7 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def contact_sheet(query_path, record, out_path, tile=160, columns=5, maps=None):
+def contact_sheet(query_path, record, out_path, tile=160, columns=5, maps=None, bit_depth=None):
     """The query, then its neighbours in rank order, each tile captioned; with `maps` (one
     saliency map per tile, query first) each thumbnail carries its heat map."""
     caption_h = 36
@@ -392,7 +398,7 @@ def contact_sheet(query_path, record, out_path, tile=160, columns=5, maps=None):
         row, col = (0, 0) if position == 0 else (1 + (position - 1) // columns, (position - 1) % columns)
         x, y = col * tile, row * (tile + caption_h)
         try:
-            thumb = load_image(path)
+            thumb = load_image(path, bit_depth)
             if maps is not None:
                 thumb = Image.fromarray(explain_figures.overlay(thumb, maps[position]))
             thumb = thumb.resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)

@@ -38,6 +38,9 @@ class Split:
         labels = [dataset.classes[int(t)] for t in dataset.targets]
         return cls(name, str(dataset.source), Path(dataset.image_root), files, labels, list(dataset.patients))
 
+    def paths(self):
+        return [str((self.root / f).resolve()) for f in self.files]
+
     @classmethod
     def from_list(cls, name, image_root, list_file, list_format):
         """Read a list without opening its images (e.g. the training list of a checkpoint)."""
@@ -58,13 +61,15 @@ def _pairs(splits, pairs):
 
 def overlaps(splits, pairs=None):
     """[{"kind": "patient" | "file", "splits": [a, b], "count", "first": [...]}] for each pair
-    of lists (index pairs; default all) sharing patients or listed file names."""
+    of lists (index pairs; default all) sharing patients or image files. Files are compared as
+    resolved paths: `train/img1.png` and `test/img1.png` are two images (byte-identical copies
+    are found by the content check, not here)."""
     found = []
     for i, j in _pairs(splits, pairs):
         a, b = splits[i], splits[j]
         # A folder dataset's patients are its file names: report them once, as files.
         same_as_files = a.patients == a.files and b.patients == b.files
-        for kind, left, right in (("patient", a.patients, b.patients), ("file", a.files, b.files)):
+        for kind, left, right in (("patient", a.patients, b.patients), ("file", a.paths(), b.paths())):
             if kind == "patient" and same_as_files:
                 continue
             shared = set(left) & set(right)

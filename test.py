@@ -286,7 +286,8 @@ def run(args, runtime):
     classes = checkpoint.get("classes") if isinstance(checkpoint.get("classes"), list) else None
     transform = build_transform(config["img_size"], train=False)
     list_format = LIST_FORMAT[args.dataset]
-    query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform)
+    bit_depth = utils.data_bit_depth(checkpoint) or "auto"  # the training data's, when recorded
+    query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth)
     classes = query_set.classes
     gallery_set = None
     if args.gallery_image_list or args.gallery_dataset_dir:
@@ -294,7 +295,8 @@ def run(args, runtime):
             raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
                              "--gallery-image-list (only the folder for --dataset folder)")
         gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
-                                       list_format, classes, transform)
+                                       list_format, classes, transform,
+                                       bit_depth=query_set.bit_depth or bit_depth)  # one depth for both
 
     # ---------------------------------------------------------------- leakage, before embedding
     def log(message):

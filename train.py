@@ -376,11 +376,11 @@ def collapse_warning(record, args):
 
 def evaluate(model, loader, args, runtime, split):
     """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
-    (main process only)."""
+    (main process only); images of the query's own patient are left out, as in test.py."""
     embeddings, labels = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
     if not runtime.is_main:
         return {}
-    result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=())
+    result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), query_groups=loader.dataset.patients)
     return {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
             f"{split}_mP@1": result["precision_at_k"]["1"]}
 
@@ -584,7 +584,7 @@ def run(args, runtime):
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng_states": states, "args": vars(args),
             "best_metric": best_metric, "best_epoch": best_epoch, "selection": selection_key,
-            "split": split_digest,
+            "split": split_digest, "bit_depth": train_set.bit_depth,
             "metrics": record,
         }
         # The best file first: a kill between the two saves resumes from the previous epoch

@@ -307,6 +307,14 @@ def load_trained_model(path, device):
     return model.to(device).eval(), checkpoint, fingerprint
 
 
+def data_bit_depth(checkpoint):
+    """The bit depth train.py scaled its 16-bit images by (an int), or None: 8-bit training data,
+    or a checkpoint saved before the depth was recorded. Every program that embeds images for a
+    checkpoint scales by it, so a film is as bright at test time as in training."""
+    depth = checkpoint.get("bit_depth") if isinstance(checkpoint, dict) else None
+    return depth if isinstance(depth, int) else None
+
+
 def refuse_distributed(program):
     """ood.py and retrieve.py run in one process; under torchrun each rank would embed
     everything and the gather would duplicate it."""

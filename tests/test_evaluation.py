@@ -227,6 +227,17 @@ def test_many_shared_patients_are_counted_and_the_first_named(tmp_path):
     assert all(o["count"] == 7 for o in found["overlap"])
 
 
+def test_equal_file_names_in_two_folders_are_two_images(tmp_path):
+    write_images(tmp_path / "train" / "normal", ["img1.png"])
+    write_images(tmp_path / "test" / "normal", ["img1.png"], seed=1)  # other pixels, same name
+    train = splits.Split.from_list("train", tmp_path / "train", None, "folder")
+    test = splits.Split.from_list("test", tmp_path / "test", None, "folder")
+    assert splits.check_splits([train, test], log=lambda m: None)["overlap"] == []
+    same = splits.Split.from_list("gallery", tmp_path / "train" / ".." / "train", None, "folder")
+    with pytest.raises(UserError, match="1 file in both"):  # one file, spelt another way
+        splits.check_splits([train, same])
+
+
 def test_duplicate_images_across_lists_are_reported(tmp_path):
     write_images(tmp_path / "train", ["a.png", "b.png"])
     write_images(tmp_path / "test", ["x.png", "y.png"], seed=1)

@@ -252,3 +252,62 @@ def test_explain_errors(trained, phantoms, tmp_path):  # noqa: F811
     bad.write_text(json.dumps({"findings": {}, "signs": {}, "rules": []}))
     with pytest.raises(train.utils.UserError, match="findings"):
         explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--ontology", str(bad)]))
+
+
+@pytest.mark.parametrize("condition, named", [
+    ({"stat": "cardiothoracic_ratio", "op": ">", "value": 0.5}, "unknown stat 'cardiothoracic_ratio'"),
+    ({"stat": "ctr", "op": ">", "value": "0.53"}, "must be a number"),
+    ({"stat": "peak_level", "op": "==", "value": 2}, "must be a string"),
+])
+def test_ontology_conditions_name_unknown_statistics_and_wrong_values(tmp_path, condition, named):
+    data = json.loads(onto.DEFAULT_ONTOLOGY.read_text())
+    data["rules"][0]["when"] = [condition]
+    data["rules"][0]["sentence"] = "A sentence."
+    path = tmp_path / "ontology.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(onto.OntologyError, match=named):
+        onto.load_ontology(path)
+
+
+def test_lesion_check_and_aggregate_on_a_hand_made_case():
+    lungs, heart = hand_made_masks()
+    lesion = np.zeros_like(lungs)
+    lesion[33:39, 12:20] = True  # right lower zone
+    hit = np.zeros(lungs.shape)
+    hit[35, 15] = 1.0
+    miss = np.zeros(lungs.shape)
+    miss[12, 45] = 1.0  # left upper zone, far from the lesion
+    records = []
+    for i, fused in enumerate((hit, miss)):
+        stats = regions.region_statistics(fused, lungs, heart)
+        check = explain.lesion_check({"convnext": fused, "fused": fused}, {"lungs": lungs, "lesion": lesion},
+                                     lungs.shape, ["convnext", "fused"], seed=i, top_zone=stats["top_zone"])
+        records.append({"label": "pneumonia", "lesion": check, "rules_fired": [], "ctr": stats["ctr"],
+                        "predicted": "pneumonia", "branch_attribution": None})
+    assert records[0]["lesion"]["pointing"]["fused"] and records[0]["lesion"]["zone_agrees"]
+    assert not records[1]["lesion"]["pointing"]["fused"] and not records[1]["lesion"]["zone_agrees"]
+    aggregate = explain.aggregate(records, ["convnext", "fused"])
+    assert aggregate["pointing_game"]["fused"] == 0.5 and aggregate["zone_agreement"] == 0.5
+    assert aggregate["num_with_lesion"] == 2 and aggregate["vote_accuracy"] == 1.0
+    empty = explain.lesion_check({"fused": hit}, {"lungs": np.zeros_like(lungs), "lesion": lesion},
+                                 lungs.shape, ["fused"], seed=0, top_zone=None)
+    assert "zone_agrees" not in empty and "random_lung_point" not in empty["pointing"]  # no crash
+
+
+def test_peak_is_reported_in_the_original_files_pixels(trained, phantoms, tmp_path):  # noqa: F811
+    wide = tmp_path / "wide.png"  # another size and aspect ratio than the 64 x 64 model input
+    Image.open(phantoms / "test" / "phantom_test_00003.png").resize((200, 120)).save(wide)
+    record = explain.main(explain.get_args_parser().parse_args([
+        "--resume", str(trained), "--image", str(wide), "--out", str(tmp_path / "o"), "--device", "cpu",
+        "--workers", "0", "--faithfulness-steps", "0", "--topk", "2", "--figure-neighbours", "0",
+        "--gallery-image-list", str(phantoms / "train_split.txt"), "--gallery-dataset-dir", str(phantoms / "train")]))
+    fused = np.asarray(Image.open(tmp_path / "o" / "overlay_fused.png"))
+    assert fused.shape[:2] == (120, 200)
+    x, y = record["peak_xy"]
+    assert 0 <= x < 200 and 0 <= y < 120
+    maps = explain.heatmaps(explain.build_context(explain.get_args_parser().parse_args([
+        "--resume", str(trained), "--out", str(tmp_path), "--device", "cpu", "--workers", "0",
+        "--gallery-image-list", str(phantoms / "train_split.txt"),
+        "--gallery-dataset-dir", str(phantoms / "train")]))["cam"], explain.build_transform(64, train=False),
+        [wide], torch.randn(1, 16), torch.device("cpu"))
+    assert maps[0][1].shape == (120, 200)

@@ -189,6 +189,14 @@ def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa
     for e, f in zip(exact, approximate):
         assert [n["path"] for n in e["neighbours"]] == [n["path"] for n in f["neighbours"]]
         assert [n["similarity"] for n in e["neighbours"]] == pytest.approx([n["similarity"] for n in f["neighbours"]], abs=1e-5)
+    # one cluster of four holds fewer than 30 images: faiss pads with -1, which must not become
+    # the last gallery image
+    few = retrieve.main([*query[:-4], "--topk", "30", "--device", "cpu", "--search", "faiss", "--nprobe", "1",
+                         "--out", str(tmp_path / "few")])
+    for record in few:
+        paths = [n["path"] for n in record["neighbours"]]
+        assert 0 < len(paths) < 30 and len(set(paths)) == len(paths)
+        assert sum(record["votes"].values()) == len(paths)
     # appending without rebuilding drops the stale faiss index, and --search faiss says so
     append = ["index", "--resume", str(trained), "--image-list", str(phantoms / "test_split.txt"),
               "--dataset-dir", str(phantoms / "test"), "--out", str(out), "--workers", "0", "--device", "cpu", "--append"]
