@@ -97,8 +97,10 @@ def validate(data, path="ontology"):
         if not isinstance(rule.get("sentence"), str):
             fail(where, "needs a 'sentence' (placeholders: {stat} or {stat:.2f})")
         for _, field, _, _ in string.Formatter().parse(rule["sentence"]):
-            if field is not None and field not in {c["stat"] for c in conditions} | {"top_zone"}:
-                fail(where, f"sentence uses {{{field}}}, which is not one of its conditions' stats")
+            stats = {c["stat"] for c in conditions}
+            if field is not None and field not in stats | {f"{s}_limit" for s in stats} | {"top_zone"}:
+                fail(where, f"sentence uses {{{field}}}; it may use its conditions' stats, "
+                     "<stat>_limit (the condition's value) and top_zone")
 
 
 def _holds(condition, stats):
@@ -119,10 +121,11 @@ def reason(ontology, stats, predicted=None):
         if None in results or not all(results):
             continue
         values = {c["stat"]: stats[c["stat"]] for c in rule["when"]}
+        limits = {f"{c['stat']}_limit": c["value"] for c in rule["when"]}
         record = {"id": rule["id"], "sign": ontology["signs"][rule["sign"]], "values": values,
                   "supports": rule.get("supports", []), "contradicts": rule.get("contradicts", [])}
         fired.append(record)
-        sentence = rule["sentence"].format(**values, top_zone=stats.get("top_zone"))
+        sentence = rule["sentence"].format(**values, **limits, top_zone=stats.get("top_zone"))
         if predicted in record["supports"]:
             supporting.append(rule["id"])
         if predicted in record["contradicts"]:
