@@ -330,7 +330,7 @@ def main(args):
         print(f"wrote {out / 'explanation.json'} and the figures in {out}")
         return record
     dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"],
-                               bit_depth=ctx["bit_depth"] or "auto")
+                               bit_depth=ctx["bit_depth"])  # as explain_batch loads them
     records = []
     for start in range(0, len(dataset), args.batch_size):
         part = list(range(start, min(start + args.batch_size, len(dataset))))

@@ -38,6 +38,7 @@ writes the report (AUROC and FPR at 95% TPR per score and OOD set) and the fitte
 default beside the checkpoint as <checkpoint stem>_ood.pth, which test.py --ood loads.
 """
 import argparse
+import tempfile
 import os
 from pathlib import Path
 
@@ -257,15 +258,17 @@ def relocate(train_args, dataset_dir):
     return moved
 
 
-def training_splits(train_args, runtime, dataset, dataset_dir):
+def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None):
     """The checkpoint's own (training, validation or None) images, as train.py split them;
     `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
     import train  # the same split code as the training run
 
-    # Flags added since an older checkpoint was saved get their defaults; images are never
-    # dropped here (that would write bad_images.txt into the training run's folder).
-    run_args = argparse.Namespace(**{"bit_depth": "auto", **train_args, "dataset": dataset,
-                                     "skip_bad_images": False})
+    # Flags added since an older checkpoint was saved get their defaults; the run's bad images
+    # are dropped as in training, but their list goes to a scratch folder, not the run's.
+    run_args = argparse.Namespace(**{"bit_depth": "auto", "skip_bad_images": False, **train_args,
+                                     "dataset": dataset, "save_dir": tempfile.mkdtemp(prefix="ood_")})
+    if bit_depth:  # the depth training scaled by, not a new scan
+        run_args.bit_depth = str(bit_depth)
     train_set, val_set, _ = train.build_datasets(run_args, runtime)
     return train_set, val_set
 
@@ -300,7 +303,7 @@ def main(args):
         if not train_args:
             raise SystemExit(f"error: {args.resume} does not record its training run; give "
                              "--fit-image-list and --calib-image-list")
-        splits = training_splits(train_args, runtime, dataset, root)
+        splits = training_splits(train_args, runtime, dataset, root, utils.data_bit_depth(checkpoint))
     if args.fit_image_list:
         fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
     else:

@@ -145,6 +145,7 @@ def build_index(args):
     else:
         out.mkdir(parents=True, exist_ok=True)
         manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint,
+                    "bit_depth": dataset.bit_depth,  # what queries are scaled by when the checkpoint has none
                     "model_config": config, "checkpoint": str(args.resume), "classes": [],
                     "dtype": args.dtype or "float32", "chunks": []}
         done = []
@@ -300,7 +301,7 @@ def query(args):
                          f"(fingerprints {fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
                          "query with the index's checkpoint, or build an index for this one")
     detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector) if args.ood else None
-    bit_depth = utils.data_bit_depth(checkpoint)
+    bit_depth = utils.data_bit_depth(checkpoint) or manifest.get("bit_depth")
     embeddings, kept = embed_images(model, args.images, checkpoint["model_config"]["img_size"], device,
                                     args.skip_bad_images, utils.resolve_amp("auto", str(device)), bit_depth)
     if args.search == "faiss":

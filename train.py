@@ -380,7 +380,11 @@ def evaluate(model, loader, args, runtime, split):
     embeddings, labels = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
     if not runtime.is_main:
         return {}
-    result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), query_groups=loader.dataset.patients)
+    try:
+        result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), query_groups=loader.dataset.patients)
+    except ValueError as error:  # e.g. every class of the split is one patient
+        utils.log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
+        result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=())
     return {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
             f"{split}_mP@1": result["precision_at_k"]["1"]}
 

@@ -394,3 +394,17 @@ def test_user_mistakes_end_in_one_error_line(tmp_path):
     shown = subprocess.run([sys.executable, str(ROOT / "test.py"), "--resume", str(tmp_path / "missing.pth")],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_split_of_one_patient_per_class_is_scored_with_a_warning(monkeypatch, capsys):
+    embeddings = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    monkeypatch.setattr(train.utils, "extract_embeddings", lambda *a, **k: (embeddings, labels))
+    loader = type("Loader", (), {"dataset": type("Data", (), {"patients": list("aaabbb")})()})()
+    args = train.parse_args(["--dataset", "demo"])
+    result = train.evaluate(None, loader, args, train.utils.Runtime(torch.device("cpu")), "val")
+    assert 0 <= result["val_mAP"] <= 100  # no crash: every relevant image is the query's patient's
+    assert "scored with same-patient images" in capsys.readouterr().out
+    monkeypatch.setattr(train.utils, "extract_embeddings", lambda *a, **k: (embeddings, labels))
+    loader.dataset.patients = list("abcdef")
+    assert train.evaluate(None, loader, args, train.utils.Runtime(torch.device("cpu")), "val")["val_mAP"] > 0
