@@ -282,8 +282,7 @@ def build_context(args):
     gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform,
                                bit_depth=bit_depth or "auto")
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
-    prototypes = torch.stack([F.normalize(embeddings[labels == c].mean(0), dim=0) if (labels == c).any()
-                              else torch.zeros_like(embeddings[0]) for c in range(len(classes))])
+    prototypes = utils.class_prototypes(embeddings, labels, len(classes))
     layers = default_layers(model, convnext_stage=args.convnext_stage)
     cam = RetrievalGradCAM(model, layers, method=args.method)
     return {"model": model, "device": device, "transform": transform, "classes": classes,

@@ -317,7 +317,7 @@ def query(args):
     if args.explain:
         cam = RetrievalGradCAM(model, default_layers(model))
         transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
-        prototypes = class_prototypes(gallery, gallery_labels, len(classes)).to(device)
+        prototypes = utils.class_prototypes(gallery, gallery_labels, len(classes)).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -354,15 +354,6 @@ def query(args):
     print_results(results)
     print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
     return results
-
-
-def class_prototypes(gallery, labels, num_classes, chunk_size=65536):
-    """Normalised mean embedding of each class, summed chunk by chunk (float16 indexes)."""
-    sums = torch.zeros(num_classes, gallery.shape[1])
-    for start in range(0, len(gallery), chunk_size):
-        block = torch.from_numpy(gallery[start:start + chunk_size]).float()
-        sums.index_add_(0, torch.from_numpy(labels[start:start + chunk_size]), block)
-    return torch.nn.functional.normalize(sums, dim=1)
 
 
 def print_results(results):

@@ -307,6 +307,18 @@ def load_trained_model(path, device):
     return model.to(device).eval(), checkpoint, fingerprint
 
 
+def class_prototypes(embeddings, labels, num_classes, chunk_size=65536):
+    """(num_classes, D) normalised mean embedding of each class (zeros for a class without
+    images), on the embeddings' device; summed chunk by chunk in float32, so a float16 numpy
+    index of millions is never copied whole."""
+    embeddings, labels = torch.as_tensor(embeddings), torch.as_tensor(labels)
+    sums = torch.zeros(num_classes, embeddings.shape[1], device=embeddings.device)
+    for start in range(0, len(embeddings), chunk_size):
+        sums.index_add_(0, labels[start:start + chunk_size].to(embeddings.device),
+                        embeddings[start:start + chunk_size].float())
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
 def data_bit_depth(checkpoint):
     """The bit depth train.py scaled its 16-bit images by (an int), or None: 8-bit training data,
     or a checkpoint saved before the depth was recorded. Every program that embeds images for a
