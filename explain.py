@@ -5,13 +5,18 @@ similarity each branch carries, and how faithful the map is.
 One image (overlays, a figure with the neighbours, explanation.json):
 
     python explain.py --resume CKPT --image IMG --gallery-image-list LIST --gallery-dataset-dir DIR \\
-        [--lung-mask M --heart-mask M | --mask-dir DIR] --out OUTDIR
+        [--lung-mask M --heart-mask M | --mask-dir DIR | --chexmask CSV] --out OUTDIR
 
 A list (summary.json = {"images": [...], "aggregate": {...}}; with lesion masks under
 <mask-dir>/lesion the aggregate holds the pointing game and zone agreement):
 
     python explain.py --resume CKPT --image-list LIST --dataset-dir DIR \\
         --gallery-image-list LIST --gallery-dataset-dir DIR --mask-dir DIR --out OUTDIR
+
+Lung and heart masks from CheXmask (one CSV per source collection, rows matched to the images
+by id; rows whose Dice RCA (Mean) is below --min-mask-dice give null region statistics):
+
+    python explain.py ... --chexmask MIMIC-CXR-JPG.csv.gz [--chexmask-id-column dicom_id]
 
 The gallery defaults to the checkpoint's training list. The Grad-CAM target (--target) is the
 mean gallery embedding of the predicted class (the neighbours' majority vote), or the query's
@@ -26,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import chexmask
 import explain_figures
+import masks as mask_sources
 import ontology as onto
 import regions
 import utils
@@ -37,59 +44,40 @@ from presets import DATASETS, LIST_FORMAT
 
 
 # ---------------------------------------------------------------------- gallery
-@torch.inference_mode()
 def embed_gallery(model, dataset, device, batch_size, workers):
-    """Embeddings (N, D), labels (N,) and, for the hybrid, each branch's pooled features (for
-    the branch attribution), in one pass."""
-    model.eval()
-    embeddings, labels, parts = [], [], {"convnext": [], "vit": []}
-    for images, targets in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        images = images.to(device)
-        if hasattr(model, "vit") and hasattr(model, "convnext"):
-            conv, vit = model.convnext(images)[0], model.vit(images)[0]
-            parts["convnext"].append(conv.float())
-            parts["vit"].append(vit.float())
-            embeddings.append(model.head(torch.cat([conv, vit], dim=1)).float())
-        else:
-            embeddings.append(model(images).float())
-        labels.append(targets.to(device))
-    means = {k: torch.cat(v).mean(0) for k, v in parts.items() if v}
-    return torch.cat(embeddings), torch.cat(labels), means
+    """Embeddings (N, D), labels (N,) and, for the hybrid, each branch's mean pooled features
+    (the reference of the branch attribution), in one pass (utils.extract_embeddings)."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    runtime = utils.Runtime(device=device)
+    if not utils.has_branches(model):
+        embeddings, labels = utils.extract_embeddings(model, loader, runtime, progress=False)
+        return embeddings, labels, {}
+    embeddings, labels, features = utils.extract_embeddings(model, loader, runtime, progress=False,
+                                                            branch_features=True)
+    return embeddings, labels, {b: f.mean(0) for b, f in features.items()}
 
 
 @torch.inference_mode()
 def branch_attribution(model, images, targets, branch_means):
-    """Similarity to the target, and how much of it each branch carries: the drop in cosine
-    similarity when that branch's pooled features are replaced by their gallery mean before
-    the fusion head (the other branch kept). None for single-backbone models."""
-    if not branch_means:
+    """Per image: the similarity to its target and how much of it each branch carries
+    (model.branch_attribution: the drop when that branch's pooled features are replaced by
+    their gallery mean). None for single-backbone models."""
+    if not branch_means or not utils.has_branches(model):
         return None
-    conv, vit = model.convnext(images)[0].float(), model.vit(images)[0].float()
-    targets = F.normalize(targets.float(), dim=1)
-
-    def similarity(c, v):
-        return (model.head(torch.cat([c, v], dim=1)).float() * targets).sum(1)
-
-    full = similarity(conv, vit)
-    without_conv = similarity(branch_means["convnext"].expand_as(conv), vit)
-    without_vit = similarity(conv, branch_means["vit"].expand_as(vit))
-    records = []
-    for s, dc, dv in zip(full.tolist(), (full - without_conv).tolist(), (full - without_vit).tolist()):
-        total = abs(dc) + abs(dv)
-        records.append({"similarity": s, "convnext_drop": dc, "vit_drop": dv,
-                        "convnext_share": abs(dc) / total if total > 0 else None,
-                        "vit_share": abs(dv) / total if total > 0 else None})
-    return records
+    features, _ = model.branch_features(images)
+    out = {k: v.tolist() for k, v in model.branch_attribution(features, targets, branch_means).items()}
+    return [{k: (None if v[i] != v[i] else v[i]) for k, v in out.items()}  # NaN share -> None
+            for i in range(len(images))]
 
 
 def fusion_weights(model, images, targets, branch_means=None):
     """{branch: (B,) shares} for the fused map of the hybrid, None for other models."""
-    if not (hasattr(model, "convnext") and hasattr(model, "vit")):
+    if not utils.has_branches(model):
         return None
     if branch_means is None:
         with torch.inference_mode():
-            branch_means = {"convnext": model.convnext(images)[0].float().mean(0),
-                            "vit": model.vit(images)[0].float().mean(0)}
+            features, _ = model.branch_features(images)
+            branch_means = {b: f.float().mean(0) for b, f in features.items()}
     return _weights(branch_attribution(model, images, targets, branch_means))
 
 
@@ -138,7 +126,8 @@ def faithfulness(model, image, target, saliency, steps=16, seed=0):
 # ---------------------------------------------------------------------- one batch of queries
 def explain_batch(ctx, paths, labels=None, masks=None):
     """Records for images at `paths` (their original files); `masks` a list of dicts with
-    lungs/heart/lesion bool arrays or None."""
+    lungs/heart/lesion bool arrays (and per-lung "sides"), None, or functions of the image's
+    (H, W) giving such a dict (masks decoded at the image's size, see mask_sources.MaskReader)."""
     device, transform = ctx["device"], ctx["transform"]
     originals = [load_image(p, ctx["bit_depth"]) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
@@ -158,7 +147,9 @@ def explain_batch(ctx, paths, labels=None, masks=None):
         full = {b: F.interpolate(maps[b][i][None, None], size=size, mode="bilinear",
                                  align_corners=False)[0, 0].cpu().numpy() for b in ctx["branches"]}
         mask = (masks[i] if masks else None) or {}
-        stats = regions.region_statistics(full["fused"], mask.get("lungs"), mask.get("heart"), ctx["salient"])
+        mask = mask(size) if callable(mask) else mask
+        stats = regions.region_statistics(full["fused"], mask.get("lungs"), mask.get("heart"), ctx["salient"],
+                                          sides=mask.get("sides"))
         predicted = ctx["classes"][int(votes[i])]
         reasoning = onto.reason(ctx["ontology"], stats, predicted)
         record = {
@@ -177,6 +168,8 @@ def explain_batch(ctx, paths, labels=None, masks=None):
             "peaks": {b: list(np.unravel_index(int(full[b].argmax()), size))[::-1] for b in ctx["branches"]},
             "sentences": reasoning["sentences"],
         }
+        if mask.get("info"):  # where the masks came from and whether they were good enough
+            record["masks"] = mask["info"]
         record["peaks"] = {b: [int(v) for v in xy] for b, xy in record["peaks"].items()}
         if ctx["faithfulness_steps"] and ctx["faithfulness_left"] > 0:
             ctx["faithfulness_left"] -= 1
@@ -203,7 +196,9 @@ def lesion_check(full, mask, size, branches, seed, top_zone):
         if len(rows):
             pick = np.random.default_rng(seed).integers(len(rows))
             hits["random_lung_point"] = regions.pointing_hit((cols[pick], rows[pick]), lesion, tolerance)
-            truth = regions.lesion_zones(lesion, lungs)
+            sides = mask.get("sides")  # per-lung masks (CheXmask) assign the zones to sides
+            sides = {k: regions._fit(m, size) for k, m in sides.items()} if sides else None
+            truth = regions.lesion_zones(lesion, lungs, sides=sides)
             result.update(lesion_zones=truth, zone_agrees=top_zone in truth)
     return result
 
@@ -249,22 +244,6 @@ def aggregate(records, branches):
 
 
 # ---------------------------------------------------------------------- command line
-def read_masks(mask_dir, name, lung_mask=None, heart_mask=None):
-    """{"lungs", "heart", "lesion"} bool arrays (None where the file is absent)."""
-    files = {"lungs": lung_mask, "heart": heart_mask, "lesion": None}
-    if mask_dir:
-        for kind in files:
-            candidate = Path(mask_dir) / kind / name
-            if files[kind] is None and candidate.is_file():
-                files[kind] = candidate
-    out = {}
-    for kind, path in files.items():
-        if path is not None and not Path(path).is_file():
-            raise utils.UserError(f"--{kind.rstrip('s')}-mask {path}: no such file")
-        out[kind] = regions.load_mask(path) if path is not None else None
-    return out
-
-
 def build_context(args):
     utils.refuse_distributed("explain.py")
     device = utils.setup_runtime(args.device).device
@@ -306,9 +285,19 @@ def main(args):
     if args.image and not Path(args.image).is_file():
         raise utils.UserError(f"--image {args.image}: no such file")
     for flag, path in (("--lung-mask", args.lung_mask), ("--heart-mask", args.heart_mask),
-                       ("--mask-dir", args.mask_dir)):
+                       ("--mask-dir", args.mask_dir), *(("--chexmask", c) for c in args.chexmask)):
         if path and not Path(path).exists():
             raise utils.UserError(f"{flag} {path}: no such file or folder")
+    if args.image_list and (args.lung_mask or args.heart_mask):
+        raise utils.UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
+                              "give --mask-dir or --chexmask")
+    if args.chexmask and (args.lung_mask or args.heart_mask):
+        raise utils.UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
+                              "or as --chexmask rows, not both")
+    if not 0.0 <= args.min_mask_dice <= 1.0:
+        raise utils.UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
+    if args.chexmask_id_column and not args.chexmask:
+        raise utils.UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
     try:
         ctx = build_context(args)
     except onto.OntologyError as error:
@@ -316,9 +305,11 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.image:
-        masks = read_masks(args.mask_dir, Path(args.image).name, args.lung_mask, args.heart_mask)
+        reader = mask_sources.MaskReader(args, [args.image])
         ctx["names"] = [args.image]
-        record, full, original = explain_batch(ctx, [args.image], masks=[masks])[0]
+        record, full, original = explain_batch(ctx, [args.image], masks=[reader.source(args.image)])[0]
+        if record.get("masks") and not record["masks"]["used"]:
+            print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
         neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
         explain_figures.write_overlays(out, original, full)
         explain_figures.write_figure(out / "figure.png", original, full, record, neighbour_maps)
@@ -331,22 +322,31 @@ def main(args):
     dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"],
                                bit_depth=ctx["bit_depth"])  # as explain_batch loads them
     records = []
+    reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
     for start in range(0, len(dataset), args.batch_size):
         part = list(range(start, min(start + args.batch_size, len(dataset))))
         paths = [dataset.paths[i] for i in part]
         ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
         labels = [dataset.classes[int(dataset.targets[i])] for i in part]
-        masks = [read_masks(args.mask_dir, p.name) if args.mask_dir else None for p in paths]
+        sources = [reader.source(name) for name in ctx["names"]]
         ctx["seen"] = start  # the random lung point of image i is drawn with seed i
-        for record, full, original in explain_batch(ctx, paths, labels, masks):
+        for record, full, original in explain_batch(ctx, paths, labels, sources):
             records.append(record)
             if len(records) <= args.save_overlays:
                 explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
         print(f"  {len(records)}/{len(dataset)} explained", flush=True)
     summary = {"images": records, "aggregate": aggregate(records, ctx["branches"]),
                "layers": ctx["layers"], "target": args.target, "checkpoint": str(args.resume)}
+    m = reader.summary()  # CheXmask: how many images had usable masks
+    if m:
+        summary["aggregate"]["masks"] = m
     utils.write_json(out / "summary.json", summary)
     explain_figures.print_aggregate(summary["aggregate"])
+    if m:
+        print(f"  CheXmask lungs and heart for {m['with_masks']} images; {m['below_min_dice']} below "
+              f"--min-mask-dice {m['min_mask_dice']:g} and {m['without_row']} without a row have null "
+              "region statistics" + (f"; {m['sides_swapped']} with the lungs on mirrored sides"
+                                     if m["sides_swapped"] else ""))
     print(f"wrote {out / 'summary.json'}")
     return summary
 
@@ -391,7 +391,16 @@ def get_args_parser():
     parser.add_argument("--lung-mask", help="binary lung mask PNG of --image")
     parser.add_argument("--heart-mask", help="binary heart mask PNG of --image")
     parser.add_argument("--mask-dir", help="folder with lungs/, heart/ and optionally lesion/ masks "
-                        "named like the images (as demo_data.py writes them)")
+                        "named like the images (as demo_data.py and chexmask.py to-png write them)")
+    parser.add_argument("--chexmask", action="append", default=[], metavar="CSV",
+                        help="CheXmask CSV (.csv or .csv.gz, OriginalResolution or Preprocessed) giving "
+                        "the lung and heart masks, rows matched to the images by id; repeat for several "
+                        "collections (--mask-dir then only gives lesion masks)")
+    parser.add_argument("--chexmask-id-column", help="the CSVs' image-id column (default: the first of "
+                        + ", ".join(chexmask.ID_COLUMNS) + " they have)")
+    parser.add_argument("--min-mask-dice", type=float, default=chexmask.DEFAULT_MIN_DICE,
+                        help=f"CheXmask rows whose {chexmask.DICE_MEAN} is below this give no masks "
+                        "(null region statistics, counted in the summary); 0 keeps all")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--topk", type=int, default=10, help="neighbours retrieved and voting")
     parser.add_argument("--target", choices=("prototype", "neighbour"), default="prototype",

@@ -22,6 +22,12 @@ import torch.nn.functional as F
 
 MODEL_NAMES = ("hybrid_convnext_vit", "convnextv2", "vit", "resnet50", "densenet121")
 NECKS = ("none", "bn")
+# How the hybrid joins its branches: "seed" concatenates the raw pooled vectors (the paper's
+# head, whose branch balance is an accident of their scales); "norm" puts each branch's vector
+# through its own LayerNorm first, so both enter the head at the same scale.
+FUSIONS = ("seed", "norm")
+MXA_MODES = ("both", "ca", "sa", "none")  # the MXA block's channel / spatial attention, for ablations
+VIT_STEMS = ("patch", "conv")
 
 DEFAULT_CONVNEXT = "convnextv2_base.fcmae_ft_in22k_in1k_384"
 DEFAULT_VIT = "vit_base_patch16_384.augreg_in21k_ft_in1k"  # ImageNet-21k pre-training
@@ -73,12 +79,15 @@ class SpatialAttention(nn.Module):
 
 
 class MXABlock(nn.Module):
-    """The paper's MXA block: channel attention, then spatial attention."""
+    """The paper's MXA block: channel attention, then spatial attention. `mode` keeps both
+    ("both"), one ("ca", "sa") or neither ("none": the identity), to measure what each adds."""
 
-    def __init__(self, channels, reduction=16, kernel_size=7):
+    def __init__(self, channels, reduction=16, kernel_size=7, mode="both"):
         super().__init__()
-        self.channel = ChannelAttention(channels, reduction)
-        self.spatial = SpatialAttention(kernel_size)
+        if mode not in MXA_MODES:
+            raise ValueError(f"unknown MXA mode '{mode}'; choose one of {', '.join(MXA_MODES)}")
+        self.channel = ChannelAttention(channels, reduction) if mode in ("both", "ca") else nn.Identity()
+        self.spatial = SpatialAttention(kernel_size) if mode in ("both", "sa") else nn.Identity()
 
     def forward(self, x):
         return self.spatial(self.channel(x))
@@ -214,28 +223,66 @@ def _adapter_for(backbone):
 class ConvNeXtBranch(nn.Module):
     """ConvNeXtV2 last stage -> MXA -> global average pool."""
 
-    def __init__(self, timm_name, pretrained=False, weights_file=None, weights_dir=None):
+    def __init__(self, timm_name, pretrained=False, weights_file=None, weights_dir=None, mxa="both"):
         super().__init__()
         self.backbone = create_backbone(timm_name, pretrained, weights_file, weights_dir,
                                         features_only=True, out_indices=(-1,))
         self.adapter = _adapter_for(self.backbone)
         self.out_dim = self.backbone.feature_info.channels()[-1]
-        self.mxa = MXABlock(self.out_dim)
+        self.mxa = MXABlock(self.out_dim, mode=mxa)
 
     def forward(self, x):
         fmap = self.mxa(self.backbone(self.adapter(x))[-1])  # (B, C, H/32, W/32)
         return fmap.mean(dim=(2, 3)), fmap
 
 
-class ViTBranch(nn.Module):
-    """Vision Transformer; the CLS token is the image feature, patch tokens feed Grad-CAM."""
+class ConvStem(nn.Module):
+    """Xiao et al. (2021), "Early convolutions help transformers see better": 3x3 stride-2
+    convolutions (BatchNorm, ReLU) down to the patch stride, then a 1x1 projection to the token
+    width, in place of the ViT's single strided "patchify" convolution. From random weights on
+    small data it is what lets the ViT learn: the stem supplies the local inductive bias that
+    a linear patch embedding lacks."""
 
-    def __init__(self, timm_name, img_size, pretrained=False, weights_file=None, weights_dir=None):
+    def __init__(self, embed_dim, stride):
         super().__init__()
+        if stride < 2 or stride & (stride - 1):
+            raise ValueError(f"a convolutional stem needs a power-of-two patch size, got {stride}")
+        layers, width, channels = [], embed_dim // 2 ** (stride.bit_length() - 2), 3
+        for _ in range(stride.bit_length() - 1):  # log2(stride) halvings, width doubling
+            width = max(width, 16)
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels, width = width, width * 2
+        layers.append(nn.Conv2d(channels, embed_dim, 1))
+        self.stem = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.stem(x)
+
+
+class ViTBranch(nn.Module):
+    """Vision Transformer; the CLS token is the image feature, patch tokens feed Grad-CAM.
+
+    patch_size: None keeps the timm model's; a smaller one gives a small input more tokens
+    (a 64 px image is 4 x 4 patches of 16). stem="conv" replaces the patch embedding by a
+    ConvStem of the same stride (training from scratch only: it has no pre-trained weights).
+    """
+
+    def __init__(self, timm_name, img_size, pretrained=False, weights_file=None, weights_dir=None,
+                 patch_size=None, stem="patch"):
+        super().__init__()
+        if stem not in VIT_STEMS:
+            raise ValueError(f"unknown ViT stem '{stem}'; choose one of {', '.join(VIT_STEMS)}")
+        if stem == "conv" and pretrained:
+            raise ValueError("--vit-stem conv has no pre-trained weights; use it with --no-pretrained")
+        extra = {} if patch_size is None else {"patch_size": patch_size}
         self.backbone = create_backbone(timm_name, pretrained, weights_file, weights_dir,
-                                        num_classes=0, img_size=img_size)
+                                        num_classes=0, img_size=img_size, **extra)
         self.adapter = _adapter_for(self.backbone)
         self.out_dim = self.backbone.num_features
+        if stem == "conv":
+            embed = self.backbone.patch_embed
+            embed.proj = ConvStem(embed.proj.out_channels, embed.proj.stride[0])
 
     def forward(self, x):
         tokens = self.backbone.forward_features(self.adapter(x))  # (B, prefix + N, C)
@@ -295,26 +342,92 @@ class EmbeddingHead(nn.Module):
 # Models
 # --------------------------------------------------------------------------------------------
 class HybridConvNeXtViT(nn.Module):
-    """ConvNeXtV2 + MXA and ViT CLS token, concatenated and fused into one embedding."""
+    """ConvNeXtV2 + MXA and ViT CLS token, concatenated and fused into one embedding.
+
+    The fusion is exposed in two steps, so that attribution and explanations use the model's
+    own code: `branch_features(x)` gives each branch's pooled vector (and its map), `fuse(...)`
+    turns the pooled vectors into the embedding.
+
+    branch_heads: each branch also gets its own embedding head, trained with the same loss
+    (see train.py's --branch-loss-weight), so that neither branch can leave the work to the
+    other; retrieval never uses these heads.
+    """
+
+    BRANCHES = ("convnext", "vit")
 
     def __init__(self, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT,
                  img_size=DEFAULT_IMG_SIZE, embedding_dim=DEFAULT_EMBEDDING_DIM,
                  pretrained=True, weights_dir=None, convnext_weights=None, vit_weights=None,
-                 neck="none"):
+                 neck="none", fusion="seed", mxa="both", vit_patch_size=None, vit_stem="patch",
+                 branch_heads=False):
         super().__init__()
-        self.convnext = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
-        self.vit = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
-        self.head = EmbeddingHead(self.convnext.out_dim + self.vit.out_dim, embedding_dim, neck)
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
+        self.convnext = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir, mxa)
+        self.vit = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir,
+                             vit_patch_size, vit_stem)
+        dims = {"convnext": self.convnext.out_dim, "vit": self.vit.out_dim}
+        self.branch_norms = None
+        if fusion == "norm":
+            self.branch_norms = nn.ModuleDict({b: nn.LayerNorm(d) for b, d in dims.items()})
+        self.head = EmbeddingHead(sum(dims.values()), embedding_dim, neck)
+        self.branch_heads = None
+        if branch_heads:
+            self.branch_heads = nn.ModuleDict({b: EmbeddingHead(d, embedding_dim, neck)
+                                               for b, d in dims.items()})
 
     def backbone_modules(self):
         return [self.convnext.backbone, self.vit.backbone]
 
-    def forward(self, x, return_maps=False):
+    def branch_features(self, x):
+        """({"convnext": (B, C1), "vit": (B, C2)} pooled features, {"conv_map", "vit_tokens"})."""
         conv_feat, conv_map = self.convnext(x)  # (B, 1024), (B, 1024, H/32, W/32) for Base
         vit_feat, vit_tokens = self.vit(x)  # (B, 768), (B, N, 768) for B/16
-        emb = self.head(torch.cat([conv_feat, vit_feat], dim=1))  # (B, embedding_dim)
+        return {"convnext": conv_feat, "vit": vit_feat}, {"conv_map": conv_map, "vit_tokens": vit_tokens}
+
+    def fuse(self, features):
+        """The embedding (B, embedding_dim) from the pooled features of both branches."""
+        parts = [features[b] for b in self.BRANCHES]
+        if self.branch_norms is not None:
+            parts = [self.branch_norms[b](p) for b, p in zip(self.BRANCHES, parts)]
+        return self.head(torch.cat(parts, dim=1))
+
+    @torch.no_grad()
+    def branch_attribution(self, features, targets, branch_means):
+        """How much of the similarity to each target each branch carries.
+
+        features: {branch: (B, C)} pooled features of the queries; targets: (B, D) embeddings
+        they are compared with (a neighbour, a class prototype); branch_means: {branch: (C,)},
+        the gallery mean of each branch's features. A branch's drop is the fall in cosine
+        similarity when its features are replaced by their mean (the other branch kept); its
+        share is |drop| / (|drop_convnext| + |drop_vit|), NaN where both drops are 0.
+        Returns {"similarity", "convnext_drop", "vit_drop", "convnext_share", "vit_share"}, (B,) each.
+        """
+        targets = F.normalize(targets.float(), dim=1)
+        features = {b: features[b].float() for b in self.BRANCHES}
+
+        def similarity(parts):
+            with torch.autocast(targets.device.type, enabled=False):  # fp32 head: drops are small
+                return (self.fuse(parts).float() * targets).sum(1)
+
+        full = similarity(features)
+        out = {"similarity": full}
+        for b in self.BRANCHES:
+            out[f"{b}_drop"] = full - similarity({**features, b: branch_means[b].float().expand_as(features[b])})
+        total = sum(out[f"{b}_drop"].abs() for b in self.BRANCHES)
+        for b in self.BRANCHES:
+            out[f"{b}_share"] = out[f"{b}_drop"].abs() / total  # NaN when total == 0
+        return out
+
+    def forward(self, x, return_maps=False, return_branch_embeddings=False):
+        features, maps = self.branch_features(x)
+        emb = self.fuse(features)
+        if return_branch_embeddings:  # training with per-branch losses
+            if self.branch_heads is None:
+                raise ValueError("this model has no per-branch heads (branch_heads=False)")
+            return emb, {b: self.branch_heads[b](features[b]) for b in self.BRANCHES}
         if return_maps:
-            return emb, {"conv_map": conv_map, "vit_tokens": vit_tokens}
+            return emb, maps
         return emb
 
 
@@ -352,10 +465,13 @@ def check_pretrained(name, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT,
 def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_SIZE,
                 convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, pretrained=True,
                 weights_dir=None, convnext_weights=None, vit_weights=None,
-                grad_checkpointing=False, neck="none"):
+                grad_checkpointing=False, neck="none", fusion="seed", mxa="both",
+                vit_patch_size=None, vit_stem="patch", branch_heads=False):
     """The one factory. `name` is one of MODEL_NAMES; the rest is the model config.
-    `neck` is the head's BN neck ("bn") or the paper's plain head ("none", the default, so
-    checkpoints saved before the option existed rebuild unchanged).
+    `neck` is the head's BN neck ("bn") or the paper's plain head ("none"). `fusion`, `mxa`,
+    `vit_patch_size`, `vit_stem` and `branch_heads` are described at their classes. Every
+    default is the model as it was before the option existed, so older checkpoints (whose
+    config lacks the key) rebuild unchanged; train.py passes its own defaults explicitly.
 
     `convnextv2` is the ConvNeXt branch with MXA (the hybrid without its ViT); `vit` the ViT
     branch alone; `resnet50` and `densenet121` use timm's ImageNet models.
@@ -370,12 +486,14 @@ def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_
     if name == "hybrid_convnext_vit":
         model = HybridConvNeXtViT(convnext_name, vit_name, img_size, embedding_dim,
                                   convnext_weights=convnext_weights, vit_weights=vit_weights,
-                                  neck=neck, **weights)
+                                  neck=neck, fusion=fusion, mxa=mxa, vit_patch_size=vit_patch_size,
+                                  vit_stem=vit_stem, branch_heads=branch_heads, **weights)
     elif name == "convnextv2":
-        branch = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir)
+        branch = ConvNeXtBranch(convnext_name, pretrained, convnext_weights, weights_dir, mxa)
         model = SingleBackboneModel(branch, embedding_dim, neck)
     elif name == "vit":
-        branch = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir)
+        branch = ViTBranch(vit_name, img_size, pretrained, vit_weights, weights_dir,
+                           vit_patch_size, vit_stem)
         model = SingleBackboneModel(branch, embedding_dim, neck)
     else:
         model = SingleBackboneModel(PooledBranch(name, pretrained, None, weights_dir), embedding_dim, neck)

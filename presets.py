@@ -6,12 +6,14 @@ Two independent choices fill every flag left unset on the command line:
   for `--dataset demo`, a small configuration that trains from scratch on a laptop CPU;
 - the recipe (`--recipe`): how the embedding is trained.
     strong  BN neck + cosine-softmax identity loss + batch-all triplet loss, AdamW with weight
-            decay, warmup and cosine decay (the default: it learns from random weights, see
-            the ablation in HYBRID_MODEL_GUIDE.md)
+            decay, warmup and cosine decay, and for the hybrid the same loss on each branch's
+            own head at weight 0.5 (the default: it learns from random weights and makes both
+            branches learn, see the ablations in HYBRID_MODEL_GUIDE.md)
     seed    the seed's loss and optimisation: plain Adam at a constant 1e-4, batch-hard
             triplet loss only, no weight decay, no BN neck, backbones at the same learning
-            rate. The data pipeline and mixed precision stay this repo's (the whole image
-            resized, never centre-cropped; bf16 autocast on recent GPUs unless --amp none).
+            rate, no per-branch losses. The data pipeline and mixed precision stay this
+            repo's (the whole image resized, never centre-cropped; bf16 autocast on recent
+            GPUs unless --amp none).
 """
 import argparse
 import os
@@ -28,6 +30,7 @@ PAPER_DEFAULTS = dict(
     workers=min(8, os.cpu_count() or 1), eval_batch_size=64, dataset_dir="./data",
     train_image_list="./train_split.txt", test_image_list="./test_COVIDx4.txt",
     save_dir="./checkpoints", hflip=True,
+    fusion="norm", vit_patch_size=None, vit_stem="patch",
 )
 DEMO_DEFAULTS = dict(
     convnext_name="convnextv2_atto", vit_name="vit_tiny_patch16_224", img_size=64,
@@ -35,6 +38,7 @@ DEMO_DEFAULTS = dict(
     samples_per_label=8, workers=min(2, os.cpu_count() or 1), eval_batch_size=100,
     dataset_dir="./data/demo", train_image_list=None, test_image_list=None,
     save_dir="./checkpoints/demo", hflip=False,
+    fusion="norm", vit_patch_size=None, vit_stem="conv",
 )
 # The phantoms `--dataset demo` generates: enough images per class that a from-scratch model
 # learns the findings and that test numbers mean something (one standard error of R@1 on 300
@@ -43,10 +47,10 @@ DEMO_DATA = dict(train_per_class=400, test_per_class=60, size=128, seed=0)
 
 RECIPES = {
     "strong": dict(optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=1.0,
-                   mining="batch_all", neck="bn", id_loss_weight=1.0),
+                   mining="batch_all", neck="bn", id_loss_weight=1.0, branch_loss_weight=0.5),
     "seed": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="constant",
                  warmup_epochs=0.0, mining="batch_hard", neck="none", id_loss_weight=0.0,
-                 backbone_lr_mult=1.0),
+                 backbone_lr_mult=1.0, branch_loss_weight=0.0),
 }
 
 

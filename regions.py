@@ -2,9 +2,13 @@
 
     stats = region_statistics(saliency, lungs, heart)     # all (H, W); masks bool or None
 
+    stats = region_statistics(saliency, lungs, heart, sides={"right": r, "left": l})
+
 Zones: each lung (right = the patient's right = image left on a PA film) split into upper,
 middle and lower thirds of its own height, as radiologists split a lung into zones. The two
-lungs are told apart by the midline of the lung fields (midpoint of their horizontal extent).
+lungs are told apart by the midline of the lung fields (midpoint of their horizontal extent),
+or, when the masks come per lung (CheXmask's Right Lung and Left Lung), by those masks: a
+rotated patient's lung may cross the midline of the fields.
 Shares are fractions of the map's total positive activation. Without masks the statistics
 that need them are None: absent, never guessed.
 """
@@ -35,8 +39,10 @@ def cardiothoracic_ratio(lungs, heart):
     return float((heart_cols[-1] - heart_cols[0] + 1) / (lung_cols[-1] - lung_cols[0] + 1))
 
 
-def zone_map(lungs):
-    """(H, W) int array: index into ZONES for lung pixels, -1 elsewhere; plus the midline column."""
+def zone_map(lungs, sides=None):
+    """(H, W) int array: index into ZONES for lung pixels, -1 elsewhere; plus the midline column.
+    `sides` = {"right": mask, "left": mask} (patient sides) assigns the lungs instead of the
+    midline."""
     zones = np.full(lungs.shape, -1, dtype=np.int64)
     cols = np.flatnonzero(lungs.any(axis=0))
     if cols.size == 0:
@@ -44,7 +50,11 @@ def zone_map(lungs):
     midline = (cols[0] + cols[-1]) / 2
     column = np.arange(lungs.shape[1])[None, :]
     rows = np.arange(lungs.shape[0])[:, None]
-    for s, half in enumerate((column < midline, column >= midline)):  # image left = patient right
+    if sides is not None:
+        halves = (_fit(sides["right"], lungs.shape), _fit(sides["left"], lungs.shape))
+    else:
+        halves = (column < midline, column >= midline)  # image left = patient right
+    for s, half in enumerate(halves):
         lung = lungs & half
         lung_rows = np.flatnonzero(lung.any(axis=1))
         if lung_rows.size == 0:
@@ -64,10 +74,11 @@ def peripheral_band(lungs, midline, fraction=1 / 3):
     return lungs & ((column <= right_edge) | (column >= left_edge))
 
 
-def region_statistics(saliency, lungs=None, heart=None, salient=0.0):
+def region_statistics(saliency, lungs=None, heart=None, salient=0.0, sides=None):
     """Statistics of a non-negative (H, W) map; masks of another size are resized to it.
     `salient` > 0 keeps only the salient region, the pixels at or above that fraction of the
-    map's maximum (a dense map otherwise spreads every share towards the regions' areas)."""
+    map's maximum (a dense map otherwise spreads every share towards the regions' areas).
+    `sides`: per-lung masks {"right", "left"} (patient sides) for the zones (see zone_map)."""
     saliency = np.clip(np.asarray(saliency, dtype=np.float64), 0, None)
     if salient > 0:
         saliency = np.where(saliency >= salient * saliency.max(), saliency, 0.0)
@@ -91,7 +102,7 @@ def region_statistics(saliency, lungs=None, heart=None, salient=0.0):
         stats["lungs_share"] = share(lungs)
         if heart is not None:
             stats["outside_share"] = share(~(lungs | heart))
-        zones, midline = zone_map(lungs)
+        zones, midline = zone_map(lungs, sides)
         in_lungs = saliency[lungs].sum()
         mass = {zone: float(saliency[zones == i].sum()) for i, zone in enumerate(ZONES)}
         stats["zones"] = {zone: (m / in_lungs if in_lungs > 0 else 0.0) for zone, m in mass.items()}
@@ -114,11 +125,11 @@ def region_statistics(saliency, lungs=None, heart=None, salient=0.0):
     return stats
 
 
-def lesion_zones(lesion, lungs, min_share=0.25):
+def lesion_zones(lesion, lungs, min_share=0.25, sides=None):
     """Zones holding at least `min_share` of a lesion mask's lung pixels (and always the one
     holding most): the ground truth for zone agreement."""
     lesion, lungs = _fit(lesion, lungs.shape), lungs
-    zones, _ = zone_map(lungs)
+    zones, _ = zone_map(lungs, sides)
     counts = np.array([(lesion & (zones == i)).sum() for i in range(len(ZONES))], dtype=np.float64)
     if counts.sum() == 0:
         return []

@@ -5,8 +5,10 @@ Leave-one-out on a test list (every test image queries all the others):
         --test-image-list ./test_COVIDx4.txt --resume ./checkpoints/<run>_best_ckpt.pth
 Query-gallery (test images against the training database):
     python test.py ... --gallery-dataset-dir ./data/train --gallery-image-list ./train_split.txt
-After `python train.py --dataset demo`:
-    python test.py --dataset demo --resume checkpoints/demo/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
+After `python train.py --dataset demo` (the data flags default to the checkpoint's recorded run:
+its --dataset, its --dataset-dir's test/ folder, its test list and its bit depth; flags given
+win, and the report's "inputs" says where each came from):
+    python test.py --resume checkpoints/demo/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
 Several processes (each embeds a shard of the images; rank 0 computes the metrics and writes):
     torchrun --nproc_per_node=4 test.py ...
 
@@ -21,6 +23,9 @@ patient are left out of its ranking (--keep-same-patient keeps them, as the seed
 patient or file shared with the gallery or the checkpoint's training lists is an error
 (--allow-patient-overlap). Writes a JSON report (--report, default next to the checkpoint), the
 per-query neighbours and pictures beside it, and the embeddings as .npz (--save-dir).
+
+Majority votes at k = 1, 5, 10, 15 and 20 by default; on a small list the sizes above the
+neighbours a query has are left out (with a note), and --vote-ks chooses the sizes.
 """
 import argparse
 import datetime
@@ -33,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import compare_embeddings
+import eval_inputs
 import evaluation
 import ood
 import splits
@@ -40,10 +47,9 @@ import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
 from model import MODEL_NAMES, NECKS, build_model
-from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS, setup_defaults
+from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
 
-KS = (1, 5, 10)
-VOTE_KS = (1, 5, 10, 15, 20)
+KS = eval_inputs.KS
 MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name", "neck")
 
 
@@ -58,10 +64,16 @@ def get_args_parser(add_help=True):
     parser.add_argument("--vit-name", help="timm ViT name (from the checkpoint)")
     parser.add_argument("--neck", choices=NECKS, help="embedding head's neck (from the checkpoint; "
                         "bare state dicts: none unless given)")
-    # Data
-    parser.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
-    parser.add_argument("--test-dataset-dir", help="folder of the test images (default ./data/test)")
-    parser.add_argument("--test-image-list", help="test list (default ./test_COVIDx4.txt)")
+    # Data: each defaults to the checkpoint's recorded run, then to the data set's defaults.
+    parser.add_argument("--dataset", choices=DATASETS, help="list format, as in train.py "
+                        "(default: the checkpoint's, else covid)")
+    parser.add_argument("--test-dataset-dir", help="folder of the test images (default: <the checkpoint's "
+                        "--dataset-dir>/test, else ./data/test)")
+    parser.add_argument("--test-image-list", help="test list (default: the checkpoint's, else "
+                        "./test_COVIDx4.txt)")
+    parser.add_argument("--bit-depth", choices=eval_inputs.BIT_DEPTH_CHOICES,
+                        help="bits of the 16-bit PNGs' data (default: the depth the checkpoint was "
+                        "trained at, else auto: scanned from the list)")
     parser.add_argument("--gallery-dataset-dir", help="gallery images: query-gallery protocol")
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -100,7 +112,10 @@ def get_args_parser(add_help=True):
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="resamples of the test patients for 95%% intervals (try 1000; 0: none)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling")
-    parser.add_argument("--vote-k", type=int, default=10, choices=VOTE_KS,
+    parser.add_argument("--vote-ks", type=int, nargs="+", metavar="K",
+                        help="sizes of the majority votes (default: 1 5 10 15 20, leaving out those "
+                        "above the neighbours a query of the list has)")
+    parser.add_argument("--vote-k", type=int, default=None,
                         help="the majority vote drawn as a confusion matrix and analysed for abstention")
     parser.add_argument("--abstain-below", type=float,
                         help="vote share under which the vote abstains: the report gives coverage "
@@ -121,7 +136,15 @@ def model_config_from(checkpoint, args):
             raise SystemExit(f"error: {args.resume} holds bare weights without a model config; "
                              "give --model, --embedding-dim and --img-size (and backbone names)")
         defaults = {key: PAPER_DEFAULTS[key] for key in MODEL_FLAGS if key in PAPER_DEFAULTS}
-        return {"name": given.pop("model"), **defaults, **given}
+        config = {"name": given.pop("model"), **defaults, **given}
+        # Options no flag names show in the weights: normalised branches before the fusion
+        # head, per-branch heads (the seed's weights have neither: build_model's defaults).
+        modules = {part for key in utils.state_dict_of(checkpoint) for part in str(key).split(".")}
+        if "branch_norms" in modules:
+            config["fusion"] = "norm"
+        if "branch_heads" in modules:
+            config["branch_heads"] = True
+        return config
     stored_flags = {("model" if key == "name" else key): value for key, value in stored.items()}
     clashes = [f"--{key.replace('_', '-')} {value} (checkpoint: {stored_flags[key]})"
                for key, value in given.items() if stored_flags.get(key) != value]
@@ -147,6 +170,10 @@ def print_report(report):
     print("  " + "   ".join(f"R@{k} {v:6.2f}{_ci(intervals.get('recall_at_k', {}).get(k))}"
                             for k, v in report["recall_at_k"].items()))
     print(f"  mAP {report['map']:6.2f}{_ci(intervals.get('map'))}")
+    if report.get("branch_attribution"):
+        shares = report["branch_attribution"]
+        print("  share of the similarity to the top-1 neighbour: "
+              + ", ".join(f"{branch} {share:.1f}%" for branch, share in shares.items()))
     print("  " + "   ".join(f"mP@{k} {v:6.2f}{_ci(intervals.get('precision_at_k', {}).get(k))}"
                             for k, v in report["precision_at_k"].items()))
     print("\nmajority-vote kNN classification (%)")
@@ -184,7 +211,7 @@ def print_report(report):
 
 def main(args):
     if args.compare:
-        return compare(args)
+        return compare_embeddings.compare(args, library_versions())
     if not args.resume:
         raise SystemExit("error: give --resume CHECKPOINT to evaluate, or --compare A.npz B.npz to "
                          "compare two saved embeddings")
@@ -278,15 +305,15 @@ def run(args, runtime):
         fingerprint = utils.model_fingerprint(config, model.state_dict())
         detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector)
 
-    demo = args.dataset == "demo"
-    defaults = setup_defaults(args.dataset)
-    test_dir = args.test_dataset_dir or str(Path(defaults["dataset_dir"]) / "test")
-    test_list = args.test_image_list or (str(Path(defaults["dataset_dir"]) / "test_split.txt") if demo
-                                         else defaults["test_image_list"])
+    # Each data input from its flag, else the checkpoint's recorded run, else the defaults.
+    inputs = eval_inputs.resolve_inputs(args, checkpoint)
+    utils.log(runtime, eval_inputs.describe(inputs))
+    args.dataset = inputs["dataset"]["value"]
+    test_dir, test_list = inputs["test_dataset_dir"]["value"], inputs["test_image_list"]["value"]
+    bit_depth = inputs["bit_depth"]["value"]  # 16-bit files scaled as in training
     classes = checkpoint.get("classes") if isinstance(checkpoint.get("classes"), list) else None
     transform = build_transform(config["img_size"], train=False)
     list_format = LIST_FORMAT[args.dataset]
-    bit_depth = utils.data_bit_depth(checkpoint) or "auto"  # the training data's, when recorded
     query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth)
     classes = query_set.classes
     gallery_set = None
@@ -302,6 +329,15 @@ def run(args, runtime):
     def log(message):
         utils.log(runtime, message)
 
+    # A small list holds fewer neighbours per query than the default vote sizes ask for.
+    available = eval_inputs.neighbours_available(
+        query_set.patients, None if gallery_set is None else gallery_set.patients,
+        exclude_same_patient=not args.keep_same_patient)
+    vote_ks, left_out = eval_inputs.choose_vote_ks(args.vote_ks, available, log)
+    args.vote_k = eval_inputs.choose_vote_k(args.vote_k, vote_ks)
+    inputs["vote_ks"] = {"value": list(vote_ks), "from": "flag" if args.vote_ks else "default",
+                         "left_out": left_out}
+
     checked = [splits.Split.from_dataset("test", query_set)]
     if gallery_set is not None:
         checked.append(splits.Split.from_dataset("gallery", gallery_set))
@@ -314,11 +350,14 @@ def run(args, runtime):
         loader = DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers,
                             sampler=utils.ShardSampler(len(dataset), runtime),
                             pin_memory=runtime.device.type == "cuda")
-        return utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
+        return utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
+                                        branch_features=with_branches)
 
-    query_emb, query_labels = embed(query_set)
+    with_branches = utils.has_branches(model)  # the hybrid: each branch's share of the similarity
+    query_emb, query_labels, *query_features = embed(query_set)
+    gallery_features = query_features
     if gallery_set is not None:
-        gallery_emb, gallery_labels = embed(gallery_set)
+        gallery_emb, gallery_labels, *gallery_features = embed(gallery_set)
         protocol, num_gallery = "query-gallery", len(gallery_set)
     else:
         gallery_emb = gallery_labels = None
@@ -333,14 +372,14 @@ def run(args, runtime):
             groups["gallery_groups"] = gallery_set.patients
     try:
         metrics, per_query = evaluate_retrieval(query_emb, query_labels, gallery_emb, gallery_labels,
-                                                ks=KS, vote_ks=VOTE_KS, num_classes=len(classes),
+                                                ks=KS, vote_ks=vote_ks, num_classes=len(classes),
                                                 return_per_query=True, **groups)
     except ValueError as error:  # e.g. a patient holding nearly the whole list
         raise utils.UserError(f"{test_list}: {error}") from error
     report = {"checkpoint": str(args.resume), "model": config["name"],
               "embedding_dim": config["embedding_dim"], "classes": classes,
               "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": protocol,
-              **metrics, "same_patient_excluded": not args.keep_same_patient}
+              **metrics, "same_patient_excluded": not args.keep_same_patient, "inputs": inputs}
     ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     report["provenance"] = {
         "checkpoint_epoch": checkpoint.get("epoch"), "best_epoch": checkpoint.get("best_epoch"),
@@ -350,6 +389,10 @@ def run(args, runtime):
     report["lists"] = {split.name: splits.provenance(split) for split in checked + trained_on}
     report["leakage"] = leakage
     report["per_class"] = evaluation.per_class(per_query, classes, query_set.patients)
+    if with_branches:  # mean over the queries and their top-1 neighbour (DESIGN.md section 7)
+        report["branch_attribution"] = utils.mean_branch_shares(
+            model, query_features[0], per_query["top_indices"][:, 0],
+            query_emb if gallery_emb is None else gallery_emb, gallery_features[0])
     ood_scores = None
     if detector is not None:
         scores = detector.scores(query_emb)
@@ -415,94 +458,6 @@ def run(args, runtime):
         if name != "report":
             print(f"{name}: {path}")
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# Paired comparison of two saved embeddings
-# --------------------------------------------------------------------------------------------
-def load_embeddings(path):
-    path = Path(path)
-    if not path.is_file():
-        raise utils.UserError(f"--compare {path}: no such file; give the .npz files test.py wrote "
-                              "(its last lines name them)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise utils.UserError(f"--compare {path}: not an embeddings file of test.py ({error})") from error
-    missing = {"query_embeddings", "query_labels", "query_paths", "classes"} - set(arrays)
-    if missing:
-        raise utils.UserError(f"--compare {path}: lacks {', '.join(sorted(missing))}; write it with test.py")
-    return arrays
-
-
-def compare(args):
-    """Both files' per-query values on the same queries, then a paired patient bootstrap."""
-    paths = [Path(p) for p in args.compare]
-    a, b = (load_embeddings(p) for p in paths)
-    for key in ("query_paths", "query_labels", "classes", "gallery_paths", "gallery_labels"):
-        if (key in a) != (key in b) or (key in a and not np.array_equal(a[key], b[key])):
-            raise utils.UserError(f"--compare: {paths[0].name} and {paths[1].name} differ in {key}; "
-                                  "compare embeddings of the same list(s), protocol and classes")
-    n_resamples = args.bootstrap or 1000
-    if n_resamples < 2:
-        raise SystemExit(f"error: --bootstrap {args.bootstrap}: a comparison needs at least 2 resamples")
-    patients = a["query_patients"] if "query_patients" in a else None
-    if patients is None:
-        print("note: the files hold no patient ids (written by an older test.py): each image counts "
-              "as its own patient")
-    groups = {}
-    if not args.keep_same_patient and patients is not None:
-        groups["query_groups"] = patients
-        if "gallery_embeddings" in a:
-            groups["gallery_groups"] = a.get("gallery_patients", np.array([f"gallery {i}" for i in
-                                                                          range(len(a["gallery_labels"]))]))
-    classes = a["classes"].tolist()
-    per_query = []
-    for data in (a, b):
-        _, values = evaluate_retrieval(data["query_embeddings"], data["query_labels"],
-                                       data.get("gallery_embeddings"), data.get("gallery_labels"),
-                                       ks=KS, vote_ks=VOTE_KS, num_classes=len(classes),
-                                       return_per_query=True, **groups)
-        per_query.append(values)
-    result = evaluation.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
-    intervals = [evaluation.bootstrap(values, patients, n_resamples, args.bootstrap_seed) for values in per_query]
-
-    def describe(path, data, ci):
-        return {"embeddings": str(path), "checkpoint": str(data.get("checkpoint", "")),
-                "model": str(data.get("model", "")), "epoch": int(data["epoch"]) if int(data.get("epoch", -1)) >= 0 else None,
-                "confidence_intervals": ci}
-
-    report = {"a": describe(paths[0], a, intervals[0]), "b": describe(paths[1], b, intervals[1]),
-              "protocol": "query-gallery" if "gallery_embeddings" in a else "leave-one-out",
-              "num_queries": len(a["query_labels"]), "classes": classes,
-              "same_patient_excluded": bool(groups), "comparison": result,
-              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": library_versions()}
-    print_comparison(report)
-    report_path = Path(args.report or paths[0].with_name(f"{paths[0].stem}_vs_{paths[1].stem}_compare.json"))
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    utils.write_json(report_path, report)
-    print(f"\ncomparison: {report_path}")
-    return report
-
-
-def print_comparison(report):
-    c = report["comparison"]
-    print(f"\nA: {report['a']['model'] or report['a']['embeddings']}   B: {report['b']['model'] or report['b']['embeddings']}")
-    print(f"{report['protocol']}, {report['num_queries']} queries of {c['patients']} patients; paired "
-          f"bootstrap, {c['resamples']} resamples; 95% intervals")
-    print(f"  {'metric':<16}{'A':>8}{'B':>8}{'A - B':>8}   {'95% interval':<16}{'p':>7}")
-    rows = [(f"R@{k}", v) for k, v in c["recall_at_k"].items()] + [("mAP", c["map"])]
-    rows += [(f"mP@{k}", v) for k, v in c["precision_at_k"].items()]
-    for k, v in c["classification"].items():
-        rows += [(f"vote acc k={k}", v["accuracy"]), (f"macro-F1 k={k}", v["f1_macro"])]
-    for name, row in rows:
-        interval = "n/a" if row["low"] is None else f"[{row['low']:.1f}, {row['high']:.1f}]"
-        p = "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
-        if row["p_value"] == 0.0:  # no resample on the other side of 0: below the resolution 2 / B
-            p = f"<{2 / c['resamples']:.3f}" if 2 / c["resamples"] >= 0.001 else "<0.001"
-        print(f"  {name:<16}{row['a']:8.2f}{row['b']:8.2f}{row['difference']:8.2f}   {interval:<16}{p:>7}")
 
 
 if __name__ == "__main__":

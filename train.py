@@ -38,7 +38,7 @@ import utils
 from dataset import ImageListDataset, build_transform, split_by_patient
 from loss import MININGS, CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
 from metrics import evaluate_retrieval
-from model import MODEL_NAMES, NECKS, build_model, check_pretrained
+from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS, build_model, check_pretrained
 from presets import DATASETS, DEMO_DATA, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
 from sampler import PKSampler
 
@@ -60,6 +60,18 @@ def get_args_parser(add_help=True):
     parser.add_argument("--vit-weights", help="ViT weights file (overrides the hub)")
     parser.add_argument("--neck", choices=NECKS, help="bn: BatchNorm neck before the L2 "
                         "normalisation (keeps a from-scratch embedding from collapsing); none: the paper's head")
+    parser.add_argument("--fusion", choices=FUSIONS, help="hybrid: norm = a LayerNorm on each "
+                        "branch's pooled features before the concatenation; seed = the paper's raw "
+                        "concatenation (the branch with the larger scale dominates)")
+    parser.add_argument("--mxa", choices=MXA_MODES, default="both",
+                        help="the MXA block after the ConvNeXt: channel (ca) and/or spatial (sa) attention")
+    parser.add_argument("--vit-patch-size", type=int, help="ViT patch size (default: the timm "
+                        "model's); a small input needs small patches to give the ViT enough tokens")
+    parser.add_argument("--vit-stem", choices=VIT_STEMS, help="conv: a convolutional stem instead "
+                        "of the ViT's patchify layer (Xiao et al., 2021; from scratch only)")
+    parser.add_argument("--branch-loss-weight", type=float,
+                        help="hybrid: each branch's own embedding head trained with the same loss, "
+                        "this weight each, beside the fused embedding's (0: off)")
     # Data
     parser.add_argument("--dataset", default="covid", choices=DATASETS,
                         help="covid: COVIDx lists; csv: filename,label lists; folder: "
@@ -185,6 +197,9 @@ def resolve_args(args):
     if not 0.0 <= args.val_fraction < 1.0:
         raise SystemExit(f"error: --val-fraction {args.val_fraction} must be at least 0 and below 1")
     args.batch_size = p * args.samples_per_label
+    if args.vit_stem == "conv" and args.pretrained and args.model in ("hybrid_convnext_vit", "vit"):
+        raise SystemExit("error: --vit-stem conv has no pre-trained weights; train from scratch "
+                         "(--no-pretrained) or keep the ViT's own stem (--vit-stem patch)")
     if args.backbone_lr_mult is None:
         args.backbone_lr_mult = 0.1 if args.pretrained else 1.0
     args.amp = utils.resolve_amp(args.amp, args.device)
@@ -195,6 +210,25 @@ def resolve_args(args):
 
 def parse_args(argv=None):
     return resolve_args(get_args_parser().parse_args(argv))
+
+
+# The model config of checkpoints saved before a key existed (build_model's defaults).
+LEGACY_CONFIG = dict(neck="none", fusion="seed", mxa="both", vit_patch_size=None, vit_stem="patch",
+                     branch_heads=False)
+
+
+def model_config(args):
+    """What build_model needs (and the checkpoint stores). Hybrid-only and branch-only options
+    are stored only where they apply, so a ConvNeXt baseline's config names no ViT patch size."""
+    config = dict(name=args.model, embedding_dim=args.embedding_dim, img_size=args.img_size,
+                  convnext_name=args.convnext_name, vit_name=args.vit_name, neck=args.neck)
+    if args.model in ("hybrid_convnext_vit", "convnextv2"):
+        config["mxa"] = args.mxa
+    if args.model in ("hybrid_convnext_vit", "vit"):
+        config.update(vit_patch_size=args.vit_patch_size, vit_stem=args.vit_stem)
+    if args.model == "hybrid_convnext_vit":
+        config.update(fusion=args.fusion, branch_heads=args.branch_loss_weight > 0)
+    return config
 
 
 def checkpoint_name(args, tag):
@@ -235,15 +269,28 @@ class ModelWithLoss(nn.Module):
     """The model and its loss as one module, so that DDP all-reduces the gradients of the
     identity classifier too; the model runs under autocast, the loss in fp32."""
 
-    def __init__(self, model, criterion, device, amp):
+    def __init__(self, model, criterion, device, amp, branch_criteria=None, branch_weight=0.0):
         super().__init__()
         self.model, self.criterion = model, criterion
         self.device, self.amp = device, amp
+        # Per-branch losses: each branch's own head gets the full objective (its own identity
+        # classifier), so a branch that learns slower is still pushed to learn.
+        self.branch_criteria = branch_criteria
+        self.branch_weight = branch_weight
 
     def forward(self, images, labels):
         with utils.autocast(self.device, self.amp):
-            embeddings = self.model(images)
-        return self.criterion(embeddings, labels)
+            if self.branch_criteria is None:
+                embeddings = self.model(images)
+            else:
+                embeddings, branch_embeddings = self.model(images, return_branch_embeddings=True)
+        loss, stats = self.criterion(embeddings, labels)
+        if self.branch_criteria is not None:
+            for branch, criterion in self.branch_criteria.items():
+                branch_loss, _ = criterion(branch_embeddings[branch], labels)
+                loss = loss + self.branch_weight * branch_loss
+                stats[f"branch_{branch}"] = branch_loss.detach()
+        return loss, stats
 
 
 def build_criterion(args, num_classes):
@@ -255,16 +302,23 @@ def build_criterion(args, num_classes):
     return RetrievalLoss(triplet, identity, args.id_loss_weight)
 
 
+# Parameters that are positions or tokens rather than weights: decaying them pulls every
+# position towards the same embedding (timm's and DeiT's recipes exempt them too).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
+
+
 def build_optimizer(objective, args, device):
     """Adam(W) with two groups: pretrained backbones at lr x backbone-lr-mult, new layers (head,
-    MXA, identity classifier) at lr. Norms and biases get no weight decay."""
+    MXA, identity classifier) at lr. Norms, biases, position embeddings and class tokens get no
+    weight decay."""
     backbone_ids = {id(p) for m in objective.model.backbone_modules() for p in m.parameters()}
     groups = {}
     for name, param in objective.named_parameters():
         if not param.requires_grad:
             continue
         lr_mult = args.backbone_lr_mult if id(param) in backbone_ids else 1.0
-        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") else args.weight_decay
+        exempt = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        decay = 0.0 if exempt else args.weight_decay
         group = groups.setdefault((lr_mult, decay), {"params": [], "lr_mult": lr_mult,
                                                      "weight_decay": decay, "lr": args.lr * lr_mult})
         group["params"].append(param)
@@ -338,8 +392,8 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
                                      group_size, last_micro_step, guard, step)
         finite = torch.isfinite(loss)  # skipped non-finite steps stay out of the means
         sums["finite"] += finite
-        for key, value in (("loss", loss), *((k, stats[k]) for k in ("triplet", "id", "active", "spread"))):
-            sums[key] += torch.where(finite, value, 0.0)
+        for key, value in (("loss", loss), *stats.items()):  # incl. branch_* losses of the hybrid
+            sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
         images_seen += images.shape[0]
         faults.check_stop(runtime, step, args.print_freq)
         if (step + 1) % args.print_freq == 0:
@@ -350,7 +404,8 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
     guard.check(epoch, loader, args.save_dir, pattern)
     elapsed = time.perf_counter() - start
     done = sums["finite"].clamp(min=1)
-    record = {f"train_{key}": (sums[key] / done).item() for key in ("loss", "triplet", "id")}
+    record = {f"train_{key}": (sums[key] / done).item()
+              for key in ("loss", "triplet", "id", *(k for k in sums if k.startswith("branch_")))}
     record.update(active_triplets=(sums["active"] / done).item(),
                   embedding_spread=(sums["spread"] / done).item(), train_skipped_steps=guard.skipped,
                   images_per_s=images_seen * runtime.world_size / elapsed, train_time_s=elapsed)
@@ -376,17 +431,25 @@ def collapse_warning(record, args):
 
 def evaluate(model, loader, args, runtime, split):
     """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
-    (main process only); images of the query's own patient are left out, as in test.py."""
-    embeddings, labels = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last)
+    (main process only); images of the query's own patient are left out, as in test.py. For
+    the hybrid also each branch's share of the similarity to the top-1 neighbour."""
+    with_branches = utils.has_branches(model)
+    embeddings, labels, *features = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
+                                                             branch_features=with_branches)
     if not runtime.is_main:
         return {}
     try:
-        result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), query_groups=loader.dataset.patients)
+        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True,
+                                               query_groups=loader.dataset.patients)
     except ValueError as error:  # e.g. every class of the split is one patient
         utils.log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
-        result = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=())
-    return {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
-            f"{split}_mP@1": result["precision_at_k"]["1"]}
+        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True)
+    record = {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
+              f"{split}_mP@1": result["precision_at_k"]["1"]}
+    if with_branches:
+        shares = utils.mean_branch_shares(model, features[0], per_query["top_indices"][:, 0], embeddings, features[0])
+        record.update({f"{split}_{b}_share": share for b, share in (shares or {}).items()})
+    return record
 
 
 def prune_checkpoints(save_dir, args, epoch):
@@ -472,17 +535,25 @@ def run(args, runtime):
                     for split, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
 
     # ---------------------------------------------------------------- model and loss
-    config = dict(name=args.model, embedding_dim=args.embedding_dim, img_size=args.img_size,
-                  convnext_name=args.convnext_name, vit_name=args.vit_name, neck=args.neck)
+    config = model_config(args)
     if checkpoint is not None:
-        stored = {"neck": "none", **checkpoint["model_config"]}  # saved before --neck existed
-        if stored != config:
-            raise SystemExit(f"error: --resume {args.resume} was trained with {stored}, but the "
-                             f"flags ask for {config}; drop the contradicting flags or give the "
-                             "checkpoint's values (e.g. --neck none --recipe seed for a run of the "
-                             "seed's recipe)")
+        stored = {**LEGACY_CONFIG, **checkpoint["model_config"]}  # keys saved before they existed
+        asked = {**LEGACY_CONFIG, **config}
+        if stored != asked:
+            flags = {"name": "model", "branch_heads": "branch-loss-weight"}
+            shown = {True: "> 0", False: "0"}  # branch_heads is --branch-loss-weight > 0
+
+            def flag(key, value):
+                return f"--{flags.get(key, key).replace('_', '-')} {shown.get(value, value)}"
+            differ = [f"{flag(k, stored.get(k))} (flags: {flag(k, asked.get(k))})"
+                      for k in sorted(set(stored) | set(asked)) if stored.get(k) != asked.get(k)]
+            raise SystemExit(f"error: --resume {args.resume} was trained with another model: "
+                             f"{'; '.join(differ)}; give the checkpoint's values (a checkpoint "
+                             "saved before --fusion existed: --fusion seed --vit-stem patch "
+                             "--branch-loss-weight 0), or drop the contradicting flags")
         # The loss is not in the model config, but continuing with another one is another run.
-        loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing")
+        loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing",
+                     "branch_loss_weight")
         trained_with = {"soft_margin": False, **checkpoint.get("args", {})}
         changed = [f"--{k.replace('_', '-')} {trained_with[k]} -> {getattr(args, k)}"
                    for k in loss_args if k in trained_with and trained_with[k] != getattr(args, k)]
@@ -496,8 +567,12 @@ def run(args, runtime):
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     raw_model = model  # what checkpoints hold: no DDP or compile wrappers
     criterion = build_criterion(args, len(classes)).to(runtime.device)
+    branch_criteria = None
+    if config.get("branch_heads"):
+        branch_criteria = nn.ModuleDict({b: build_criterion(args, len(classes)) for b in
+                                         model.BRANCHES}).to(runtime.device)
     objective = ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
-                              runtime.device, args.amp)
+                              runtime.device, args.amp, branch_criteria, args.branch_loss_weight)
     optimizer = build_optimizer(objective, args, runtime.device)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
@@ -508,7 +583,8 @@ def run(args, runtime):
     utils.log(runtime, f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
                        f"parameters; recipe {args.recipe}: {args.mining} "
                        f"{'soft-margin' if args.soft_margin else f'margin {args.margin:g}'} triplet"
-                       f"{f' + {args.id_loss_weight:g} x identity loss' if args.id_loss_weight else ''}, "
+                       f"{f' + {args.id_loss_weight:g} x identity loss' if args.id_loss_weight else ''}"
+                       f"{f', and {args.branch_loss_weight:g} x the same on each branch' if branch_criteria else ''}, "
                        f"neck {args.neck}, {args.optimizer} lr {args.lr:g} ({args.schedule}); batch "
                        f"{args.labels_per_batch} x {args.samples_per_label} per rank x "
                        f"{runtime.world_size} rank(s); {len(train_loader)} batches per epoch")
@@ -518,6 +594,8 @@ def run(args, runtime):
         utils.load_model_weights(raw_model, checkpoint["model"], args.resume)
         try:
             criterion.load_state_dict(checkpoint.get("criterion", {}))
+            if branch_criteria is not None:
+                branch_criteria.load_state_dict(checkpoint.get("branch_criteria", {}))
         except RuntimeError as error:
             raise SystemExit(f"error: --resume {args.resume} was trained with another loss "
                              f"(--id-loss-weight, or its classes): {error}") from error
@@ -585,6 +663,7 @@ def run(args, runtime):
             "format_version": utils.CHECKPOINT_FORMAT_VERSION, "model": raw_model.state_dict(),
             "model_config": config, "classes": classes, "epoch": epoch,
             "criterion": criterion.state_dict(),
+            "branch_criteria": branch_criteria.state_dict() if branch_criteria is not None else {},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng_states": states, "args": vars(args),
             "best_metric": best_metric, "best_epoch": best_epoch, "selection": selection_key,

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import SMALL_MODEL
-from model import (MODEL_NAMES, ChannelAttention, InputAdapter, MXABlock, PretrainedWeightsError,
-                   SpatialAttention, build_model, create_backbone)
+from model import (MODEL_NAMES, ChannelAttention, ConvStem, InputAdapter, MXABlock, PretrainedWeightsError,
+                   SpatialAttention, ViTBranch, build_model, create_backbone)
 from utils import load_model_weights
 
 
@@ -120,3 +120,98 @@ def test_bn_neck_centres_and_stays_unit_length():
         load_model_weights(plain, model.state_dict(), "bn.pth")
     with pytest.raises(ValueError, match="unknown neck"):
         build_model("vit", embedding_dim=16, pretrained=False, neck="ln", **SMALL_MODEL)
+
+
+# ------------------------------------------------------------------ fusion, MXA modes, ViT stems
+def small_hybrid(**options):
+    return build_model("hybrid_convnext_vit", embedding_dim=16, pretrained=False, **SMALL_MODEL, **options)
+
+
+def test_default_config_is_the_model_before_the_options_existed():
+    """Checkpoints whose config lacks fusion / mxa / ViT options rebuild the same modules."""
+    keys = set(small_hybrid().state_dict())
+    explicit = small_hybrid(fusion="seed", mxa="both", vit_patch_size=None, vit_stem="patch",
+                            branch_heads=False)
+    assert set(explicit.state_dict()) == keys
+    assert not any(k.startswith(("branch_norms", "branch_heads")) for k in keys)
+    assert any(k.startswith("convnext.mxa.channel") for k in keys)
+    assert any(k.startswith("convnext.mxa.spatial") for k in keys)
+
+
+def test_branch_features_and_fuse_are_the_forward_pass():
+    for fusion in ("seed", "norm"):
+        model = small_hybrid(fusion=fusion).eval()
+        images = torch.randn(3, 3, 64, 64)
+        features, maps = model.branch_features(images)
+        assert features["convnext"].shape == (3, 320) and features["vit"].shape == (3, 192)
+        torch.testing.assert_close(model.fuse(features), model(images))
+        torch.testing.assert_close(maps["vit_tokens"], model(images, return_maps=True)[1]["vit_tokens"])
+
+
+def test_norm_fusion_puts_both_branches_on_one_scale():
+    model = small_hybrid(fusion="norm").eval()
+    features, _ = model.branch_features(torch.randn(4, 3, 64, 64))
+    for branch, norm in model.branch_norms.items():
+        normed = norm(features[branch])
+        torch.testing.assert_close(normed.pow(2).mean(1), torch.ones(4), atol=1e-2, rtol=0)  # LayerNorm eps
+
+
+@pytest.mark.parametrize("mode,has_channel,has_spatial", [("both", True, True), ("ca", True, False),
+                                                           ("sa", False, True), ("none", False, False)])
+def test_mxa_modes(mode, has_channel, has_spatial):
+    model = build_model("convnextv2", embedding_dim=16, pretrained=False, mxa=mode, **SMALL_MODEL)
+    mxa = model.branch.mxa
+    assert isinstance(mxa.channel, ChannelAttention) == has_channel
+    assert isinstance(mxa.spatial, SpatialAttention) == has_spatial
+    x = torch.randn(2, 320, 2, 2)
+    if mode == "none":
+        torch.testing.assert_close(mxa(x), x)
+    with pytest.raises(ValueError, match="MXA mode"):
+        MXABlock(8, mode="spatial")
+
+
+def test_conv_stem_and_small_patches_give_the_vit_more_tokens():
+    for stem in ("patch", "conv"):
+        model = small_hybrid(vit_stem=stem, vit_patch_size=8)
+        _, maps = model(torch.randn(2, 3, 64, 64), return_maps=True)
+        assert maps["vit_tokens"].shape == (2, 64, 192)  # (64 / 8)^2 tokens
+    conv = small_hybrid(vit_stem="conv")
+    assert isinstance(conv.vit.backbone.patch_embed.proj, ConvStem)
+    _, maps = conv(torch.randn(2, 3, 64, 64), return_maps=True)
+    assert maps["vit_tokens"].shape == (2, 16, 192)
+    with pytest.raises(ValueError, match="pre-trained"):
+        ViTBranch("vit_tiny_patch16_224", 64, pretrained=True, stem="conv")
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(192, 12)
+
+
+def test_branch_heads_give_one_embedding_per_branch():
+    model = small_hybrid(branch_heads=True)
+    embedding, branches = model(torch.randn(3, 3, 64, 64), return_branch_embeddings=True)
+    assert embedding.shape == (3, 16) and set(branches) == {"convnext", "vit"}
+    for value in branches.values():
+        torch.testing.assert_close(value.norm(dim=1), torch.ones(3))
+    with pytest.raises(ValueError, match="no per-branch heads"):
+        small_hybrid()(torch.randn(2, 3, 64, 64), return_branch_embeddings=True)
+
+
+def test_branch_attribution_finds_a_branch_the_head_ignores():
+    """A head whose weights on the ViT part are zero: the ViT carries 0% of the similarity."""
+    model = small_hybrid(fusion="seed").eval()
+    with torch.no_grad():
+        model.head.fuse[0].weight[:, 320:] = 0
+    images = torch.randn(4, 3, 64, 64)
+    features, _ = model.branch_features(images)
+    means = {b: f.mean(0) for b, f in features.items()}
+    targets = model(images).flip(0)
+    out = model.branch_attribution(features, targets, means)
+    torch.testing.assert_close(out["vit_drop"], torch.zeros(4))
+    torch.testing.assert_close(out["convnext_share"], torch.ones(4))
+    torch.testing.assert_close(out["similarity"], (model(images) * targets).sum(1))
+    # and symmetric: zero the ConvNeXt part instead
+    model = small_hybrid(fusion="seed").eval()
+    with torch.no_grad():
+        model.head.fuse[0].weight[:, :320] = 0
+    features, _ = model.branch_features(images)
+    out = model.branch_attribution(features, model(images).flip(0), {b: f.mean(0) for b, f in features.items()})
+    torch.testing.assert_close(out["vit_share"], torch.ones(4))

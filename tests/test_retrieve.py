@@ -39,6 +39,83 @@ def test_search_is_exact_with_index_ties():
     torch.testing.assert_close(half_scores, ref_scores)  # small integers are exact in float16
 
 
+def reference_search(queries, gallery, k, chunk_size):
+    """The slow reference: every similarity (one matrix product per chunk of the gallery, as
+    retrieve.search computes them), then a full stable descending sort of each row."""
+    queries = queries.float()
+    sims = torch.cat([queries @ gallery[s:s + chunk_size].float().T
+                      for s in range(0, len(gallery), chunk_size)], dim=1)
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return sims.gather(1, order), order
+
+
+def search_gallery(kind, n, dim, generator):
+    if kind == "random":  # unit vectors: ties only by accident
+        gallery = torch.randn(n, dim, generator=generator)
+        return gallery / gallery.norm(dim=1, keepdim=True)
+    if kind == "duplicates":  # each of a few rows many times: long runs of equal scores
+        rows = torch.randn(7, dim, generator=generator)
+        return rows[torch.randint(0, 7, (n,), generator=generator)]
+    # quantised to halves in [-1, 1]: few distinct dot products, exact in float16 and float32
+    return torch.randint(-2, 3, (n, dim), generator=generator).float() / 2
+
+
+@pytest.mark.parametrize("kind", ["random", "duplicates", "quantised"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_search_equals_a_full_stable_sort(kind, dtype, chunk_size):
+    generator = torch.Generator().manual_seed(chunk_size)
+    n, dim = 300, 8
+    gallery = search_gallery(kind, n, dim, generator).to(dtype)
+    queries = search_gallery(kind, 20, dim, generator)
+    if kind == "quantised":
+        queries = queries.round()  # -1, 0 or 1: fewer distinct scores, more ties
+    for k in (1, 10, 12, 65, n, n + 5):  # past a chunk's candidates, the whole gallery
+        scores, indices = retrieve.search(queries, gallery, k, chunk_size=chunk_size)
+        ref_scores, ref_indices = reference_search(queries, gallery, min(k, n), chunk_size)
+        assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+        assert torch.equal(indices, ref_indices), f"k={k}"
+        assert torch.equal(scores, ref_scores), f"k={k}"  # bit for bit
+    if kind != "random":  # the data does put equal scores across the cut the top-k has to make
+        sorted_scores = reference_search(queries, gallery, n, chunk_size)[0]
+        assert (sorted_scores[:, 9] == sorted_scores[:, 10]).sum() >= 10
+
+
+def test_search_ties_everywhere_and_nan_rank_as_a_stable_sort():
+    gallery = torch.ones(500, 4, dtype=torch.float16)  # every score equal: the k lowest indices
+    queries = torch.ones(3, 4)
+    scores, indices = retrieve.search(queries, gallery, 10, chunk_size=128)
+    assert torch.equal(indices, torch.arange(10).expand(3, 10)) and torch.equal(scores, torch.full((3, 10), 4.0))
+    gallery = torch.randn(400, 4, generator=torch.Generator().manual_seed(1))
+    gallery[[3, 150, 151, 390]] = float("nan")  # NaN sorts first in torch.sort, in index order
+    gallery[200:260] = gallery[20]  # and a run of equal scores
+    for chunk_size in (50, 128):
+        for k in (2, 4, 6, 30):
+            scores, indices = retrieve.search(queries, gallery, k, chunk_size=chunk_size)
+            ref_scores, ref_indices = reference_search(queries, gallery, k, chunk_size)
+            assert torch.equal(indices, ref_indices)
+            torch.testing.assert_close(scores, ref_scores, equal_nan=True, rtol=0, atol=0)
+
+
+def test_search_edge_cases():
+    gallery = torch.randn(50, 4, generator=torch.Generator().manual_seed(2))
+    queries = gallery[:5]
+    scores, indices = retrieve.search(queries, gallery, 0)
+    assert scores.shape == indices.shape == (5, 0)
+    scores, indices = retrieve.search(queries, gallery[:0], 3)
+    assert scores.shape == indices.shape == (5, 0)
+    with pytest.raises(ValueError):
+        retrieve.search(queries, gallery, -1)
+    with pytest.raises(ValueError):
+        retrieve.search(queries, gallery, 3, chunk_size=0)
+    # the numbers are the same as the reference's whatever the (gallery) dtype, e.g. float64
+    scores, indices = retrieve.search(queries, gallery.double(), 3, chunk_size=16)
+    ref_scores, ref_indices = reference_search(queries, gallery, 3, 16)
+    assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
+    scores, indices = retrieve.search(queries.clone().requires_grad_(), gallery, 3, chunk_size=16)
+    assert torch.equal(indices, ref_indices) and not scores.requires_grad
+
+
 def test_index_query_and_test_py_agree(trained, phantoms, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "gallery.index"
     retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "7"))

@@ -408,3 +408,56 @@ def test_split_of_one_patient_per_class_is_scored_with_a_warning(monkeypatch, ca
     monkeypatch.setattr(train.utils, "extract_embeddings", lambda *a, **k: (embeddings, labels))
     loader.dataset.patients = list("abcdef")
     assert train.evaluate(None, loader, args, train.utils.Runtime(torch.device("cpu")), "val")["val_mAP"] > 0
+
+
+def test_hybrid_logs_branch_losses_and_shares_and_test_reports_them(phantoms, tmp_path):
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1"))  # strong recipe: branch losses at 0.5
+    record = read_metrics(tmp_path)[-1]
+    for key in ("train_branch_convnext", "train_branch_vit"):
+        assert record[key] > 0
+    for split in ("val", "test"):
+        assert record[f"{split}_convnext_share"] + record[f"{split}_vit_share"] == pytest.approx(100, abs=0.02)
+    state = torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)
+    assert state["model_config"]["branch_heads"] and state["branch_criteria"]
+    assert any(k.startswith("branch_heads.vit") for k in state["model"])
+
+    import test as evaluate_cli
+    report = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+        "--resume", str(ckpt(tmp_path, "epoch_1")), "--test-dataset-dir", str(phantoms / "test"),
+        "--test-image-list", str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
+        "--report", str(tmp_path / "report.json")]))
+    shares = report["branch_attribution"]
+    assert set(shares) == {"convnext", "vit"} and sum(shares.values()) == pytest.approx(100, abs=0.02)
+    assert shares["vit"] == pytest.approx(record["test_vit_share"], abs=0.05)  # one definition
+
+
+def test_checkpoint_saved_before_the_fusion_options_evaluates_unchanged(phantoms, tmp_path):
+    """A config without fusion / mxa / ViT-stem keys rebuilds the paper's fusion."""
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1", "--fusion", "seed", "--vit-stem", "patch",
+                         "--branch-loss-weight", "0"))
+    state = torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)
+    assert "branch_criteria" in state and not state["branch_criteria"]
+    for key in ("fusion", "mxa", "vit_patch_size", "vit_stem", "branch_heads"):
+        del state["model_config"][key]
+    torch.save(state, tmp_path / "old.pth")
+    import test as evaluate_cli
+    reports = [evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+        "--resume", str(path), "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
+        str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
+        "--report", str(tmp_path / f"{path.stem}.json")])) for path in (ckpt(tmp_path, "epoch_1"), tmp_path / "old.pth")]
+    assert reports[0]["map"] == reports[1]["map"] and reports[0]["branch_attribution"] == reports[1]["branch_attribution"]
+    # resuming it under today's defaults (another fusion) names the flags that give its model
+    with pytest.raises(SystemExit, match="--fusion seed"):
+        train.main(tiny_args(phantoms, tmp_path / "b", "--epochs", "2", "--resume", str(tmp_path / "old.pth")))
+
+
+def test_position_embeddings_and_tokens_get_no_weight_decay(phantoms, tmp_path):
+    args = tiny_args(phantoms, tmp_path, "--model", "vit")
+    model = train.build_model(**train.model_config(args), pretrained=False)
+    objective = train.ModelWithLoss(model, train.build_criterion(args, 5), torch.device("cpu"), "none")
+    optimizer = train.build_optimizer(objective, args, torch.device("cpu"))
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(objective.named_parameters())
+    assert decay_of[id(named["model.branch.backbone.pos_embed"])] == 0.0
+    assert decay_of[id(named["model.branch.backbone.cls_token"])] == 0.0
+    assert decay_of[id(named["model.branch.backbone.blocks.0.attn.qkv.weight"])] == args.weight_decay > 0

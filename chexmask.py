@@ -1,0 +1,389 @@
+"""Lung and heart masks from CheXmask (Gaggion et al., 2023), the HybridGNet segmentations of
+ChestX-ray8, CheXpert, MIMIC-CXR-JPG, PadChest and VinDr-CXR.
+
+CheXmask ships one CSV (often .csv.gz) per source collection, one row per image:
+
+    <image id>       the collection's own id column: dicom_id (MIMIC), ImageID (PadChest),
+                     Image Index (ChestX-ray8), Path (CheXpert), image_id (VinDr-CXR), ...
+    Dice RCA (Mean), Dice RCA (Max)   the estimated quality of the segmentation
+    Landmarks        the contour points (not used here: the masks are what we need)
+    Left Lung, Right Lung, Heart      run-length encodings: space-separated start/length pairs,
+                     starts 1-based, row-major over Height x Width
+    Height, Width    the size the encodings cover
+
+"Right Lung" is the PATIENT's right lung: the image's left half on a PA film. Two variants
+exist: OriginalResolution (Height x Width = the image's size) and Preprocessed (1024 x 1024,
+after the image was padded to a centred square and resized); a Preprocessed row is mapped back
+through that padding and resizing onto the image it belongs to.
+
+    rows = read_rows(["MIMIC-CXR-JPG.csv.gz"], [("p10/s5/abc.jpg", "p10/s5/abc.jpg")])
+    masks = rows["p10/s5/abc.jpg"].masks((height, width), "p10/s5/abc.jpg")
+
+Convert to the PNG layout of --mask-dir (lungs/ and heart/, named like the images):
+
+    python chexmask.py to-png MIMIC-CXR-JPG.csv.gz --out masks [--dataset-dir IMAGES]
+"""
+import argparse
+import csv
+import gzip
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+import utils
+from images import IMAGE_SUFFIXES
+
+# Known image-id columns of the CheXmask CSVs, tried in this order.
+ID_COLUMNS = ("dicom_id", "ImageID", "Image Index", "Path", "image_id", "Image ID", "ImageId",
+              "SOPInstanceUID", "filename")
+ORGANS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
+DICE_MEAN, DICE_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
+PREPROCESSED_SIZE = 1024
+DEFAULT_MIN_DICE = 0.7  # CheXmask's own advice for use: Dice RCA (Mean) >= 0.7
+
+
+class ChexmaskError(utils.UserError):
+    """A CheXmask CSV that cannot be used as it is; the message names the file and row."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run-length encoding
+# --------------------------------------------------------------------------------------------
+def encode_rle(mask):
+    """CheXmask's encoding of a (H, W) mask: 'start length ...', starts 1-based, row-major."""
+    flat = np.concatenate([[False], np.asarray(mask, dtype=bool).ravel(), [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # 1-based first pixel of each run, then 1 past its end
+    edges[1::2] -= edges[0::2]
+    return " ".join(map(str, edges.tolist()))
+
+
+def decode_rle(rle, height, width, where="RLE"):
+    """The (height, width) bool mask of an encoding; an empty one gives an empty mask. A
+    malformed encoding (not integers, an odd count, runs outside the image or overlapping) is
+    a ChexmaskError naming `where`: such a row would otherwise give a silently wrong mask."""
+    text = "" if rle is None else str(rle).strip()
+    if not text:
+        return np.zeros((height, width), dtype=bool)
+    try:
+        numbers = np.array([int(token) for token in text.split()], dtype=np.int64)
+    except ValueError:
+        raise ChexmaskError(f"{where}: not a run-length encoding (space-separated integers "
+                            f"expected, got {text[:40]!r}...)") from None
+    if len(numbers) % 2:
+        raise ChexmaskError(f"{where}: odd count of numbers ({len(numbers)}); a run-length "
+                            "encoding is start/length pairs")
+    starts, lengths = numbers[0::2] - 1, numbers[1::2]  # 0-based starts
+    size = height * width
+    if (starts < 0).any():
+        raise ChexmaskError(f"{where}: a run starts at {int(starts.min()) + 1}; starts are 1-based")
+    if (lengths < 1).any():
+        raise ChexmaskError(f"{where}: a run of length {int(lengths.min())}; lengths are at least 1")
+    ends = starts + lengths  # exclusive
+    if ends.max() > size:
+        raise ChexmaskError(f"{where}: a run ends at pixel {int(ends.max())}, beyond the "
+                            f"{height} x {width} (height x width) = {size} pixels of the mask")
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    overlap = np.flatnonzero(starts[1:] < ends[:-1])
+    if overlap.size:
+        i = int(overlap[0])
+        raise ChexmaskError(f"{where}: overlapping runs (pixels {starts[i] + 1}-{ends[i]} and "
+                            f"{starts[i + 1] + 1}-{ends[i + 1]})")
+    # +1 where a run starts, -1 one past its end: the running sum is 1 inside the runs.
+    steps = np.zeros(size + 1, dtype=np.int8)
+    steps[starts] += 1
+    steps[ends] -= 1
+    return np.cumsum(steps[:-1], dtype=np.int8).astype(bool).reshape(height, width)
+
+
+def from_preprocessed(mask, size):
+    """A mask of the Preprocessed variant (the image padded to a centred square, then resized
+    to 1024 x 1024) mapped back onto the (height, width) image: nearest neighbour at the pixel
+    centres of the padded square, then the padding cut off."""
+    height, width = size
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2  # CheXmask pads floor-half before
+    scale = mask.shape[0] / side
+
+    def index(n, offset, limit):
+        return np.minimum(((np.arange(n) + offset + 0.5) * scale).astype(np.int64), limit - 1)
+
+    return mask[index(height, top, mask.shape[0])][:, index(width, left, mask.shape[1])]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and matching them to images
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    csv: str
+    line: int
+    image_id: str
+    dice_mean: float | None
+    dice_max: float | None
+    height: int
+    width: int
+    rles: dict = field(repr=False)  # organ -> encoding
+
+    @property
+    def where(self):
+        return f"{self.csv} line {self.line} ({self.image_id})"
+
+    def quality(self, min_dice):
+        """None when the masks may be used, else why not."""
+        if min_dice <= 0:
+            return None
+        if self.dice_mean is None:
+            return f"no {DICE_MEAN} value, below --min-mask-dice {min_dice:g}"
+        if self.dice_mean < min_dice:
+            return f"{DICE_MEAN} {self.dice_mean:.3f} < --min-mask-dice {min_dice:g}"
+        return None
+
+    def variant(self, size):
+        """'original' when the row covers the image's size, 'preprocessed' for a 1024 x 1024
+        row of an image of another size; anything else is an error naming both sizes."""
+        if (self.height, self.width) == tuple(size):
+            return "original"
+        if (self.height, self.width) == (PREPROCESSED_SIZE, PREPROCESSED_SIZE):
+            return "preprocessed"
+        raise ChexmaskError(
+            f"{self.where}: the masks cover {self.height} x {self.width} pixels (height x width) but "
+            f"the image is {size[0]} x {size[1]}; CheXmask's OriginalResolution masks need the "
+            "images at their original size (resized copies: use the Preprocessed CSV, which is "
+            "mapped onto any size)")
+
+    def masks(self, size):
+        """{"lungs", "heart", "sides": {"right", "left"}} bool (H, W) masks of the image of
+        `size` = (H, W), and {"variant", "sides_swapped"}."""
+        variant = self.variant(size)
+        organs = {}
+        for organ, column in ORGANS.items():
+            mask = decode_rle(self.rles[organ], self.height, self.width, f"{self.where}, column {column!r}")
+            organs[organ] = mask if variant == "original" else from_preprocessed(mask, size)
+        right, left = organs["right_lung"], organs["left_lung"]
+        # On a PA film the patient's right lung lies on the image's left; the other way round
+        # means a mirrored film (or an AP film stored mirrored): the sides stay CheXmask's.
+        swapped = bool(right.any() and left.any()
+                       and np.nonzero(right)[1].mean() > np.nonzero(left)[1].mean())
+        return ({"lungs": right | left, "heart": organs["heart"], "sides": {"right": right, "left": left}},
+                {"variant": variant, "sides_swapped": swapped})
+
+
+def _strip(name):
+    """A file name without a known image suffix (ids may lack it: MIMIC's dicom_id)."""
+    return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def _parts(path):
+    """Path components, the last one without its image suffix; backslashes as separators."""
+    parts = [p for p in PurePosixPath(str(path).replace("\\", "/")).parts if p not in ("/", ".")]
+    return tuple(parts[:-1]) + (_strip(parts[-1]),) if parts else ()
+
+
+def _common_suffix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def open_text(path):
+    path = Path(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", newline="", encoding="utf-8") if gzipped else open(path, newline="", encoding="utf-8")
+
+
+def _number(text, kind, where):
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ChexmaskError(f"{where}: {kind} {text!r} is not a number") from None
+    return None if math.isnan(value) else value
+
+
+def _header(path, columns, id_column):
+    """The id column of a CSV's header, after checking the organ columns are there."""
+    if not columns:
+        raise ChexmaskError(f"--chexmask {path}: empty file, no header")
+    missing = [c for c in ORGANS.values() if c not in columns]
+    if missing:
+        raise ChexmaskError(f"--chexmask {path}: no {', '.join(repr(c) for c in missing)} column; "
+                            f"not a CheXmask CSV (its columns: {', '.join(columns)})")
+    if id_column:
+        if id_column not in columns:
+            raise ChexmaskError(f"--chexmask-id-column {id_column!r} is not a column of {path} "
+                                f"(its columns: {', '.join(columns)})")
+        return id_column
+    found = next((c for c in ID_COLUMNS if c in columns), None)
+    if found is None:
+        raise ChexmaskError(f"--chexmask {path}: none of the known image-id columns "
+                            f"({', '.join(ID_COLUMNS)}); name it with --chexmask-id-column "
+                            f"(its columns: {', '.join(columns)})")
+    return found
+
+
+def records(path, id_column=None):
+    """(line, image id, {column: text}) of each row of a CheXmask CSV, streamed."""
+    if not Path(path).is_file():
+        raise ChexmaskError(f"--chexmask {path}: no such file")
+    if sys.maxsize > csv.field_size_limit():  # a full-resolution encoding is megabytes long
+        csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
+    with open_text(path) as f:
+        reader = csv.DictReader(f)
+        try:
+            column = _header(path, reader.fieldnames, id_column)
+            for record in reader:
+                yield reader.line_num, (record.get(column) or "").strip(), record
+        except (csv.Error, UnicodeDecodeError, EOFError, OSError) as error:
+            raise ChexmaskError(f"--chexmask {path}: unreadable CSV near line "
+                                f"{reader.line_num} ({error})") from error
+
+
+def read_rows(csv_paths, images, id_column=None):
+    """{image key: Row} for the `images`, [(key, path as listed)], found in the CSVs by id.
+
+    An id matches an image when its file name (without an image suffix) equals the image's;
+    several rows of the same name (CheXpert's view1_frontal.jpg) are told apart by the longest
+    run of equal folders before it, and a tie is an error. Only matching rows are kept, so a
+    CSV of 200,000 rows costs one pass, not its size in memory."""
+    wanted = {}
+    for key, path in images:
+        wanted.setdefault(_parts(path)[-1], []).append((key, _parts(path)))
+    best = {}  # key -> (score, Row, rows that match as well)
+    for path in csv_paths:
+        for line, image_id, record in records(path, id_column):
+            parts = _parts(image_id)
+            candidates = wanted.get(parts[-1]) if parts else None
+            if not candidates:
+                continue
+            row = _row(path, line, image_id, record)
+            for key, image_parts in candidates:
+                score = _common_suffix(image_parts, parts)
+                held = best.get(key)
+                if held is None or score > held[0]:
+                    best[key] = (score, row, [])
+                elif score == held[0]:
+                    held[2].append(row)
+    for key, (_, row, ties) in best.items():
+        if ties:
+            raise ChexmaskError(f"image {key}: several CheXmask rows match it equally well "
+                                f"({row.where}; {ties[0].where}); give ids with their folders or "
+                                "one CSV per collection")
+    return {key: row for key, (_, row, _) in best.items()}
+
+
+def _row(path, line, image_id, record):
+    where = f"{path} line {line} ({image_id})"
+    size = []
+    for name in ("Height", "Width"):
+        value = _number(record.get(name), name, where) if name in record else PREPROCESSED_SIZE
+        if value is None or value < 1 or value != int(value):
+            raise ChexmaskError(f"{where}: {name} {record.get(name)!r} is not a positive integer")
+        size.append(int(value))
+    return Row(csv=str(path), line=line, image_id=image_id,
+               dice_mean=_number(record.get(DICE_MEAN), DICE_MEAN, where),
+               dice_max=_number(record.get(DICE_MAX), DICE_MAX, where),
+               height=size[0], width=size[1], rles={o: record.get(c) for o, c in ORGANS.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# to-png: the --mask-dir layout
+# --------------------------------------------------------------------------------------------
+def _image_files(root):
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_size(path):
+    """(height, width) of an image file: from the header, decoding only DICOM."""
+    from images import ImageError, is_dicom, load_image, open_image
+    try:
+        if is_dicom(path):
+            image = load_image(path)
+            return image.height, image.width
+        with open_image(path) as image:
+            return image.height, image.width
+    except ImageError as error:
+        raise ChexmaskError(f"{path}: {error}") from error
+
+
+def _safe_name(image_id):
+    """An id as a relative .png path under --out (no absolute paths, no '..')."""
+    parts = [p for p in _parts(image_id) if p not in ("..", "")]
+    if not parts:
+        raise ChexmaskError(f"image id {image_id!r} gives no file name")
+    return Path(*parts[:-1], parts[-1] + ".png")
+
+
+def _jobs(args):
+    """(row, image size, output name) of every mask to write, streamed without --dataset-dir."""
+    if args.dataset_dir:
+        names = {str(p.relative_to(args.dataset_dir)): p for p in _image_files(args.dataset_dir)}
+        if not names:
+            raise ChexmaskError(f"--dataset-dir {args.dataset_dir}: no image files")
+        rows = read_rows(args.csv, list(zip(names, names)), args.id_column)
+        if len(rows) < len(names):
+            print(f"{len(names) - len(rows)} of the {len(names)} images under {args.dataset_dir} "
+                  "have no CheXmask row")
+        for name in sorted(rows):
+            yield rows[name], _image_size(names[name]), Path(name).with_suffix(".png")
+        return
+    for path in args.csv:  # every row at the size it is encoded at, named by its id
+        for line, image_id, record in records(path, args.id_column):
+            row = _row(path, line, image_id, record)
+            yield row, (row.height, row.width), _safe_name(image_id)
+
+
+def to_png(args):
+    from PIL import Image
+
+    out = Path(args.out)
+    written, low, squares = 0, [], 0
+    for row, size, name in _jobs(args):
+        why = row.quality(args.min_mask_dice)
+        if why:
+            low.append(f"{row.where}: {why}")
+            continue
+        masks, _ = row.masks(size)
+        squares += size == (PREPROCESSED_SIZE, PREPROCESSED_SIZE)
+        for kind in ("lungs", "heart"):
+            target = out / kind / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(masks[kind].astype(np.uint8) * 255).save(target)
+        written += 1
+    print(f"wrote lungs/ and heart/ masks of {written} images to {out}")
+    if low:
+        print(f"left out {len(low)} rows below --min-mask-dice {args.min_mask_dice:g} (first: {low[0]})")
+    if squares and not args.dataset_dir:
+        print(f"note: {squares} masks are {PREPROCESSED_SIZE} x {PREPROCESSED_SIZE}; if they are the "
+              "Preprocessed variant (padded squares), give --dataset-dir so they are mapped back "
+              "onto each image")
+    return written
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="CheXmask CSVs (run-length encoded lung and heart masks)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    png = commands.add_parser("to-png", help="write lungs/ and heart/ PNG masks (the --mask-dir layout)")
+    png.add_argument("csv", nargs="+", help="CheXmask CSV(s), .csv or .csv.gz")
+    png.add_argument("--out", required=True, help="output folder (lungs/ and heart/ go in it)")
+    png.add_argument("--dataset-dir", help="the images: masks are written for every image under it "
+                     "that has a row, at its size and named by its path under the folder (needed to "
+                     "map the Preprocessed variant back); without it, every row is written at its "
+                     "own size, named by its id")
+    png.add_argument("--id-column", help="image-id column (default: the first of "
+                     f"{', '.join(ID_COLUMNS)} that the CSV has)")
+    png.add_argument("--min-mask-dice", type=float, default=DEFAULT_MIN_DICE,
+                     help=f"leave out rows whose {DICE_MEAN} is below this (0: keep all)")
+    return parser
+
+
+if __name__ == "__main__":
+    utils.run_cli(lambda: to_png(get_args_parser().parse_args()))
