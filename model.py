@@ -462,6 +462,33 @@ def check_pretrained(name, convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT,
         raise PretrainedWeightsError(problem)
 
 
+def options_from_weights(state_dict):
+    """The build_model options that a bare state dict (no model config) shows in its keys and
+    shapes: fusion, branch heads, MXA mode, ViT stem and patch size. Keys of the seed's
+    weights show none of them, which gives build_model's defaults (the paper's model)."""
+    keys = [str(k) for k in state_dict]
+    options = {}
+    if any(k.startswith("branch_norms.") for k in keys):
+        options["fusion"] = "norm"
+    if any(k.startswith("branch_heads.") for k in keys):
+        options["branch_heads"] = True
+    mxa = [k for k in keys if ".mxa." in k or k.startswith("mxa.")]
+    if mxa:
+        channel, spatial = any(".channel." in k for k in mxa), any(".spatial." in k for k in mxa)
+        options["mxa"] = {(True, True): "both", (True, False): "ca", (False, True): "sa"}[(channel, spatial)]
+    elif any(".stages." in k or ".stages_" in k for k in keys):  # a ConvNeXt without MXA
+        options["mxa"] = "none"
+    stem = sorted(k for k in keys if "patch_embed.proj.stem." in k and k.endswith(".weight")
+                  and state_dict[k].ndim == 4 and state_dict[k].shape[-1] == 3)
+    proj = [k for k in keys if k.endswith("patch_embed.proj.weight")]
+    if stem:
+        options["vit_stem"] = "conv"
+        options["vit_patch_size"] = 2 ** len(stem)  # one 3x3 stride-2 convolution per halving
+    elif proj:
+        options["vit_patch_size"] = int(state_dict[proj[0]].shape[-1])
+    return options
+
+
 def build_model(name, embedding_dim=DEFAULT_EMBEDDING_DIM, img_size=DEFAULT_IMG_SIZE,
                 convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, pretrained=True,
                 weights_dir=None, convnext_weights=None, vit_weights=None,

@@ -29,7 +29,6 @@ faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss i
 `pip install faiss-cpu`).
 """
 import argparse
-import hashlib
 import json
 import os
 import sys

@@ -46,7 +46,7 @@ import splits
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import evaluate_retrieval
-from model import MODEL_NAMES, NECKS, build_model
+from model import MODEL_NAMES, NECKS, build_model, options_from_weights
 from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
 
 KS = eval_inputs.KS
@@ -137,13 +137,8 @@ def model_config_from(checkpoint, args):
                              "give --model, --embedding-dim and --img-size (and backbone names)")
         defaults = {key: PAPER_DEFAULTS[key] for key in MODEL_FLAGS if key in PAPER_DEFAULTS}
         config = {"name": given.pop("model"), **defaults, **given}
-        # Options no flag names show in the weights: normalised branches before the fusion
-        # head, per-branch heads (the seed's weights have neither: build_model's defaults).
-        modules = {part for key in utils.state_dict_of(checkpoint) for part in str(key).split(".")}
-        if "branch_norms" in modules:
-            config["fusion"] = "norm"
-        if "branch_heads" in modules:
-            config["branch_heads"] = True
+        # Options no flag names show in the weights (fusion, branch heads, MXA, ViT stem).
+        config.update(options_from_weights(utils.state_dict_of(checkpoint)))
         return config
     stored_flags = {("model" if key == "name" else key): value for key, value in stored.items()}
     clashes = [f"--{key.replace('_', '-')} {value} (checkpoint: {stored_flags[key]})"

@@ -14,6 +14,7 @@ import torch
 
 import faults
 import train
+from loss import TripletMarginLoss
 import utils
 from conftest import ROOT
 from test_train import TINY, ckpt, phantoms, read_metrics, tiny_args  # noqa: F401 (fixture)
@@ -231,7 +232,7 @@ def test_trim_metrics_keeps_one_line_per_epoch_up_to_the_checkpoint(tmp_path):
 def poison(monkeypatch, at_call, gradient_only=False):
     """The triplet loss becomes NaN at its `at_call`-th call (epoch 2, step 1 with 2 steps an
     epoch), or keeps a finite value with a NaN gradient."""
-    real_forward = train.TripletMarginLoss.forward
+    real_forward = TripletMarginLoss.forward
     calls = {"n": 0}
 
     def poisoned(self, embeddings, labels):
@@ -244,7 +245,7 @@ def poison(monkeypatch, at_call, gradient_only=False):
                 loss = loss * float("nan")
         return loss, active
 
-    monkeypatch.setattr(train.TripletMarginLoss, "forward", poisoned)
+    monkeypatch.setattr(TripletMarginLoss, "forward", poisoned)
 
 
 @pytest.mark.parametrize("gradient_only", [False, True])

@@ -215,3 +215,22 @@ def test_branch_attribution_finds_a_branch_the_head_ignores():
     features, _ = model.branch_features(images)
     out = model.branch_attribution(features, model(images).flip(0), {b: f.mean(0) for b, f in features.items()})
     torch.testing.assert_close(out["vit_share"], torch.ones(4))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("hybrid_convnext_vit", {}),
+    ("hybrid_convnext_vit", dict(fusion="norm", branch_heads=True, vit_stem="conv", mxa="ca")),
+    ("hybrid_convnext_vit", dict(vit_patch_size=8, mxa="none")),
+    ("convnextv2", dict(mxa="sa")),
+    ("vit", dict(vit_stem="conv", vit_patch_size=8)),
+])
+def test_bare_weights_show_the_model_options(name, options):
+    """test.py rebuilds a bare state dict (no config) from what its keys and shapes show."""
+    from model import options_from_weights
+    model = build_model(name, embedding_dim=16, pretrained=False, **SMALL_MODEL, **options)
+    inferred = options_from_weights(model.state_dict())
+    rebuilt = build_model(name, embedding_dim=16, pretrained=False, **SMALL_MODEL, **inferred)
+    load_model_weights(rebuilt, model.state_dict(), "bare.pth")  # raises on any key or shape mismatch
+    for key, value in options.items():
+        assert inferred.get(key, {"fusion": "seed", "branch_heads": False, "mxa": "both",
+                                  "vit_stem": "patch"}.get(key)) == value

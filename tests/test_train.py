@@ -12,6 +12,7 @@ import torch
 
 import demo_data
 import train
+from loss import TripletMarginLoss
 from conftest import ROOT
 
 TINY = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name",
@@ -139,7 +140,7 @@ def test_resume_errors(phantoms, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms, tmp_path, monkeypatch):
-    real_forward = train.TripletMarginLoss.forward
+    real_forward = TripletMarginLoss.forward
     calls = {"n": 0}
 
     def poisoned(self, embeddings, labels):
@@ -147,7 +148,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms, tmp_
         loss, active = real_forward(self, embeddings, labels)
         return (loss * float("nan") if calls["n"] > 2 else loss), active  # epoch 2 diverges
 
-    monkeypatch.setattr(train.TripletMarginLoss, "forward", poisoned)
+    monkeypatch.setattr(TripletMarginLoss, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="epoch 2"):
         train.main(tiny_args(phantoms, tmp_path, "--epochs", "3", "--print-freq", "1"))
     good = torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)
@@ -168,7 +169,11 @@ def test_batch_geometry_rules():
         train.parse_args(["--batch-size", "2", "-p", "3"])
     demo = train.parse_args(["--dataset", "demo"])
     assert demo.convnext_name == "convnextv2_atto" and demo.pretrained is False
-    assert train.parse_args(["--dataset", "demo", "--pretrained"]).pretrained is True
+    pretrained = train.parse_args(["--dataset", "demo", "--pretrained"])
+    assert pretrained.pretrained is True and pretrained.vit_stem == "patch"  # conv stem: from scratch only
+    assert demo.vit_stem == "conv" and demo.fusion == "norm" and demo.branch_loss_weight == 0.5
+    with pytest.raises(SystemExit, match="--vit-stem conv has no pre-trained weights"):
+        train.parse_args(["--dataset", "demo", "--pretrained", "--vit-stem", "conv"])
 
 
 SEED_TRAIN = [
