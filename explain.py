@@ -8,10 +8,13 @@ One image (overlays, a figure with the neighbours, explanation.json):
         [--lung-mask M --heart-mask M | --mask-dir DIR | --chexmask CSV] --out OUTDIR
 
 A list (summary.json = {"images": [...], "aggregate": {...}}; with lesion masks under
-<mask-dir>/lesion the aggregate holds the pointing game and zone agreement):
+<mask-dir>/lesion the aggregate holds the pointing game at --pointing-tolerance (and 10%), its
+chance level, the mismatched-lesion baseline and the image-specific gain, zone agreement, and,
+given a fitting list with lesion masks, the location-prior baseline; see localisation.py):
 
     python explain.py --resume CKPT --image-list LIST --dataset-dir DIR \\
-        --gallery-image-list LIST --gallery-dataset-dir DIR --mask-dir DIR --out OUTDIR
+        --gallery-image-list LIST --gallery-dataset-dir DIR --mask-dir DIR --out OUTDIR \\
+        [--prior-image-list TRAIN_LIST --prior-dataset-dir TRAIN_DIR]
 
 Lung and heart masks from CheXmask (one CSV per source collection, rows matched to the images
 by id; rows whose Dice RCA (Mean) is below --min-mask-dice give null region statistics):
@@ -29,10 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import chexmask
 import explain_figures
+import localisation
 import masks as mask_sources
 import ontology as onto
 import regions
@@ -89,38 +94,60 @@ def _weights(attribution):
 
 # ---------------------------------------------------------------------- faithfulness
 @torch.inference_mode()
-def faithfulness(model, image, target, saliency, steps=16, seed=0):
+def faithfulness(model, image, target, saliency, baselines, steps=16):
     """Deletion and insertion curves (Petsiuk et al., 2018) of one image (3, H, W): the
     similarity to `target` as the most salient pixels are removed (deletion) or restored
-    (insertion), in `steps` equal parts; the same with a random order as the baseline. Areas
-    are taken over 0..1 on the x axis: a faithful map has a smaller deletion and a larger
-    insertion area than the random order."""
+    (insertion), in `steps` equal parts. Areas are taken over 0..1 on the x axis: a faithful map
+    has a smaller deletion and a larger insertion area than `baselines` ({name: (H, W) map},
+    scored the same way on the same image; see localisation.py for which)."""
     # Deletion fills with the image's mean (removes the content), insertion starts from a
     # blurred copy (a constant start would be out of distribution for every step).
     grey = image.mean(dim=(1, 2), keepdim=True).expand_as(image)
     blurred = F.avg_pool2d(image[None], 9, stride=1, padding=4, count_include_pad=False)[0]
-    order = torch.argsort(saliency.flatten(), descending=True)
-    random_order = torch.randperm(order.numel(), generator=torch.Generator().manual_seed(seed))
     target = F.normalize(target.float(), dim=0)
-    counts = torch.linspace(0, order.numel(), steps + 1).round().long()
+    pixels = saliency.numel()
+    counts = torch.linspace(0, pixels, steps + 1).round().long()
 
     def curve(ranking, start, end):
         batch = []
         for n in counts.tolist():
-            mask = torch.zeros(order.numel(), dtype=torch.bool)
+            mask = torch.zeros(pixels, dtype=torch.bool)
             mask[ranking[:n]] = True
             mask = mask.view(1, *image.shape[-2:]).to(image.device)
             batch.append(torch.where(mask, end, start))
         return (model(torch.stack(batch)).float() @ target).tolist()
 
     result = {}
-    for name, ranking in (("", order), ("random_", random_order)):
-        deletion, insertion = curve(ranking, image, grey), curve(ranking, blurred, image)
+    for name, ranked in (("", saliency), *((f"{k}_", m) for k, m in baselines.items())):
+        # stable: flat regions of a map (a blob's tail) are taken in the same order every run
+        order = torch.argsort(torch.as_tensor(ranked, dtype=torch.float32).flatten().cpu(),
+                              descending=True, stable=True)
+        deletion, insertion = curve(order, image, grey), curve(order, blurred, image)
         result[f"{name}deletion_auc"] = float(np.trapezoid(deletion, dx=1 / steps))
         result[f"{name}insertion_auc"] = float(np.trapezoid(insertion, dx=1 / steps))
         if not name:
             result["deletion_curve"], result["insertion_curve"] = deletion, insertion
     return result
+
+
+def add_faithfulness(ctx):
+    """Curves of the queued images (the first --faithfulness-images), once the whole list is
+    explained: the image-independent baseline is the mean map of the image's predicted class
+    over the *other* explained images (its own map would leak into it), or a centred Gaussian
+    when the class has no other image; the smooth random map is seeded by the image's position
+    in the list."""
+    for record, index, image, target, saliency in ctx["faithfulness_queue"]:
+        total, count = ctx["class_maps"][record["predicted"]]
+        if count > 1:
+            independent, kind = (total - saliency) / (count - 1), "class_mean_map"
+        else:
+            independent, kind = localisation.centred_blob(tuple(saliency.shape)), "centred_gaussian"
+        baselines = {"smooth_random": localisation.smooth_random_map(tuple(saliency.shape), seed=[0, index]),
+                     "image_independent": independent}
+        record["faithfulness"] = faithfulness(ctx["model"], image.to(ctx["device"]), target.to(ctx["device"]),
+                                              saliency, baselines, ctx["faithfulness_steps"])
+        record["faithfulness"]["image_independent_map"] = kind
+    ctx["faithfulness_queue"] = []
 
 
 # ---------------------------------------------------------------------- one batch of queries
@@ -171,57 +198,26 @@ def explain_batch(ctx, paths, labels=None, masks=None):
         if mask.get("info"):  # where the masks came from and whether they were good enough
             record["masks"] = mask["info"]
         record["peaks"] = {b: [int(v) for v in xy] for b, xy in record["peaks"].items()}
+        fused = maps["fused"][i].detach().cpu()
+        total, count = ctx["class_maps"].get(predicted, (0, 0))
+        ctx["class_maps"][predicted] = (total + fused, count + 1)  # the image-independent baseline
         if ctx["faithfulness_steps"] and ctx["faithfulness_left"] > 0:
-            ctx["faithfulness_left"] -= 1
-            record["faithfulness"] = faithfulness(ctx["model"], images[i], targets[i], maps["fused"][i],
-                                                  ctx["faithfulness_steps"])
+            ctx["faithfulness_left"] -= 1  # curves once the list is done (add_faithfulness)
+            ctx["faithfulness_queue"].append((record, ctx["seen"] + i, images[i].cpu(), targets[i].cpu(), fused))
         if mask.get("lesion") is not None and mask["lesion"].any():
-            record["lesion"] = lesion_check(full, mask, size, ctx["branches"], ctx["seen"] + i,
-                                            stats["top_zone"])
+            record["lesion"] = localisation.lesion_check(full, mask, size, ctx["branches"], stats["top_zone"],
+                                                         ctx["tolerances"], ctx["prior"], record["label"])
         records.append((record, full, original))
     return records
 
 
-def lesion_check(full, mask, size, branches, seed, top_zone):
-    """Pointing game (peak inside the lesion dilated by 10% of the image width) per branch and
-    for a random point of the lungs; whether the top zone is a zone of the lesion."""
-    lesion = regions._fit(mask["lesion"], size)
-    tolerance = 0.1 * size[1]
-    hits = {b: regions.pointing_hit(np.unravel_index(int(full[b].argmax()), size)[::-1], lesion, tolerance)
-            for b in branches}
-    result = {"pointing": hits}
-    if mask.get("lungs") is not None:
-        lungs = regions._fit(mask["lungs"], size)
-        rows, cols = np.nonzero(lungs)
-        if len(rows):
-            pick = np.random.default_rng(seed).integers(len(rows))
-            hits["random_lung_point"] = regions.pointing_hit((cols[pick], rows[pick]), lesion, tolerance)
-            sides = mask.get("sides")  # per-lung masks (CheXmask) assign the zones to sides
-            sides = {k: regions._fit(m, size) for k, m in sides.items()} if sides else None
-            truth = regions.lesion_zones(lesion, lungs, sides=sides)
-            result.update(lesion_zones=truth, zone_agrees=top_zone in truth)
-    return result
-
-
-def aggregate(records, branches):
-    """Means over the records: pointing game and zone agreement on images with a lesion mask,
-    rule firing rates per label, faithfulness areas, branch shares, CTR."""
+def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=None):
+    """Means over the records: the pointing game, its baselines and zone agreement on images
+    with a lesion mask (localisation.lesion_aggregate), rule firing rates per label,
+    faithfulness against its baselines, branch shares, CTR."""
     out = {"num_images": len(records)}
-    with_lesion = [r for r in records if "lesion" in r]
-    if with_lesion:
-        keys = list(branches) + ["random_lung_point"]
-
-        def rate(records, key):  # over the records that have this measure (a lung mask for some)
-            values = [r["lesion"]["pointing"][key] for r in records if key in r["lesion"]["pointing"]]
-            return float(np.mean(values)) if values else None
-
-        out["pointing_game"] = {k: rate(with_lesion, k) for k in keys}
-        out["pointing_game_by_label"] = {
-            label: {k: rate([r for r in with_lesion if r["label"] == label], k) for k in keys}
-            for label in sorted({str(r["label"]) for r in with_lesion})}
-        agree = [r["lesion"]["zone_agrees"] for r in with_lesion if "zone_agrees" in r["lesion"]]
-        out["zone_agreement"] = float(np.mean(agree)) if agree else None
-        out["num_with_lesion"] = len(with_lesion)
+    out.update(localisation.lesion_aggregate(records, branches, tolerance_keys or localisation.tolerances(),
+                                             prior, zones_from))
     labels = sorted({r["label"] for r in records if r["label"] is not None})
     rules = sorted({rule for r in records for rule in r["rules_fired"]})
     out["rules_fired_rate_by_label"] = {
@@ -229,9 +225,9 @@ def aggregate(records, branches):
                 for rule in rules} for label in labels}
     if labels:
         out["vote_accuracy"] = float(np.mean([r["predicted"] == r["label"] for r in records]))
-    faithful = [r["faithfulness"] for r in records if "faithfulness" in r]
+    faithful = localisation.faithfulness_summary(records)
     if faithful:
-        out["faithfulness"] = {k: float(np.mean([f[k] for f in faithful])) for k in faithful[0] if k.endswith("auc")}
+        out["faithfulness"] = faithful
     shares = [r["branch_attribution"]["convnext_share"] for r in records
               if r["branch_attribution"] and r["branch_attribution"]["convnext_share"] is not None]
     if shares:
@@ -272,7 +268,9 @@ def build_context(args):
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
             "faithfulness_left": args.faithfulness_images,
             "list_format": list_format, "names": None, "layers": layers, "salient": args.salient,
-            "bit_depth": bit_depth or gallery.bit_depth, "seen": 0}
+            "bit_depth": bit_depth or gallery.bit_depth, "seen": 0,
+            "tolerances": localisation.tolerances(args.pointing_tolerance), "prior": None,
+            "class_maps": {}, "faithfulness_queue": []}
 
 
 def main(args):
@@ -298,6 +296,15 @@ def main(args):
         raise utils.UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
     if args.chexmask_id_column and not args.chexmask:
         raise utils.UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
+    if not 0.0 < args.pointing_tolerance < 1.0:
+        raise utils.UserError(f"--pointing-tolerance {args.pointing_tolerance} is a fraction of the image "
+                              "width between 0 and 1 (0.05: 5%)")
+    if bool(args.prior_image_list) != bool(args.prior_dataset_dir):
+        raise utils.UserError("--prior-image-list and --prior-dataset-dir go together (the fitting list "
+                              "and the folder its paths are relative to)")
+    if args.prior_image_list and not args.mask_dir:
+        raise utils.UserError("--prior-image-list fits the location prior on lesion masks; give --mask-dir "
+                              "(its lesion/ folder holds them)")
     try:
         ctx = build_context(args)
     except onto.OntologyError as error:
@@ -305,9 +312,12 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.image:
+        ctx["prior"] = fit_location_prior(args, ctx, [args.image])
         reader = mask_sources.MaskReader(args, [args.image])
         ctx["names"] = [args.image]
         record, full, original = explain_batch(ctx, [args.image], masks=[reader.source(args.image)])[0]
+        add_faithfulness(ctx)
+        localisation.zone_prior_agreement([record], ctx["prior"])
         if record.get("masks") and not record["masks"]["used"]:
             print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
         neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
@@ -321,6 +331,7 @@ def main(args):
         return record
     dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"],
                                bit_depth=ctx["bit_depth"])  # as explain_batch loads them
+    ctx["prior"] = fit_location_prior(args, ctx, dataset.paths)
     records = []
     reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
     for start in range(0, len(dataset), args.batch_size):
@@ -329,13 +340,19 @@ def main(args):
         ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
         labels = [dataset.classes[int(dataset.targets[i])] for i in part]
         sources = [reader.source(name) for name in ctx["names"]]
-        ctx["seen"] = start  # the random lung point of image i is drawn with seed i
+        ctx["seen"] = start  # the list position of the batch's first image (seeds its random map)
         for record, full, original in explain_batch(ctx, paths, labels, sources):
             records.append(record)
             if len(records) <= args.save_overlays:
                 explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
         print(f"  {len(records)}/{len(dataset)} explained", flush=True)
-    summary = {"images": records, "aggregate": aggregate(records, ctx["branches"]),
+    # Baselines that need the whole list: other images' lesions, the class mean maps.
+    localisation.mismatched_hits(records, lambda name, size: read_lesion(args.mask_dir, name, size),
+                                 ctx["tolerances"], ctx["branches"])
+    zones_from = localisation.zone_prior_agreement(records, ctx["prior"])
+    add_faithfulness(ctx)
+    summary = {"images": records,
+               "aggregate": aggregate(records, ctx["branches"], ctx["tolerances"], ctx["prior"], zones_from),
                "layers": ctx["layers"], "target": args.target, "checkpoint": str(args.resume)}
     m = reader.summary()  # CheXmask: how many images had usable masks
     if m:
@@ -349,6 +366,44 @@ def main(args):
                                      if m["sides_swapped"] else ""))
     print(f"wrote {out / 'summary.json'}")
     return summary
+
+
+def read_lesion(mask_dir, name, size):
+    """The lesion mask of the image listed as `name`, at `size` (H, W)."""
+    return regions.load_mask(mask_sources.mask_file(mask_dir, "lesion", name), size)
+
+
+def fit_location_prior(args, ctx, reporting_paths):
+    """The location prior (localisation.fit_prior) from --prior-image-list's lesion masks, or
+    None without that list. Refuses a list that shares an image with the reported ones: a prior
+    fitted on the images it is compared on would flatter the baseline."""
+    if not args.prior_image_list:
+        return None
+    fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
+                               ctx["classes"], bit_depth=None)  # only masks and sizes are read
+    shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
+    if shared:
+        raise utils.UserError(f"--prior-image-list shares {len(shared)} images with the images explained "
+                              f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "
+                              "training or validation list")
+    names = [str(p.relative_to(fitting.image_root)) for p in fitting.paths]
+    # --lung-mask/--heart-mask belong to the one --image, not to the fitting images
+    reader = mask_sources.MaskReader(argparse.Namespace(**{**vars(args), "lung_mask": None, "heart_mask": None}), names)
+
+    def samples():
+        for name, path, target in zip(names, fitting.paths, fitting.targets.tolist()):
+            masks = reader.source(name) or {}
+            if callable(masks):  # CheXmask rows decode at the image's size
+                with Image.open(path) as image:
+                    masks = masks((image.height, image.width))
+            yield ctx["classes"][target], masks.get("lesion"), masks.get("lungs"), masks.get("sides")
+
+    prior = localisation.fit_prior(samples(), ctx["tolerances"])
+    if not prior["num_images"]:
+        raise utils.UserError(f"no image of --prior-image-list {args.prior_image_list} has a lesion mask "
+                              f"under {Path(args.mask_dir) / 'lesion'}")
+    prior["fitted_on"] = str(args.prior_image_list)
+    return prior
 
 
 def neighbour_heatmaps(ctx, record, count):
@@ -414,10 +469,20 @@ def get_args_parser():
     parser.add_argument("--salient", type=float, default=0.0,
                         help="region statistics over the pixels at or above this fraction of the map's "
                              "maximum only (0: the whole map)")
+    parser.add_argument("--pointing-tolerance", type=float, default=localisation.DEFAULT_TOLERANCE,
+                        help="pointing game: the peak hits when within this fraction of the image width "
+                        "of the lesion mask (0.05: 5%%, 3.2 px at 64 px); the 10%% variant is reported too")
+    parser.add_argument("--prior-image-list", help="images with lesion masks (under --mask-dir) to fit the "
+                        "location-prior baseline on: per class, the fixed point that hits most of their "
+                        "lesions, and the most frequent lesion zone; e.g. the run's training or validation "
+                        "list, never the explained images (without it the prior point is null and the zone "
+                        "prior comes from the other images of the class)")
+    parser.add_argument("--prior-dataset-dir", help="folder of --prior-image-list's images")
     parser.add_argument("--faithfulness-steps", type=int, default=16,
-                        help="steps of the deletion/insertion curves (0: skip them)")
+                        help="steps of the deletion/insertion curves (0: skip them); the map is compared "
+                        "with a smooth random map and the predicted class's mean map over the same images")
     parser.add_argument("--faithfulness-images", type=int, default=60,
-                        help="batch mode: curves for the first N images (each costs 4 x steps forward passes)")
+                        help="batch mode: curves for the first N images (each costs 6 x (steps + 1) forward passes)")
     parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)

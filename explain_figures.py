@@ -63,16 +63,38 @@ def print_aggregate(aggregate):
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
+    def rate(r):  # localisation.rate: {"rate", "ci95", "n"} or None
+        return "n/a" if r is None else f"{pct(r['rate'])} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+
+    def diff(d):  # localisation.paired_difference, in percentage points
+        if d is None:
+            return "n/a"
+        ci = f" [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+        return f"{100 * d['mean']:+.1f} points{ci}"
+
     print(f"explained {aggregate['num_images']} images")
     if "vote_accuracy" in aggregate:
         print(f"  majority-vote accuracy {pct(aggregate['vote_accuracy'])}")
     if "pointing_game" in aggregate:
-        games = ", ".join(f"{k} {pct(v)}" for k, v in aggregate["pointing_game"].items())
-        print(f"  pointing game on {aggregate['num_with_lesion']} images with a lesion: {games}")
-        print(f"  zone agreement {pct(aggregate['zone_agreement'])}")
+        print(f"  on {aggregate['num_with_lesion']} images with a lesion (fused map; [95% interval]):")
+        for key in ("pointing_game", "pointing_game_at_10pct"):
+            game = aggregate[key]["overall"]
+            print(f"    pointing game within {100 * aggregate[key]['tolerance']:g}% of the width: "
+                  f"{rate(game['map']['fused'])}; chance {rate(game['chance'])}, prior point "
+                  f"{rate(game['prior_point'])}, other images' lesions {rate(game['mismatched']['fused'])}")
+        gain = aggregate["image_specific_gain"]
+        print(f"  image-specific gain (own - other lesions): {diff(gain['overall'])}"
+              + (f"; pneumonia {diff(gain['pneumonia'])}" if gain["pneumonia"] else ""))
+        zones = aggregate["zone_agreement"]["overall"]
+        print(f"  zone agreement {rate(zones['map'])} (most frequent zone of the class {rate(zones['prior_zone'])})")
     if "faithfulness" in aggregate:
         f = aggregate["faithfulness"]
-        print(f"  deletion AUC {f['deletion_auc']:.3f} (random order {f['random_deletion_auc']:.3f}), "
-              f"insertion AUC {f['insertion_auc']:.3f} (random order {f['random_insertion_auc']:.3f})")
+        r, i = f["smooth_random"], f["image_independent"]
+        print(f"  deletion AUC {f['map']['deletion_auc']:.3f} (smooth random {r['deletion_auc']:.3f}, "
+              f"image-independent {i['deletion_auc']:.3f}), insertion AUC {f['map']['insertion_auc']:.3f} "
+              f"({r['insertion_auc']:.3f}, {i['insertion_auc']:.3f}): the map "
+              + ("beats both beyond the 95% intervals of the differences" if f["beats_both_beyond_ci"] else
+                 "beats both on the means, not beyond the 95% intervals" if f["beats_both"] else
+                 "does not beat both"))
     if "convnext_share_of_similarity" in aggregate:
         print(f"  ConvNeXt branch share of the similarity {pct(aggregate['convnext_share_of_similarity'])}")

@@ -222,19 +222,43 @@ def test_explain_one_image_and_a_batch(trained, phantoms, tmp_path, capsys):  # 
     assert attribution["convnext_share"] + attribution["vit_share"] == pytest.approx(1.0)
     f = on_disk["faithfulness"]
     assert len(f["deletion_curve"]) == 5 and f["deletion_curve"][0] == pytest.approx(on_disk["target_similarity"], abs=1e-4)
+    assert f["image_independent_map"] == "centred_gaussian"  # one image: no class mean over others
+    assert {"smooth_random_deletion_auc", "image_independent_insertion_auc"} <= set(f)
     assert capsys.readouterr().out.startswith("Retrieved finding:")
 
     summary = explain.main(explain.get_args_parser().parse_args([
         *common, "--image-list", str(phantoms / "test_split.txt"), "--dataset-dir", str(phantoms / "test"),
-        "--mask-dir", str(phantoms / "masks"), "--out", str(tmp_path / "batch")]))
+        "--mask-dir", str(phantoms / "masks"), "--out", str(tmp_path / "batch"), "--faithfulness-images", "6",
+        "--prior-image-list", str(phantoms / "train_split.txt"), "--prior-dataset-dir", str(phantoms / "train")]))
     on_disk = json.loads((tmp_path / "batch" / "summary.json").read_text())
     assert len(on_disk["images"]) == 25 and on_disk["images"][0]["image"] == name
     for record in on_disk["images"]:
         assert {"image", "label", "predicted", "peak_xy", "top_zone", "ctr", "rules_fired"} <= set(record)
     aggregate = summary["aggregate"]
     assert aggregate["num_with_lesion"] == 15  # pneumonia, COVID-19 and effusion phantoms
-    assert set(aggregate["pointing_game"]) == {"convnext", "vit", "fused", "random_lung_point"}
-    assert 0 <= aggregate["zone_agreement"] <= 1
+    for key, tolerance in (("pointing_game", 0.05), ("pointing_game_at_10pct", 0.1)):
+        game = aggregate[key]
+        assert game["tolerance"] == tolerance and set(game["by_label"]) == {"pneumonia", "COVID-19", "effusion"}
+        overall = game["overall"]
+        assert set(overall["map"]) == {"convnext", "vit", "fused"} and overall["map"]["fused"]["n"] == 15
+        for rate in (overall["map"]["fused"], overall["chance"], overall["prior_point"], overall["mismatched"]["fused"]):
+            assert 0 <= rate["ci95"][0] <= rate["rate"] <= rate["ci95"][1] <= 1
+        gain = overall["image_specific_gain"]["fused"]
+        assert gain["mean"] == pytest.approx(overall["map"]["fused"]["rate"] - overall["mismatched"]["fused"]["rate"])
+    assert aggregate["image_specific_gain"]["pneumonia"] == \
+        aggregate["pointing_game"]["by_label"]["pneumonia"]["image_specific_gain"]["fused"]
+    prior = aggregate["location_prior"]
+    assert prior["fitted_on"] == str(phantoms / "train_split.txt")
+    assert set(prior["points"]["pointing_game"]) == {"pneumonia", "COVID-19", "effusion"}
+    assert prior["num_fitting_images"] == {"pneumonia": 6, "COVID-19": 6, "effusion": 6}
+    zones = aggregate["zone_agreement"]["overall"]
+    assert 0 <= zones["map"]["rate"] <= 1 and zones["prior_zone"]["n"] == 15
+    faithful = aggregate["faithfulness"]
+    assert faithful["num_images"] == 6 and isinstance(faithful["beats_both"], bool)
+    for base in ("smooth_random", "image_independent"):
+        assert faithful[base]["deletion_advantage"]["mean"] == pytest.approx(
+            faithful[base]["deletion_auc"] - faithful["map"]["deletion_auc"])
+    assert "pointing game within 5% of the width" in capsys.readouterr().out
     assert set(aggregate["rules_fired_rate_by_label"]) == {"normal", "pneumonia", "COVID-19", "effusion", "cardiomegaly"}
     # CTR from the written masks, within 0.03 of the generator's value
     meta = json.loads((phantoms / "demo_meta.json").read_text())["images"]
@@ -248,6 +272,17 @@ def test_explain_errors(trained, phantoms, tmp_path):  # noqa: F811
     image = str(phantoms / "test" / "phantom_test_00000.png")
     with pytest.raises(train.utils.UserError, match="no such file"):
         explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--lung-mask", str(tmp_path / "x.png")]))
+    listed = ["--image-list", str(phantoms / "test_split.txt"), "--dataset-dir", str(phantoms / "test"),
+              "--mask-dir", str(phantoms / "masks")]
+    with pytest.raises(train.utils.UserError, match="shares 25 images"):  # the prior never sees the reported images
+        explain.main(explain.get_args_parser().parse_args([
+            *base, *listed, "--prior-image-list", str(phantoms / "test_split.txt"),
+            "--prior-dataset-dir", str(phantoms / "test")]))
+    with pytest.raises(train.utils.UserError, match="--pointing-tolerance 5"):
+        explain.main(explain.get_args_parser().parse_args([*base, *listed, "--pointing-tolerance", "5"]))
+    with pytest.raises(train.utils.UserError, match="go together"):
+        explain.main(explain.get_args_parser().parse_args([
+            *base, *listed, "--prior-image-list", str(phantoms / "train_split.txt")]))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"findings": {}, "signs": {}, "rules": []}))
     with pytest.raises(train.utils.UserError, match="findings"):
@@ -267,31 +302,6 @@ def test_ontology_conditions_name_unknown_statistics_and_wrong_values(tmp_path, 
     path.write_text(json.dumps(data))
     with pytest.raises(onto.OntologyError, match=named):
         onto.load_ontology(path)
-
-
-def test_lesion_check_and_aggregate_on_a_hand_made_case():
-    lungs, heart = hand_made_masks()
-    lesion = np.zeros_like(lungs)
-    lesion[33:39, 12:20] = True  # right lower zone
-    hit = np.zeros(lungs.shape)
-    hit[35, 15] = 1.0
-    miss = np.zeros(lungs.shape)
-    miss[12, 45] = 1.0  # left upper zone, far from the lesion
-    records = []
-    for i, fused in enumerate((hit, miss)):
-        stats = regions.region_statistics(fused, lungs, heart)
-        check = explain.lesion_check({"convnext": fused, "fused": fused}, {"lungs": lungs, "lesion": lesion},
-                                     lungs.shape, ["convnext", "fused"], seed=i, top_zone=stats["top_zone"])
-        records.append({"label": "pneumonia", "lesion": check, "rules_fired": [], "ctr": stats["ctr"],
-                        "predicted": "pneumonia", "branch_attribution": None})
-    assert records[0]["lesion"]["pointing"]["fused"] and records[0]["lesion"]["zone_agrees"]
-    assert not records[1]["lesion"]["pointing"]["fused"] and not records[1]["lesion"]["zone_agrees"]
-    aggregate = explain.aggregate(records, ["convnext", "fused"])
-    assert aggregate["pointing_game"]["fused"] == 0.5 and aggregate["zone_agreement"] == 0.5
-    assert aggregate["num_with_lesion"] == 2 and aggregate["vote_accuracy"] == 1.0
-    empty = explain.lesion_check({"fused": hit}, {"lungs": np.zeros_like(lungs), "lesion": lesion},
-                                 lungs.shape, ["fused"], seed=0, top_zone=None)
-    assert "zone_agrees" not in empty and "random_lung_point" not in empty["pointing"]  # no crash
 
 
 def test_peak_is_reported_in_the_original_files_pixels(trained, phantoms, tmp_path):  # noqa: F811
