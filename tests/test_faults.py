@@ -229,6 +229,11 @@ def test_trim_metrics_keeps_one_line_per_epoch_up_to_the_checkpoint(tmp_path):
     assert json.loads(path.read_text().splitlines()[-1]) == {"epoch": 3, "from": "checkpoint"}
 
 
+# One triplet loss per step, so that the poisoned call number is a step number (the hybrid's
+# per-branch losses call it three times a step).
+ONE_LOSS = ("--branch-loss-weight", "0")
+
+
 def poison(monkeypatch, at_call, gradient_only=False):
     """The triplet loss becomes NaN at its `at_call`-th call (epoch 2, step 1 with 2 steps an
     epoch), or keeps a finite value with a NaN gradient."""
@@ -253,7 +258,7 @@ def test_non_finite_step_stops_naming_step_files_and_last_checkpoint(phantoms, t
                                                                      gradient_only):
     poison(monkeypatch, 3, gradient_only)
     with pytest.raises(faults.NonFiniteError) as error:
-        train.main(tiny_args(phantoms, tmp_path, "--epochs", "3"))
+        train.main(tiny_args(phantoms, tmp_path, "--epochs", "3", *ONE_LOSS))
     message = str(error.value)
     assert "at epoch 2, step 1 of 2" in message and ".png (line " in message
     assert f"last good checkpoint is {ckpt(tmp_path, 'epoch_1')} (epoch 1)" in message
@@ -263,7 +268,7 @@ def test_non_finite_step_stops_naming_step_files_and_last_checkpoint(phantoms, t
 
 def test_skip_nonfinite_skips_and_counts_the_step(phantoms, tmp_path, monkeypatch):
     poison(monkeypatch, 3)
-    train.main(tiny_args(phantoms, tmp_path, "--epochs", "3", "--skip-nonfinite"))
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "3", "--skip-nonfinite", *ONE_LOSS))
     records = read_metrics(tmp_path)
     assert [r.get("train_skipped_steps") for r in records[1:]] == [0, 1, 0]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records[1:])
