@@ -4,6 +4,7 @@
     python ablate.py --suite models           # the model suite (make ablation-models)
     python ablate.py --suite models --variants hybrid convnext --seeds 0
     python ablate.py --suite models --summarise-only   # the table from the runs already in --out
+                                                       # (evaluating finished runs not yet evaluated)
 
 Each run is `python train.py --dataset demo --seed S <variant flags>` in <out>/<variant>_seed_<S>;
 the numbers are those of the checkpoint train.py kept as best, i.e. chosen on the validation split
@@ -105,6 +106,17 @@ def compare_runs(directory, reference):
     return entry["difference"], entry["low"], entry["high"]
 
 
+def forget_evaluations(out, variant, seed):
+    """Delete the reports and comparisons a run is about to make stale: its own, and when it
+    is the reference, every comparison against it."""
+    stale = list(run_dir(out, variant, seed).glob("test_report*.json"))
+    stale += run_dir(out, variant, seed).glob("compare_vs_*.json")
+    if variant == REFERENCE:
+        stale += Path(out).glob(f"*/compare_vs_{run_dir(out, variant, seed).name}.json")
+    for path in stale:
+        path.unlink()
+
+
 def _mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -180,6 +192,7 @@ def main():
                 directory = run_dir(out, variant, seed)
                 if result_of(directory):
                     continue
+                forget_evaluations(out, variant, seed)
                 command = [sys.executable, str(HERE / "train.py"), "--dataset", "demo",
                            "--seed", str(seed), "--save-dir", str(directory), "--overwrite",
                            *table[variant][0]]

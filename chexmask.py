@@ -37,6 +37,8 @@ import utils
 from images import IMAGE_SUFFIXES
 
 # Known image-id columns of the CheXmask CSVs, tried in this order.
+# Collections whose images CheXmask cropped (dark border) before padding to a square.
+CROPPED_BEFORE_PADDING = {"dicom_id": "MIMIC-CXR-JPG", "ImageID": "PadChest"}
 ID_COLUMNS = ("dicom_id", "ImageID", "Image Index", "Path", "image_id", "Image ID", "ImageId",
               "SOPInstanceUID", "filename")
 ORGANS = {"right_lung": "Right Lung", "left_lung": "Left Lung", "heart": "Heart"}
@@ -127,6 +129,7 @@ class Row:
     height: int
     width: int
     rles: dict = field(repr=False)  # organ -> encoding
+    id_column: str = ""
 
     @property
     def where(self):
@@ -148,6 +151,13 @@ class Row:
         if (self.height, self.width) == tuple(size):
             return "original"
         if (self.height, self.width) == (PREPROCESSED_SIZE, PREPROCESSED_SIZE):
+            if self.id_column in CROPPED_BEFORE_PADDING:
+                # CheXmask cut these collections' dark border before padding: undoing only
+                # the padding would shift and scale the masks without a word.
+                raise ChexmaskError(
+                    f"{self.where}: a Preprocessed row of {CROPPED_BEFORE_PADDING[self.id_column]}, "
+                    "whose images CheXmask cropped to their content before padding; that crop "
+                    "cannot be undone from the CSV: use the collection's OriginalResolution CSV")
             return "preprocessed"
         raise ChexmaskError(
             f"{self.where}: the masks cover {self.height} x {self.width} pixels (height x width) but "
@@ -230,7 +240,7 @@ def _header(path, columns, id_column):
 
 
 def records(path, id_column=None):
-    """(line, image id, {column: text}) of each row of a CheXmask CSV, streamed."""
+    """(line, image id, {column: text}, id column) of each row of a CheXmask CSV, streamed."""
     if not Path(path).is_file():
         raise ChexmaskError(f"--chexmask {path}: no such file")
     if sys.maxsize > csv.field_size_limit():  # a full-resolution encoding is megabytes long
@@ -240,7 +250,7 @@ def records(path, id_column=None):
         try:
             column = _header(path, reader.fieldnames, id_column)
             for record in reader:
-                yield reader.line_num, (record.get(column) or "").strip(), record
+                yield reader.line_num, (record.get(column) or "").strip(), record, column
         except (csv.Error, UnicodeDecodeError, EOFError, OSError) as error:
             raise ChexmaskError(f"--chexmask {path}: unreadable CSV near line "
                                 f"{reader.line_num} ({error})") from error
@@ -258,12 +268,12 @@ def read_rows(csv_paths, images, id_column=None):
         wanted.setdefault(_parts(path)[-1], []).append((key, _parts(path)))
     best = {}  # key -> (score, Row, rows that match as well)
     for path in csv_paths:
-        for line, image_id, record in records(path, id_column):
+        for line, image_id, record, column in records(path, id_column):
             parts = _parts(image_id)
             candidates = wanted.get(parts[-1]) if parts else None
             if not candidates:
                 continue
-            row = _row(path, line, image_id, record)
+            row = _row(path, line, image_id, record, column)
             for key, image_parts in candidates:
                 score = _common_suffix(image_parts, parts)
                 held = best.get(key)
@@ -279,7 +289,7 @@ def read_rows(csv_paths, images, id_column=None):
     return {key: row for key, (_, row, _) in best.items()}
 
 
-def _row(path, line, image_id, record):
+def _row(path, line, image_id, record, id_column=""):
     where = f"{path} line {line} ({image_id})"
     size = []
     for name in ("Height", "Width"):
@@ -290,7 +300,8 @@ def _row(path, line, image_id, record):
     return Row(csv=str(path), line=line, image_id=image_id,
                dice_mean=_number(record.get(DICE_MEAN), DICE_MEAN, where),
                dice_max=_number(record.get(DICE_MAX), DICE_MAX, where),
-               height=size[0], width=size[1], rles={o: record.get(c) for o, c in ORGANS.items()})
+               height=size[0], width=size[1], rles={o: record.get(c) for o, c in ORGANS.items()},
+               id_column=id_column)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +347,8 @@ def _jobs(args):
             yield rows[name], _image_size(names[name]), Path(name).with_suffix(".png")
         return
     for path in args.csv:  # every row at the size it is encoded at, named by its id
-        for line, image_id, record in records(path, args.id_column):
-            row = _row(path, line, image_id, record)
+        for line, image_id, record, column in records(path, args.id_column):
+            row = _row(path, line, image_id, record, column)
             yield row, (row.height, row.width), _safe_name(image_id)
 
 

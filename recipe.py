@@ -52,7 +52,12 @@ def build_criterion(args, num_classes):
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 
 
-def build_optimizer(objective, args, device):
+# Checkpoints record how their optimiser's parameters were grouped: 1 (before position
+# embeddings and class tokens were exempt from decay) or 2; a resume rebuilds the same groups.
+PARAM_GROUPING = 2
+
+
+def build_optimizer(objective, args, device, grouping=PARAM_GROUPING):
     """Adam(W) with two groups: pretrained backbones at lr x backbone-lr-mult, new layers (head,
     MXA, identity classifier) at lr. Norms, biases, position embeddings and class tokens get no
     weight decay."""
@@ -62,7 +67,8 @@ def build_optimizer(objective, args, device):
         if not param.requires_grad:
             continue
         lr_mult = args.backbone_lr_mult if id(param) in backbone_ids else 1.0
-        exempt = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        exempt = param.ndim <= 1 or name.endswith(".bias")
+        exempt = exempt or (grouping >= 2 and name.split(".")[-1] in NO_DECAY_NAMES)
         decay = 0.0 if exempt else args.weight_decay
         group = groups.setdefault((lr_mult, decay), {"params": [], "lr_mult": lr_mult,
                                                      "weight_decay": decay, "lr": args.lr * lr_mult})

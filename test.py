@@ -138,7 +138,7 @@ def model_config_from(checkpoint, args):
         defaults = {key: PAPER_DEFAULTS[key] for key in MODEL_FLAGS if key in PAPER_DEFAULTS}
         config = {"name": given.pop("model"), **defaults, **given}
         # Options no flag names show in the weights (fusion, branch heads, MXA, ViT stem).
-        config.update(options_from_weights(utils.state_dict_of(checkpoint)))
+        config.update(options_from_weights(utils.strip_wrapper_prefixes(utils.state_dict_of(checkpoint))))
         return config
     stored_flags = {("model" if key == "name" else key): value for key, value in stored.items()}
     clashes = [f"--{key.replace('_', '-')} {value} (checkpoint: {stored_flags[key]})"
@@ -384,7 +384,7 @@ def run(args, runtime):
     report["lists"] = {split.name: splits.provenance(split) for split in checked + trained_on}
     report["leakage"] = leakage
     report["per_class"] = evaluation.per_class(per_query, classes, query_set.patients)
-    if with_branches:  # mean over the queries and their top-1 neighbour (DESIGN.md section 7)
+    if with_branches:  # mean over the queries and their top-1 neighbour (the report contract)
         report["branch_attribution"] = utils.mean_branch_shares(
             model, query_features[0], per_query["top_indices"][:, 0],
             query_emb if gallery_emb is None else gallery_emb, gallery_features[0])

@@ -40,7 +40,8 @@ from loss import MININGS
 from metrics import evaluate_retrieval
 from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS, build_model, check_pretrained
 from presets import DATASETS, DEMO_DATA, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
-from recipe import ModelWithLoss, build_criterion, build_optimizer, build_scheduler, collapse_warning
+from recipe import (PARAM_GROUPING, ModelWithLoss, build_criterion, build_optimizer, build_scheduler,
+                    collapse_warning)
 from sampler import PKSampler
 
 def get_args_parser(add_help=True):
@@ -200,6 +201,13 @@ def resolve_args(args):
     if not 0.0 <= args.val_fraction < 1.0:
         raise SystemExit(f"error: --val-fraction {args.val_fraction} must be at least 0 and below 1")
     args.batch_size = p * args.samples_per_label
+    if args.vit_patch_size is not None and (args.vit_patch_size < 1 or args.img_size % args.vit_patch_size):
+        raise SystemExit(f"error: --vit-patch-size {args.vit_patch_size} must be positive and divide "
+                         f"--img-size {args.img_size}")
+    if args.vit_stem == "conv" and args.vit_patch_size and (args.vit_patch_size < 2 or
+                                                            args.vit_patch_size & (args.vit_patch_size - 1)):
+        raise SystemExit(f"error: --vit-stem conv halves the image per layer: --vit-patch-size "
+                         f"{args.vit_patch_size} must be a power of two (e.g. 8 or 16)")
     if args.vit_stem == "conv" and args.pretrained and args.model in ("hybrid_convnext_vit", "vit"):
         raise SystemExit("error: --vit-stem conv has no pre-trained weights; train from scratch "
                          "(--no-pretrained) or keep the ViT's own stem (--vit-stem patch)")
@@ -464,6 +472,8 @@ def run(args, runtime):
         loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing",
                      "branch_loss_weight")
         trained_with = {"soft_margin": False, **checkpoint.get("args", {})}
+        if args.model != "hybrid_convnext_vit":  # the weight of heads that only the hybrid has
+            loss_args = loss_args[:-1]
         changed = [f"--{k.replace('_', '-')} {trained_with[k]} -> {getattr(args, k)}"
                    for k in loss_args if k in trained_with and trained_with[k] != getattr(args, k)]
         if changed:
@@ -482,7 +492,9 @@ def run(args, runtime):
                                          model.BRANCHES}).to(runtime.device)
     objective = ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
                               runtime.device, args.amp, branch_criteria, args.branch_loss_weight)
-    optimizer = build_optimizer(objective, args, runtime.device)
+    # A run saved before the grouping was recorded continues with its own groups.
+    grouping = PARAM_GROUPING if checkpoint is None else checkpoint.get("param_grouping", 1)
+    optimizer = build_optimizer(objective, args, runtime.device, grouping)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
@@ -576,7 +588,7 @@ def run(args, runtime):
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng_states": states, "args": vars(args),
             "best_metric": best_metric, "best_epoch": best_epoch, "selection": selection_key,
-            "split": split_digest, "bit_depth": train_set.bit_depth,
+            "split": split_digest, "bit_depth": train_set.bit_depth, "param_grouping": grouping,
             "metrics": record,
         }
         # The best file first: a kill between the two saves resumes from the previous epoch

@@ -382,14 +382,20 @@ def state_dict_of(checkpoint):
     return checkpoint
 
 
-def load_model_weights(model, state_dict, source):
-    """Strict load that names what does not fit. DDP ('module.') and torch.compile
-    ('_orig_mod.') prefixes of weights saved elsewhere are stripped."""
+def strip_wrapper_prefixes(state_dict):
+    """The state dict with DDP ('module.') and torch.compile ('_orig_mod.') prefixes removed."""
     cleaned = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             key = key.removeprefix(prefix)
         cleaned[key] = value
+    return cleaned
+
+
+def load_model_weights(model, state_dict, source):
+    """Strict load that names what does not fit. DDP ('module.') and torch.compile
+    ('_orig_mod.') prefixes of weights saved elsewhere are stripped."""
+    cleaned = strip_wrapper_prefixes(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(cleaned))
     unexpected = sorted(set(cleaned) - set(expected))

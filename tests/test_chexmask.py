@@ -198,7 +198,7 @@ def films(tmp_path_factory):
         preprocessed.append(chexmask_row(stem, organs["lungs"], organs["heart"], preprocessed=True))
     (root / "list.txt").write_text("\n".join(lines) + "\n")
     write_csv(root / "original.csv", original)
-    write_csv(root / "preprocessed.csv.gz", preprocessed, gz=True)
+    write_csv(root / "preprocessed.csv.gz", preprocessed, id_column="Image Index", gz=True)
     return root, source, [line.split()[1] for line in lines]
 
 
@@ -343,3 +343,17 @@ def test_to_png_command_line_errors_in_one_line(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "bad.csv line 2 (a), column 'Left Lung': odd count" in result.stderr
+
+
+def test_preprocessed_rows_of_collections_cropped_before_padding_are_refused(tmp_path):
+    """MIMIC-CXR-JPG (dicom_id) and PadChest (ImageID) were cropped before padding."""
+    lungs = np.zeros((20, 30), bool)
+    lungs[5:15, 3:12] = lungs[5:15, 18:27] = True
+    heart = np.zeros((20, 30), bool)
+    heart[8:16, 12:18] = True
+    row = chexmask_row("abc", lungs, heart, preprocessed=True)
+    for column, name in (("dicom_id", "MIMIC-CXR-JPG"), ("ImageID", "PadChest")):
+        rows = chexmask.read_rows([write_csv(tmp_path / f"{column}.csv", [row], id_column=column)],
+                                  [("abc.png", "abc.png")])
+        with pytest.raises(chexmask.ChexmaskError, match=f"{name}.*OriginalResolution"):
+            rows["abc.png"].masks((20, 30))

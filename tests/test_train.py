@@ -467,3 +467,31 @@ def test_position_embeddings_and_tokens_get_no_weight_decay(phantoms, tmp_path):
     assert decay_of[id(named["model.branch.backbone.pos_embed"])] == 0.0
     assert decay_of[id(named["model.branch.backbone.cls_token"])] == 0.0
     assert decay_of[id(named["model.branch.backbone.blocks.0.attn.qkv.weight"])] == args.weight_decay > 0
+
+
+def test_run_saved_before_the_token_decay_exemption_resumes(phantoms, tmp_path):
+    """Its optimiser state has the old parameter groups; the resume rebuilds them."""
+    train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
+    state = torch.load(ckpt(tmp_path / "a", "epoch_1"), weights_only=True)
+    args = tiny_args(phantoms, tmp_path / "x")
+    model = train.build_model(**train.model_config(args), pretrained=False)
+    criterion = train.build_criterion(args, 5)
+    branch = torch.nn.ModuleDict({b: train.build_criterion(args, 5) for b in model.BRANCHES})
+    objective = train.ModelWithLoss(model, criterion, torch.device("cpu"), "none", branch, 0.5)
+    old_optimizer = train.build_optimizer(objective, args, torch.device("cpu"), grouping=1)
+    assert len(old_optimizer.param_groups[0]["params"]) != len(state["optimizer"]["param_groups"][0]["params"])
+    state["optimizer"] = old_optimizer.state_dict()
+    del state["param_grouping"]
+    torch.save(state, tmp_path / "old.pth")
+    train.main(tiny_args(phantoms, tmp_path / "b", "--epochs", "2", "--resume", str(tmp_path / "old.pth")))
+    resumed = torch.load(ckpt(tmp_path / "b", "epoch_2"), weights_only=True)
+    assert resumed["param_grouping"] == 1  # the run keeps its groups to the end
+
+
+def test_vit_patch_size_mistakes_are_one_error_line(phantoms, tmp_path):
+    for flags, message in ((["--vit-patch-size", "12"], "divide --img-size"),
+                           (["--vit-patch-size", "0"], "must be positive"),
+                           (["--vit-stem", "conv", "--vit-patch-size", "24", "--img-size", "96"],
+                            "power of two")):
+        with pytest.raises(SystemExit, match=message):
+            tiny_args(phantoms, tmp_path, *flags)
