@@ -63,13 +63,15 @@ def embed_gallery(model, dataset, device, batch_size, workers):
 
 
 @torch.inference_mode()
-def branch_attribution(model, images, targets, branch_means):
+def branch_attribution(model, images, targets, branch_means, features=None):
     """Per image: the similarity to its target and how much of it each branch carries
     (model.branch_attribution: the drop when that branch's pooled features are replaced by
-    their gallery mean). None for single-backbone models."""
+    their gallery mean). None for single-backbone models. `features`: the images' pooled
+    branch features when the caller has them already."""
     if not branch_means or not utils.has_branches(model):
         return None
-    features, _ = model.branch_features(images)
+    if features is None:
+        features, _ = model.branch_features(images)
     out = {k: v.tolist() for k, v in model.branch_attribution(features, targets, branch_means).items()}
     return [{k: (None if v[i] != v[i] else v[i]) for k, v in out.items()}  # NaN share -> None
             for i in range(len(images))]
@@ -79,11 +81,12 @@ def fusion_weights(model, images, targets, branch_means=None):
     """{branch: (B,) shares} for the fused map of the hybrid, None for other models."""
     if not utils.has_branches(model):
         return None
-    if branch_means is None:
+    features = None
+    if branch_means is None:  # these images' own mean, from the one forward pass
         with torch.inference_mode():
             features, _ = model.branch_features(images)
             branch_means = {b: f.float().mean(0) for b, f in features.items()}
-    return _weights(branch_attribution(model, images, targets, branch_means))
+    return _weights(branch_attribution(model, images, targets, branch_means, features))
 
 
 def _weights(attribution):
