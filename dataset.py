@@ -237,6 +237,13 @@ class ImageListDataset(Dataset):
         self.source = source
         self.transform = transform
         self.bit_depth = scan_bit_depth(self.paths) if bit_depth == "auto" else bit_depth
+        self.cache = None  # an image_cache.ImageCache: see use_cache
+
+    def use_cache(self, cache):
+        """Read images through `cache` (an image_cache.ImageCache, or None for none); subsets
+        made afterwards share it."""
+        self.cache = cache
+        return self
 
     def __len__(self):
         return len(self.paths)
@@ -291,7 +298,10 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index):
         try:
-            image = load_image(self.paths[index], self.bit_depth)
+            if self.cache is not None:
+                image = self.cache.load(self.paths[index], self.bit_depth)
+            else:
+                image = load_image(self.paths[index], self.bit_depth)
         except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for bad files
             raise DatasetError(f"cannot read image {self.where(index)}: {error}. Replace the file "
                                "or remove it from the list (train.py --skip-bad-images drops "

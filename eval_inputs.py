@@ -16,6 +16,7 @@ sizes that cannot be met are left out with one line saying so; a size asked for 
 from collections import Counter
 from pathlib import Path
 
+import run_data
 import utils
 from images import BIT_DEPTHS
 from presets import LIST_FORMAT, setup_defaults
@@ -32,8 +33,7 @@ def _entry(value, source):
 def resolve_inputs(args, checkpoint):
     """{"dataset", "test_dataset_dir", "test_image_list", "bit_depth": {"value", "from"}}, each
     from "flag", "checkpoint" or "default". bit_depth's value is an int or "auto" (scan)."""
-    run = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    run = run if isinstance(run, dict) and run.get("dataset") in LIST_FORMAT else {}
+    run = run_data.recorded_run(checkpoint)
     inputs = {}
     if args.dataset is not None:
         inputs["dataset"] = _entry(args.dataset, "flag")

@@ -37,10 +37,12 @@ from torch.utils.data import DataLoader
 
 import chexmask
 import explain_figures
+import image_cache
 import localisation
 import masks as mask_sources
 import ontology as onto
 import regions
+import run_data
 import utils
 from dataset import ImageListDataset, build_transform, load_image
 from gradcam import METHODS, RetrievalGradCAM, default_layers
@@ -247,7 +249,7 @@ def build_context(args):
     utils.refuse_distributed("explain.py")
     device = utils.setup_runtime(args.device).device
     model, checkpoint, _ = utils.load_trained_model(args.resume, device)
-    run = checkpoint.get("args", {})
+    run = run_data.recorded_run(checkpoint)
     list_format = LIST_FORMAT[args.dataset or run.get("dataset", "covid")]
     gallery_list = args.gallery_image_list or run.get("train_image_list")
     gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
@@ -259,6 +261,7 @@ def build_context(args):
     bit_depth = utils.data_bit_depth(checkpoint)  # 16-bit files scaled as in training
     gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform,
                                bit_depth=bit_depth or "auto")
+    run_data.use_cache([gallery], args.cache_dir, checkpoint["model_config"]["img_size"])
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = utils.class_prototypes(embeddings, labels, len(classes))
     layers = default_layers(model, convnext_stage=args.convnext_stage)
@@ -490,6 +493,7 @@ def get_args_parser():
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    image_cache.add_argument(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 

@@ -38,7 +38,6 @@ writes the report (AUROC and FPR at 95% TPR per score and OOD set) and the fitte
 default beside the checkpoint as <checkpoint stem>_ood.pth, which test.py --ood loads.
 """
 import argparse
-import tempfile
 import os
 from pathlib import Path
 
@@ -47,6 +46,8 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
+import image_cache
+import run_data
 import utils
 from dataset import ImageListDataset, build_transform
 from metrics import rank_topk
@@ -222,6 +223,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--report", help="JSON report (default <checkpoint stem>_ood_report.json)")
     parser.add_argument("--save", help="detector file (default <checkpoint stem>_ood.pth)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
@@ -244,41 +246,12 @@ def ood_sets(args):
     return sets
 
 
-def relocate(train_args, dataset_dir):
-    """The run's arguments with every path under its --dataset-dir moved to `dataset_dir`
-    (the data was copied elsewhere since training)."""
-    old = train_args.get("dataset_dir")
-    if not (dataset_dir and old) or Path(dataset_dir) == Path(old):
-        return dict(train_args)
-    moved = dict(train_args, dataset_dir=str(dataset_dir))
-    for key in ("train_image_list", "test_image_list", "val_image_list", "val_dataset_dir"):
-        value = train_args.get(key)
-        if value and Path(value).is_relative_to(old):
-            moved[key] = str(Path(dataset_dir) / Path(value).relative_to(old))
-    return moved
-
-
-def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None):
-    """The checkpoint's own (training, validation or None) images, as train.py split them;
-    `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
-    import train  # the same split code as the training run
-
-    # Flags added since an older checkpoint was saved get their defaults; the run's bad images
-    # are dropped as in training, but their list goes to a scratch folder, not the run's.
-    run_args = argparse.Namespace(**{"bit_depth": "auto", "skip_bad_images": False, **train_args,
-                                     "dataset": dataset, "save_dir": tempfile.mkdtemp(prefix="ood_")})
-    if bit_depth:  # the depth training scaled by, not a new scan
-        run_args.bit_depth = str(bit_depth)
-    train_set, val_set, _ = train.build_datasets(run_args, runtime)
-    return train_set, val_set
-
-
 def main(args):
     utils.refuse_distributed("ood.py")
     runtime = utils.setup_runtime(args.device)
     model, checkpoint, fingerprint = utils.load_trained_model(args.resume, runtime.device)
     config, classes = checkpoint["model_config"], checkpoint["classes"]
-    train_args = relocate(checkpoint.get("args", {}), args.dataset_dir)
+    train_args = run_data.recorded_run(checkpoint, args.dataset_dir)
     dataset = args.dataset or train_args.get("dataset", "covid")
     root = Path(args.dataset_dir or train_args.get("dataset_dir") or setup_defaults(dataset)["dataset_dir"])
     list_format = LIST_FORMAT[dataset]
@@ -294,6 +267,7 @@ def main(args):
         if not isinstance(data, ImageListDataset):
             data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform,
                                     bit_depth=utils.data_bit_depth(checkpoint) or "auto")
+            run_data.use_cache([data], args.cache_dir, config["img_size"])
         data.transform = transform
         loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
         return utils.extract_embeddings(model, loader, runtime, amp)[0].cpu(), data.targets
@@ -303,7 +277,8 @@ def main(args):
         if not train_args:
             raise SystemExit(f"error: {args.resume} does not record its training run; give "
                              "--fit-image-list and --calib-image-list")
-        splits = training_splits(train_args, runtime, dataset, root, utils.data_bit_depth(checkpoint))
+        splits = run_data.training_splits(train_args, runtime, dataset, root, utils.data_bit_depth(checkpoint),
+                                          args.cache_dir)
     if args.fit_image_list:
         fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
     else:

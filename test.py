@@ -22,7 +22,10 @@ The model is rebuilt from the checkpoint; model flags are only needed for a bare
 patient are left out of its ranking (--keep-same-patient keeps them, as the seed did), and a
 patient or file shared with the gallery or the checkpoint's training lists is an error
 (--allow-patient-overlap). Writes a JSON report (--report, default next to the checkpoint), the
-per-query neighbours and pictures beside it, and the embeddings as .npz (--save-dir).
+per-query neighbours and pictures beside it, and the embeddings as .npz (--save-dir). Where
+ood.py saved a detector beside the checkpoint (<checkpoint stem>_ood.pth), every query is scored
+for being out of distribution, and the count is printed (--no-ood: not; --ood: the detector is
+required; see ood_guard.py).
 
 Majority votes at k = 1, 5, 10, 15 and 20 by default; on a small list the sizes above the
 neighbours a query has are left out (with a note), and --vote-ks chooses the sizes.
@@ -41,7 +44,9 @@ from torch.utils.data import DataLoader
 import compare_embeddings
 import eval_inputs
 import evaluation
-import ood
+import image_cache
+import ood_guard
+import run_data
 import splits
 import utils
 from dataset import ImageListDataset, build_transform
@@ -78,6 +83,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="data loading processes")
+    image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
     # Speed
     parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),
@@ -89,10 +95,13 @@ def get_args_parser(add_help=True):
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
     parser.add_argument("--save-dir", help="where the embeddings .npz goes (default: the checkpoint's folder)")
-    parser.add_argument("--ood", action="store_true",
-                        help="add per-query out-of-distribution scores and flags to the report "
-                        "(the detector that ood.py fitted for this checkpoint)")
-    parser.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
+    parser.add_argument("--ood", action=argparse.BooleanOptionalAction,
+                        help="per-query out-of-distribution scores and flags in the report and "
+                        "neighbours file, from the detector ood.py fitted for this checkpoint: on by "
+                        "default when it is there; --ood makes a missing or stale one an error, "
+                        "--no-ood turns it off")
+    parser.add_argument("--ood-detector", help="detector file, required when given (default "
+                        "<checkpoint stem>_ood.pth, used when it exists)")
     parser.add_argument("--save-embeddings", help="embeddings .npz path (default: <checkpoint stem>_<test "
                         "list stem>[_vs_<gallery list stem>]_embeddings.npz in --save-dir)")
     parser.add_argument("--neighbours", type=int, default=10,
@@ -200,8 +209,10 @@ def print_report(report):
                      f"accuracy of the answered {answered}")
         print(line)
     if "ood" in report:
-        shares = ", ".join(f"{name} {share:.1%}" for name, share in report["ood"]["flagged_share"].items())
-        print(f"\nout-of-distribution flags (thresholds at {report['ood']['tpr']:.0%} TPR): {shares}")
+        counts = ", ".join(f"{name} {count} of {report['num_queries']} ({report['ood']['flagged_share'][name]:.1%})"
+                           for name, count in report["ood"]["flagged_count"].items())
+        print(f"\nqueries out of distribution (thresholds at {report['ood']['tpr']:.0%} TPR of "
+              f"{report['ood']['detector']}): {counts}")
 
 
 def main(args):
@@ -221,8 +232,8 @@ def training_splits(checkpoint, log):
     """The checkpoint's training and validation lists as splits.Split, read without their images;
     lists that cannot be found here are skipped and returned as notes."""
     found, notes = [], []
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if not isinstance(args, dict) or args.get("dataset") not in LIST_FORMAT:
+    args = run_data.recorded_run(checkpoint)
+    if not args:
         return found, ["the checkpoint records no training lists (bare weights): not checked"]
     list_format = LIST_FORMAT[args["dataset"]]
     candidates = [("train", Path(args.get("dataset_dir") or ".") / "train", args.get("train_image_list"))]
@@ -295,10 +306,11 @@ def run(args, runtime):
     model = build_model(**config, pretrained=False)
     utils.load_model_weights(model, utils.state_dict_of(checkpoint), args.resume)
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    detector = None
-    if args.ood:  # before any embedding: a missing or stale detector is found at once
+    detector = detector_path = None
+    if args.ood is not False:  # before any embedding: a missing or stale detector is found at once
         fingerprint = utils.model_fingerprint(config, model.state_dict())
-        detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector)
+        detector, detector_path = ood_guard.choose(args.ood, args.resume, fingerprint, args.ood_detector,
+                                                   log=lambda line: utils.log(runtime, line))
 
     # Each data input from its flag, else the checkpoint's recorded run, else the defaults.
     inputs = eval_inputs.resolve_inputs(args, checkpoint)
@@ -319,6 +331,7 @@ def run(args, runtime):
         gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
                                        list_format, classes, transform,
                                        bit_depth=query_set.bit_depth or bit_depth)  # one depth for both
+    run_data.use_cache([query_set, gallery_set], args.cache_dir, config["img_size"])
 
     # ---------------------------------------------------------------- leakage, before embedding
     def log(message):
@@ -393,9 +406,10 @@ def run(args, runtime):
         scores = detector.scores(query_emb)
         flags = detector.flags(query_emb, scores)
         ood_scores = {name: np.asarray(value) for name, value in scores.items()}
-        report["ood"] = {"detector": str(args.ood_detector or ood.default_detector_path(args.resume)),
+        report["ood"] = {"detector": str(detector_path),
                          "tpr": detector.tpr,
                          "thresholds": detector.thresholds,
+                         "flagged_count": {name: int(flag.sum()) for name, flag in flags.items()},
                          "flagged_share": {name: float(flag.mean()) for name, flag in flags.items()},
                          "queries": [{"path": str(path), **{name: float(scores[name][i]) for name in scores},
                                       "flagged": {name: bool(flags[name][i]) for name in flags}}
@@ -415,6 +429,8 @@ def run(args, runtime):
         k = min(args.neighbours, per_query["top_indices"].shape[1])
         neighbours = neighbour_records(per_query, query_emb, query_emb if gallery_emb is None else gallery_emb,
                                        query_set, gallery_set or query_set, classes, args.vote_k, k)
+        for record, scored in zip(neighbours, report.get("ood", {}).get("queries", [])):
+            record["ood"] = {name: value for name, value in scored.items() if name != "path"}
         written["neighbours"] = report_path.with_name(report_path.stem + "_neighbours.json")
         utils.write_json(written["neighbours"], {"protocol": protocol, "k": k, "vote_k": args.vote_k,
                                                  "same_patient_excluded": not args.keep_same_patient,

@@ -31,15 +31,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import demo_data
 import faults
+import image_cache
 import splits
 import utils
-from dataset import ImageListDataset, build_transform, split_by_patient
 from loss import MININGS
 from metrics import evaluate_retrieval
 from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS, build_model, check_pretrained
-from presets import DATASETS, DEMO_DATA, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
+from presets import DATASETS, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
+from run_data import build_datasets
 from recipe import (PARAM_GROUPING, ModelWithLoss, build_criterion, build_optimizer, build_scheduler,
                     collapse_warning)
 from sampler import PKSampler
@@ -96,6 +96,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                         help="random horizontal flips (note: a flip moves the heart to the right)")
     parser.add_argument("--workers", type=int, help="data loading processes per rank")
+    image_cache.add_argument(parser)
     parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
                         help="bits of the data in 16-bit images (12 for most scanners); auto: the "
                         "smallest depth holding the brightest of (a sample of) the training images. "
@@ -244,36 +245,6 @@ def model_config(args):
 
 def checkpoint_name(args, tag):
     return f"{args.dataset}_{args.model}_embed_{args.embedding_dim}_seed_{args.seed}_{tag}_ckpt.pth"
-
-
-def build_datasets(args, runtime):
-    """(train, validation or None, test) datasets; validation from --val-image-list or a
-    patient-grouped --val-fraction of the training list."""
-    if args.dataset == "demo":
-        if runtime.is_main:
-            demo_data.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
-        utils.barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
-    root = Path(args.dataset_dir)
-    list_format = LIST_FORMAT[args.dataset]
-    train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
-    eval_transform = build_transform(args.img_size, False)
-    bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
-    train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
-                                 transform=train_transform, bit_depth=bit_depth)
-    classes = train_set.classes
-    bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
-    val_set = None
-    if args.val_image_list:
-        val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, list_format,
-                                   classes=classes, transform=eval_transform, bit_depth=bit_depth)
-    test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
-                                classes=classes, transform=eval_transform, bit_depth=bit_depth)
-    faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
-    if args.val_image_list is None and args.val_fraction > 0:
-        train_idx, val_idx = split_by_patient(train_set, args.val_fraction, args.seed)
-        val_set = train_set.subset(val_idx, eval_transform)
-        train_set = train_set.subset(train_idx, train_transform)
-    return train_set, val_set, test_set
 
 
 def train_step(objective, optimizer, scheduler, scaler, images, labels, args,

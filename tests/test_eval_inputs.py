@@ -5,6 +5,7 @@ import json
 import pytest
 
 import eval_inputs
+import run_data
 import train
 from utils import UserError
 
@@ -70,7 +71,7 @@ def demo_run(tmp_path_factory):
     """A tiny `train.py --dataset demo` run in a temporary folder (a small phantom set)."""
     root = tmp_path_factory.mktemp("demo_run")
     patch = pytest.MonkeyPatch()
-    patch.setattr(train, "DEMO_DATA", dict(train_per_class=6, test_per_class=4, size=64, seed=0))
+    patch.setattr(run_data, "DEMO_DATA", dict(train_per_class=6, test_per_class=4, size=64, seed=0))
     try:
         train.main(train.parse_args([
             "--dataset", "demo", "--dataset-dir", str(root / "demo"), "--save-dir", str(root / "run"),

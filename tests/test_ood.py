@@ -10,6 +10,7 @@ from sklearn.covariance import LedoitWolf
 
 import ood
 import ood_probes
+import run_data
 import train
 from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
@@ -155,8 +156,8 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
 def test_relocate_moves_the_runs_lists_with_its_dataset_dir():
     run = {"dataset_dir": "old/data", "train_image_list": "old/data/train_split.txt",
            "test_image_list": "lists/test.txt", "val_image_list": None, "val_dataset_dir": "old/data/train"}
-    moved = ood.relocate(run, "new/place")
+    moved = run_data.relocate(run, "new/place")
     assert moved["train_image_list"] == str(Path("new/place/train_split.txt"))
     assert moved["val_dataset_dir"] == str(Path("new/place/train"))
     assert moved["test_image_list"] == "lists/test.txt"  # a list given on its own stays
-    assert ood.relocate(run, None) == run and ood.relocate(run, "old/data/") == run
+    assert run_data.relocate(run, None) == run and run_data.relocate(run, "old/data/") == run

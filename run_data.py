@@ -1,0 +1,99 @@
+"""A run's data sets, built one way for every program.
+
+train.py builds its training, validation and test sets from its flags with build_datasets;
+test.py, ood.py and explain.py rebuild them from the arguments a checkpoint records
+(recorded_run, training_splits), so the validation split ood.py calibrates on is the one
+training held out, image for image, and a checkpoint alone says where its data lies.
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+import demo_data
+import faults
+import utils
+from dataset import ImageListDataset, build_transform, split_by_patient
+from image_cache import ImageCache
+from presets import DEMO_DATA, LIST_FORMAT
+
+
+def build_datasets(args, runtime):
+    """(train, validation or None, test) datasets; validation from --val-image-list or a
+    patient-grouped --val-fraction of the training list. With --cache-dir every split reads
+    through the pre-resized image cache (image_cache.py)."""
+    if args.dataset == "demo":
+        if runtime.is_main:
+            demo_data.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
+        utils.barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
+    root = Path(args.dataset_dir)
+    list_format = LIST_FORMAT[args.dataset]
+    train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
+    eval_transform = build_transform(args.img_size, False)
+    bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
+    train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
+                                 transform=train_transform, bit_depth=bit_depth)
+    classes = train_set.classes
+    bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
+    val_set = None
+    if args.val_image_list:
+        val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, list_format,
+                                   classes=classes, transform=eval_transform, bit_depth=bit_depth)
+    test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
+                                classes=classes, transform=eval_transform, bit_depth=bit_depth)
+    faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
+    use_cache([train_set, val_set, test_set], getattr(args, "cache_dir", None), args.img_size)
+    if args.val_image_list is None and args.val_fraction > 0:
+        train_idx, val_idx = split_by_patient(train_set, args.val_fraction, args.seed)
+        val_set = train_set.subset(val_idx, eval_transform)
+        train_set = train_set.subset(train_idx, train_transform)
+    return train_set, val_set, test_set
+
+
+def use_cache(datasets, cache_dir, img_size):
+    """Every dataset of `datasets` (None entries skipped) reads through one ImageCache in
+    cache_dir (nothing happens without one)."""
+    if not cache_dir:
+        return None
+    cache = ImageCache(cache_dir, img_size)
+    for dataset in datasets:
+        if dataset is not None:
+            dataset.use_cache(cache)
+    return cache
+
+
+def recorded_run(checkpoint, dataset_dir=None):
+    """The training run's arguments a checkpoint records ({} when it records none), with every
+    path under its --dataset-dir moved to `dataset_dir` when the data was copied elsewhere."""
+    run = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(run, dict) or run.get("dataset") not in LIST_FORMAT:
+        return {}
+    return relocate(run, dataset_dir)
+
+
+def relocate(train_args, dataset_dir):
+    """The run's arguments with every path under its --dataset-dir moved to `dataset_dir`
+    (the data was copied elsewhere since training)."""
+    old = train_args.get("dataset_dir")
+    if not (dataset_dir and old) or Path(dataset_dir) == Path(old):
+        return dict(train_args)
+    moved = dict(train_args, dataset_dir=str(dataset_dir))
+    for key in ("train_image_list", "test_image_list", "val_image_list", "val_dataset_dir"):
+        value = train_args.get(key)
+        if value and Path(value).is_relative_to(old):
+            moved[key] = str(Path(dataset_dir) / Path(value).relative_to(old))
+    return moved
+
+
+def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None, cache_dir=None):
+    """The checkpoint's own (training, validation or None) images, as train.py split them;
+    `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
+    # Flags added since an older checkpoint was saved get their defaults; the run's bad images
+    # are dropped as in training, but their list goes to a scratch folder, not the run's.
+    run_args = argparse.Namespace(**{"bit_depth": "auto", "skip_bad_images": False, **train_args,
+                                     "dataset": dataset, "dataset_dir": str(dataset_dir),
+                                     "cache_dir": cache_dir,
+                                     "save_dir": tempfile.mkdtemp(prefix="run_data_")})
+    if bit_depth:  # the depth training scaled by, not a new scan
+        run_args.bit_depth = str(bit_depth)
+    train_set, val_set, _ = build_datasets(run_args, runtime)
+    return train_set, val_set
