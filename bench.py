@@ -5,6 +5,7 @@
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
     python bench.py search [--search-n 1000000]                  # retrieve.search vs matmul + topk, memory
+    python bench.py search --ivf 16384 --search-n 10000000       # faiss IVF vs exact: recall@10, time, memory
     python bench.py all                                          # all five in turn
 
     quick look:  python bench.py metrics --sizes 2000 --big 0 --no-write
@@ -32,7 +33,6 @@ import os
 import platform
 import resource
 import shlex
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -43,17 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-import demo_data
 import metrics
-import presets
 import train
 import utils
-from dataset import ImageListDataset, build_transform
 from model import build_model
-from sampler import PKSampler
 
 SUITES = ("metrics", "embed", "train", "data", "search")
 DEFAULT_STEPS = {"embed": 10, "train": 10, "data": 40, "search": 3}
@@ -90,6 +85,7 @@ date and the effective command. Numbers from a shared or busy machine say so in 
     python bench.py embed --device cuda --full    # embedding extraction
     python bench.py data --workers 0,2,8          # loader images/s vs the training step rate
     python bench.py search                        # retrieve.search: 1,000,000 x 256 float16, 100 queries
+    python bench.py search --ivf 16384 --search-n 10000000  # faiss IVF vs exact, recall@10 per nprobe
     python bench.py all --device cuda --full      # everything; add --compile for torch.compile rows
 
 Columns
@@ -124,6 +120,9 @@ Columns
   `DataLoader` with PK batches, measured alone, against the training step rate of train.py's default
   flags on the same device. The images are in the page cache (no disk reads). On a machine with few
   cores the loader and the training step share them, so there a ratio near 1 is already a bottleneck.
+  **read**: decode = the full-size file every time; cache = `--cache-dir`'s pre-resized copy
+  (image_cache.py), filled by one untimed pass first; **per worker**: img/s / workers (worker 0 =
+  the main process); **vs decode**: cached / decoded at the same worker count (bench_data.py).
 - **search**: seconds of the fastest of `--steps` top-10 searches in the case's process, **cpu s** its
   process CPU time (all threads); plain = one float32 matmul + `torch.topk` per chunk (the floor, no
   tie rule); previous = the full-stable-sort search retrieve.py had before; extra = the case's peak
@@ -201,6 +200,8 @@ def command_line(args, suite):
     if suite == "search":
         argv += ["--search-n", str(args.search_n), "--search-dim", str(args.search_dim),
                  "--search-queries", str(args.search_queries), "--steps", str(steps_for(args, suite))]
+        if args.ivf:
+            argv += ["--ivf", str(args.ivf), "--ivf-nprobe", ",".join(map(str, args.ivf_nprobe))]
         return shlex.join(argv)
     argv += ["--full"] if args.full else []
     argv += ["--compile"] if args.compile and suite != "data" else []
@@ -721,64 +722,9 @@ def run_train(args):
 # --------------------------------------------------------------------------------------------
 # data: the input pipeline against the training step rate
 # --------------------------------------------------------------------------------------------
-def loader_rate(dataset, args, workers, batches, warmup, pin_memory):
-    """Images/s of PK batches through a DataLoader built as train.py builds it."""
-    sampler = PKSampler(dataset.targets.tolist(), args.labels_per_batch, args.samples_per_label,
-                        batches_per_epoch=warmup + batches, seed=0)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
-    iterator = iter(loader)
-    # Untimed: worker start-up, and with at least one batch per worker every worker is busy
-    # when the clock starts, so batches already in flight do not inflate the rate much.
-    for _ in range(warmup):
-        next(iterator)
-    start, images = time.perf_counter(), 0
-    for batch, _ in iterator:
-        images += len(batch)
-    return images / (time.perf_counter() - start)
-
-
 def run_data(args):
-    device = torch.device(args.device)
-    argv, batches = train_argv(args), steps_for(args, "data")
-    config = train.parse_args(argv)
-    workers = args.workers or [config.workers]
-    transform = build_transform(config.img_size, True, config.rand_resize, config.hflip)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.dataset_dir:
-            root = Path(args.dataset_dir)
-            image_list = Path(args.image_list) if args.image_list else root / "train_split.txt"
-            source = f"{root / 'train'} listed in {image_list}"
-        else:
-            size = args.phantom_size or (1024 if args.full else presets.DEMO_DATA["size"])
-            per_class = config.samples_per_label  # one batch's worth per label; reused across batches
-            root = demo_data.write_demo_dataset(Path(tmp) / "phantoms", train_per_class=per_class,
-                                                test_per_class=0, size=size)
-            image_list = root / "train_split.txt"
-            source = f"{per_class * len(demo_data.CLASSES)} phantom PNGs of {size} px"
-        dataset = ImageListDataset(root / "train", image_list, "covidx", transform=transform)
-        rates = {w: loader_rate(dataset, config, w, batches, max(args.warmup, w), device.type == "cuda")
-                 for w in workers}
-    # The step users get from train.py's default flags on this device.
-    default = frozenset({"fused"} | ({"bf16"} if config.amp == "bf16" else set())
-                        | ({"channels_last"} if config.channels_last else set()))
-    step = isolated(args.threads, train_case, argv, default, steps_for(args, "train"), args.warmup)
-    step_rate = step.get("images_per_s")
-    table = []
-    for w, rate in rates.items():
-        ratio = rate / step_rate if step_rate else None
-        verdict = "n/a" if ratio is None else ("keeps up" if ratio >= 1.0 else "BOTTLENECK")
-        table.append([w, f"{rate:.1f}", fmt(step_rate), times(ratio), verdict])
-    header = ["workers", "loader img/s", "train step img/s", "loader / step", "loading"]
-    notes = [f"data: {source}; transform: train.py's (resize to {config.img_size} x {config.img_size}"
-             f"{', flip' if config.hflip else ''}); P x K = {config.labels_per_batch} x "
-             f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers)",
-             f"train step: {config_note(config)}, train.py's default flags on {args.device} "
-             f"({variant_label(default)})" + (f"; failed: {step['error']}" if "error" in step else "")]
-    model = "paper" if args.full else "demo"
-    report(args, "data", f"data: input pipeline vs training step ({args.device}, {model} config)",
-           markdown_table(header, table), notes)
-    return [{"workers": w, "images_per_s": rate, "train_images_per_s": step_rate}
-            for w, rate in rates.items()]
+    import bench_data  # imports this module: loaded on use, not at start-up
+    return bench_data.run_data(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -836,6 +782,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--search-n", type=int, default=1_000_000, help="gallery size of the search suite")
     parser.add_argument("--search-dim", type=int, default=256, help="embedding dimension of the search suite")
     parser.add_argument("--search-queries", type=int, default=100, help="queries of the search suite")
+    parser.add_argument("--ivf", type=int, metavar="NLIST",
+                        help="search suite: measure the approximate faiss IVF index with NLIST lists "
+                        "against the exact search instead (CPU, needs faiss; bench_search.run_ivf)")
+    parser.add_argument("--ivf-nprobe", type=int_list, default=[1, 4, 16, 64, 128, 256],
+                        help="with --ivf: the nprobe values measured, comma separated")
     return parser
 
 

@@ -21,6 +21,7 @@ and `..._best_ckpt.pth` (best validation mAP).
 """
 import argparse
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import export
 import faults
 import image_cache
 import splits
@@ -38,7 +40,7 @@ import utils
 from loss import MININGS
 from metrics import evaluate_retrieval
 from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS, build_model, check_pretrained
-from presets import DATASETS, LIST_FORMAT, RECIPES, document_defaults, setup_defaults
+from presets import DATASETS, RECIPES, document_defaults, setup_defaults
 from run_data import build_datasets
 from recipe import (PARAM_GROUPING, ModelWithLoss, build_criterion, build_optimizer, build_scheduler,
                     collapse_warning)
@@ -351,6 +353,7 @@ def prune_checkpoints(save_dir, args, epoch):
     ours = sorted((p for p in save_dir.glob(checkpoint_name(args, "epoch_*")) if epoch_of(p) <= epoch),
                   key=epoch_of)
     for old in ours[: -args.keep_checkpoints]:
+        export.detach_best(save_dir / checkpoint_name(args, "best"), old)
         old.unlink()
 
 
@@ -373,6 +376,12 @@ def run(args, runtime):
     if runtime.is_main:
         faults.check_save_dir(save_dir)  # an unwritable folder fails now, not after an epoch
     checkpoint = faults.resolve_resume(args, checkpoint_name(args, "epoch_*"), runtime)
+    warm_start = None
+    if export.is_weights_only(checkpoint):  # a best or exported file: the weights, no training state
+        warm_start, checkpoint = checkpoint, None
+        utils.log(runtime, f"warm start: --resume {args.resume} holds weights only (no optimiser, "
+                           "schedule or epoch); this is a new run from epoch 1 starting from those "
+                           "weights. To continue a run, resume from an epoch checkpoint")
     if checkpoint is not None:
         for key in ("model", "optimizer", "scheduler", "epoch", "model_config"):
             if key not in checkpoint:
@@ -381,12 +390,13 @@ def run(args, runtime):
     elif runtime.is_main and metrics_log.exists() and not args.overwrite:
         raise SystemExit(f"error: {save_dir} already holds a run ({metrics_log}); continue it with "
                          "--resume <checkpoint>, choose another --save-dir, or pass --overwrite")
-    if args.pretrained and checkpoint is None:  # every missing weights file named before the data is read
+    if args.pretrained and checkpoint is None and warm_start is None:
+        # Every missing weights file named before the data is read.
         check_pretrained(args.model, args.convnext_name, args.vit_name, args.weights_dir,
                          args.convnext_weights, args.vit_weights)
     if runtime.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and not args.resume and metrics_log.exists():
+        if args.overwrite and checkpoint is None and metrics_log.exists():
             metrics_log.unlink()
         if checkpoint is not None:  # one line per epoch up to the checkpoint's, whatever a kill left
             faults.trim_metrics(metrics_log, checkpoint["epoch"], checkpoint.get("metrics"))
@@ -451,7 +461,7 @@ def run(args, runtime):
             raise SystemExit(f"error: --resume {args.resume} was trained with another loss ("
                              f"{', '.join(changed)}); give the checkpoint's values, or start a new "
                              "run in another --save-dir")
-    model = build_model(**config, pretrained=args.pretrained and checkpoint is None,
+    model = build_model(**config, pretrained=args.pretrained and checkpoint is None and warm_start is None,
                         weights_dir=args.weights_dir, convnext_weights=args.convnext_weights,
                         vit_weights=args.vit_weights, grad_checkpointing=args.grad_checkpointing)
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -509,6 +519,14 @@ def run(args, runtime):
                                f"validation images; this run selects by {selection_key} from epoch "
                                f"{start_epoch} on")
         utils.log(runtime, f"resumed from {args.resume} (epoch {checkpoint['epoch']})")
+        best_file = save_dir / checkpoint_name(args, "best")
+        resumed_file = Path(args.resume)
+        if (runtime.is_main and best_epoch == checkpoint["epoch"]
+                and resumed_file.parent.resolve() == save_dir.resolve()
+                and not (best_file.exists() and os.path.samefile(best_file, resumed_file))):
+            export.link_best(resumed_file, best_file, checkpoint)  # a kill came before the link
+    elif warm_start is not None:
+        utils.load_model_weights(raw_model, warm_start["model"], args.resume)
     if runtime.distributed:
         objective = DistributedDataParallel(
             objective, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
@@ -562,11 +580,10 @@ def run(args, runtime):
             "split": split_digest, "bit_depth": train_set.bit_depth, "param_grouping": grouping,
             "metrics": record,
         }
-        # The best file first: a kill between the two saves resumes from the previous epoch
-        # and writes this same best again, so the best file never lags its epoch checkpoint.
-        if is_best:
-            utils.save_checkpoint(state, save_dir / checkpoint_name(args, "best"))
-        utils.save_checkpoint(state, save_dir / checkpoint_name(args, f"epoch_{epoch}"))
+        epoch_file = save_dir / checkpoint_name(args, f"epoch_{epoch}")
+        utils.save_checkpoint(state, epoch_file)
+        if is_best:  # a kill before this link is repaired on resume (see run's resume block)
+            export.link_best(epoch_file, save_dir / checkpoint_name(args, "best"), state)
         prune_checkpoints(save_dir, args, epoch)
     utils.log(runtime, f"done; best {select_split} mAP {best_metric:.2f} at epoch {best_epoch} "
                        f"({checkpoint_name(args, 'best')}); checkpoints in {save_dir}")

@@ -303,6 +303,9 @@ def load_checkpoint(path, flag="--resume"):
     if path.stat().st_size == 0:
         raise UserError(f"{flag} {path}: the file is empty (0 bytes), cut off before anything "
                         f"was written (a full disk or an interrupted copy); {advice}")
+    if path.suffix == ".safetensors":  # weights exported by export.py
+        from export import load_safetensors
+        return load_safetensors(path, flag)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
