@@ -393,6 +393,7 @@ def get_args_parser():
                      f"{', '.join(ID_COLUMNS)} that the CSV has)")
     png.add_argument("--min-mask-dice", type=float, default=DEFAULT_MIN_DICE,
                      help=f"leave out rows whose {DICE_MEAN} is below this (0: keep all)")
+    utils.add_debug_flag(parser)
     return parser
 
 

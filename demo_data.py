@@ -701,7 +701,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sixteen-bit", action="store_true", help="16-bit PNGs holding 12-bit values 0..4095")
     parser.add_argument("--preview", type=Path, default=None, help="also save a grid picture of samples per class")
-    return parser
+    import utils  # here: the generator itself needs only numpy and Pillow, not torch
+    return utils.add_debug_flag(parser)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -718,5 +719,17 @@ def main(args: argparse.Namespace) -> None:
         print(f"Saved preview grid to {args.preview}")
 
 
+def cli():
+    """main, with a folder that holds files or a negative count as the user's error."""
+    import utils
+
+    try:
+        main(get_args_parser().parse_args())
+    except (FileExistsError, ValueError) as error:
+        raise utils.UserError(str(error)) from error
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import utils
+
+    utils.run_cli(cli)

@@ -495,6 +495,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    utils.add_debug_flag(parser)
     return parser
 
 

@@ -125,8 +125,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Write a checkpoint's weights as safetensors + JSON")
     parser.add_argument("checkpoint", help="a train.py checkpoint (.pth)")
     parser.add_argument("--out", help="output file (default: the checkpoint's name with .safetensors)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
-    return parser
+    return utils.add_debug_flag(parser)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,7 @@ def get_args_parser(add_help=True):
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    utils.add_debug_flag(parser)
     return parser
 
 

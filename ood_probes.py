@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 import demo_data
+import utils
 from presets import DEMO_DATA
 
 SETS = ("noise", "textures", "shapes", "photos", "inverted", "rotated", "blurred", "lateral", "mass")
@@ -152,10 +153,10 @@ def main():
     parser.add_argument("--size", type=int, default=DEMO_DATA["size"], help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    args = parser.parse_args()
+    args = utils.add_debug_flag(parser).parse_args()
     lists = write_probes(args.out, args.per_set, args.size, args.seed, args.sets)
     print(f"wrote {len(lists)} probe sets of {args.per_set} images to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main)

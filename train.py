@@ -172,6 +172,7 @@ def get_args_parser(add_help=True):
                         "metrics.jsonl) instead of stopping the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
+    utils.add_debug_flag(parser)
     return parser
 
 
@@ -421,9 +422,12 @@ def run(args, runtime):
     if val_set is None:
         utils.log(runtime, "warning: no validation data (--val-fraction 0): the best checkpoint is "
                            "chosen on the test list, as the seed did; its test numbers are optimistic")
-    sampler = PKSampler(train_set.targets.tolist(), args.labels_per_batch, args.samples_per_label,
-                        args.batches_per_epoch, args.seed, runtime.rank, runtime.world_size,
-                        label_names=classes)
+    try:
+        sampler = PKSampler(train_set.targets.tolist(), args.labels_per_batch, args.samples_per_label,
+                            args.batches_per_epoch, args.seed, runtime.rank, runtime.world_size,
+                            label_names=classes)
+    except ValueError as error:  # P larger than the classes, P or K below 1: the user's flags
+        raise utils.UserError(str(error)) from error
     # Workers are not persistent: a new loader iterator each epoch draws its worker seeds from
     # the restored RNG, so a resumed run augments exactly as the uninterrupted one.
     loader_kwargs = dict(num_workers=args.workers, pin_memory=runtime.device.type == "cuda")

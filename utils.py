@@ -478,5 +478,13 @@ def run_cli(main, *args):
         sys.exit(1)
 
 
+def add_debug_flag(parser):
+    """--debug in a program's --help; run_cli acts on it (and removes it) before parsing."""
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one 'error:' line "
+                        "(or set HYBRID_DEBUG=1)")
+    return parser
+
+
 def print_args(args, runtime):
     log(runtime, "arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
