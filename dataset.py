@@ -169,8 +169,14 @@ def build_transform(img_size, train, rand_resize=False, hflip=True):
                                                   interpolation=bicubic))
     if train and hflip:
         steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.ToTensor(), three_channels, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
+
+
+def three_channels(tensor):
+    """A one-channel image (the image cache's grey radiographs) as the three equal channels the
+    backbones take; a three-channel tensor as it is."""
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
 # --------------------------------------------------------------------------------------------

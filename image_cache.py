@@ -1,13 +1,13 @@
 """A pre-resized image cache: decode each radiograph once, read a small copy afterwards.
 
     cache = ImageCache("cache/", img_size=384)       # train.py / test.py / ... --cache-dir cache/
-    image = cache.load("data/train/a.png", bit_depth=12)   # 8-bit RGB PIL image, longer side <= 432
+    image = cache.load("data/train/a.png", bit_depth=12)   # 8-bit PIL image ("L" when grey), longer side <= 432
 
 Decoding and resizing a 1024 px radiograph costs 10-20 ms per core, every epoch; the training
 transform then throws most of those pixels away. The cache stores each image once, after
 images.load_image (so bit depth, DICOM windowing and inversion are exactly today's) and a
-shrink to a longer side of `SCALE` x img_size (aspect kept, never enlarged), as a .npy file that
-np.load memory-maps. The transform (resize to img_size, random crop, flip) then runs on that small
+shrink to a longer side of `SCALE` x img_size (aspect kept, never enlarged), as a .npy file (memory-
+mappable; read whole, it is small). The transform (resize to img_size, random crop, flip) then runs on that small
 copy: the same pixels as the uncached pipeline up to one extra bicubic resampling
 (tests/test_image_cache.py bounds the difference).
 
@@ -81,17 +81,17 @@ class ImageCache:
         return self.folder / key[:2] / f"{key}.npy"  # 256 sub-folders: no folder of 100,000 files
 
     def load(self, path, bit_depth=None):
-        """The image as images.load_image(path, bit_depth) returns it, shrunk to the cache size."""
+        """The image as images.load_image(path, bit_depth) returns it, shrunk to the cache size;
+        one channel ("L") when its three channels are equal."""
         file = self.entry(self.key(path, bit_depth))
         try:
-            return _to_image(np.array(np.load(file, mmap_mode="r")))
+            return _to_image(np.load(file))
         except FileNotFoundError:
             pass
         except (ValueError, OSError, EOFError):  # cut off by a crash after the rename: rebuild
             pass
         image = shrink(load_image(path, bit_depth), self.side)
-        self._write(file, image)
-        return image
+        return _to_image(self._write(file, image))
 
     def _write(self, file, image):
         array = np.asarray(image)
@@ -109,6 +109,7 @@ class ImageCache:
         finally:
             if tmp.exists():
                 tmp.unlink()
+        return array
 
     def _remove_stale_temporaries(self):
         """Temporary files a killed run left (recent ones may be another rank's, still writing)."""
@@ -127,8 +128,10 @@ class ImageCache:
 
 
 def _to_image(array):
-    image = Image.fromarray(array)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
-    return image.convert("RGB") if image.mode != "RGB" else image
+    """uint8 (H, W) -> an "L" image, (H, W, 3) -> "RGB". A grey radiograph stays one channel:
+    resizing one channel instead of three identical ones is most of the cache's speed-up, and
+    dataset.build_transform makes the tensor three channels after the resize."""
+    return Image.fromarray(array)
 
 
 def add_argument(parser):

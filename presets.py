@@ -54,8 +54,22 @@ RECIPES = {
 }
 
 
-def setup_defaults(dataset):
-    return DEMO_DEFAULTS if dataset == "demo" else PAPER_DEFAULTS
+# --setup small on any data: the demo's backbones, size and training length (from scratch, for
+# a CPU), the data paths of the data set; P = 2 so that two classes make a batch.
+SETUPS = ("paper", "small")
+DATA_KEYS = ("dataset_dir", "train_image_list", "test_image_list", "save_dir")
+SMALL_DEFAULTS = {**{k: v for k, v in DEMO_DEFAULTS.items() if k not in DATA_KEYS},
+                  "labels_per_batch": 2,
+                  **{k: PAPER_DEFAULTS[k] for k in DATA_KEYS}}
+
+
+def setup_defaults(dataset, setup=None):
+    """The defaults of `setup` ("paper" or "small"; None: small for the demo, else paper)."""
+    if dataset == "demo" and setup in (None, "small"):
+        return DEMO_DEFAULTS
+    if setup == "small":
+        return SMALL_DEFAULTS
+    return PAPER_DEFAULTS if dataset != "demo" else {**PAPER_DEFAULTS, **{k: DEMO_DEFAULTS[k] for k in DATA_KEYS}}
 
 
 def document_defaults(parser):
