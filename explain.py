@@ -192,6 +192,7 @@ def explain_batch(ctx, paths, labels=None, masks=None):
                       enumerate(torch.bincount(ctx["gallery_labels"][neighbours[i]], minlength=len(ctx["classes"])).tolist()) if n},
             "peak_xy": stats["peak_xy"], "top_zone": stats["top_zone"], "ctr": stats["ctr"],
             "rules_fired": reasoning["rules_fired"], "contradicting": reasoning["contradicting"],
+            "rules_not_evaluated": sorted(reasoning["not_evaluated"]),
             "target": ctx["target"], "target_similarity": float(maps["similarity"][i]),
             "neighbours": [{"path": ctx["gallery_paths"][j], "label": ctx["classes"][int(ctx["gallery_labels"][j])],
                             "similarity": float(s)} for s, j in zip(scores[i].tolist(), neighbours[i].tolist())],
@@ -225,6 +226,8 @@ def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=Non
                                              prior, zones_from))
     labels = sorted({r["label"] for r in records if r["label"] is not None})
     rules = sorted({rule for r in records for rule in r["rules_fired"]})
+    # Rules that could not run for want of masks: a firing rate of 0 would otherwise read as "absent".
+    out["images_with_rules_not_evaluated"] = sum(bool(r.get("rules_not_evaluated")) for r in records)
     out["rules_fired_rate_by_label"] = {
         label: {rule: float(np.mean([rule in r["rules_fired"] for r in records if r["label"] == label]))
                 for rule in rules} for label in labels}

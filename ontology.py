@@ -116,9 +116,13 @@ def _holds(condition, stats):
 def reason(ontology, stats, predicted=None):
     """The rules that fire on `stats`, which support or contradict `predicted`, and sentences."""
     fired, supporting, contradicting, cautions, sentences = [], [], [], [], []
+    not_evaluated = {}  # rule id -> the statistics it needs that this image lacks (no mask)
     for rule in ontology["rules"]:
         results = [_holds(condition, stats) for condition in rule["when"]]
-        if None in results or not all(results):
+        if None in results:
+            not_evaluated[rule["id"]] = sorted({c["stat"] for c, r in zip(rule["when"], results) if r is None})
+            continue
+        if not all(results):
             continue
         values = {c["stat"]: stats[c["stat"]] for c in rule["when"]}
         limits = {f"{c['stat']}_limit": c["value"] for c in rule["when"]}
@@ -139,9 +143,13 @@ def reason(ontology, stats, predicted=None):
         if supporting:
             names = ", ".join(ontology["signs"][r["sign"]] for r in ontology["rules"] if r["id"] in supporting)
             summary += f", supported by: {names}."
+        elif not_evaluated:
+            summary += (f"; no sign supports it among the rules that could run ({len(not_evaluated)} of "
+                        f"{len(ontology['rules'])} rules could not run: without lung and heart masks "
+                        f"there is no {', '.join(sorted({s for need in not_evaluated.values() for s in need}))}).")
         else:
             summary += "; no sign in the ontology supports it on this image."
         sentences.insert(0, summary)
     return {"predicted": predicted, "rules_fired": [r["id"] for r in fired], "fired": fired,
             "supporting": supporting, "contradicting": contradicting, "cautions": cautions,
-            "sentences": sentences}
+            "not_evaluated": not_evaluated, "sentences": sentences}

@@ -174,6 +174,11 @@ def test_reasoning_supports_contradicts_and_absent_statistics():
     assert "0.62" in " ".join(agrees["sentences"]) and "above 0.53" in " ".join(agrees["sentences"])
     no_masks = onto.reason(ontology, {k: None for k in base_stats()}, predicted="pneumonia")
     assert no_masks["rules_fired"] == [] and "no sign" in no_masks["sentences"][0]
+    # It says that the rules could not run, and which statistics were missing, not only "no sign".
+    assert len(no_masks["not_evaluated"]) == len(ontology["rules"])
+    assert f"{len(ontology['rules'])} of {len(ontology['rules'])} rules could not run" in no_masks["sentences"][0]
+    assert "ctr" in no_masks["sentences"][0]
+    assert agrees["not_evaluated"] == {}
 
 
 @pytest.mark.parametrize("breakage, named", [
