@@ -96,16 +96,46 @@ def read_csv_list(list_file):
     return entries
 
 
+PATIENTS_FILE = "patients.csv"
+
+
 def scan_folder(image_root):
-    """[(relative path, label, 0, relative path)] for `<image_root>/<label>/<image>`; every
-    image is its own patient."""
+    """[(relative path, label, 0, patient)] for `<image_root>/<label>/<image>`. The patient of
+    each image comes from a `patients.csv` (columns `filename`, `patient_id`) in image_root
+    (file names relative to it, e.g. normal/a.png) or in its parent folder (relative to that,
+    e.g. train/normal/a.png, one file for both splits); an image it does not name is its own
+    patient."""
+    image_root = Path(image_root)
+    patients = {}
+    for folder, prefix in ((image_root.parent, Path(image_root.name)), (image_root, Path())):
+        if (folder / PATIENTS_FILE).is_file():
+            for filename, patient in read_patients(folder / PATIENTS_FILE).items():
+                if Path(filename).parts[:len(prefix.parts)] == prefix.parts:
+                    patients[str(Path(filename).relative_to(prefix))] = patient
     entries = []
-    for class_dir in sorted(p for p in Path(image_root).iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in image_root.iterdir() if p.is_dir()):
         for image in sorted(class_dir.rglob("*")):
             if image.suffix.lower() in IMAGE_SUFFIXES:
                 relative = str(image.relative_to(image_root))
-                entries.append((relative, class_dir.name, 0, relative))
+                entries.append((relative, class_dir.name, 0, patients.get(relative, relative)))
     return entries
+
+
+def read_patients(csv_file):
+    """{file name: patient id} from a CSV file with `filename` and `patient_id` columns."""
+    with open(csv_file, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"filename", "patient_id"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{csv_file}:1: the patients file needs columns 'filename' and "
+                               f"'patient_id' (missing: {', '.join(sorted(missing))}; found: {reader.fieldnames})")
+        patients = {}
+        for row in reader:
+            filename, patient = (row["filename"] or "").strip(), (row["patient_id"] or "").strip()
+            if not filename or not patient:
+                raise DatasetError(f"{csv_file}:{reader.line_num}: empty filename or patient_id")
+            patients[str(Path(_check_relative(filename, f"{csv_file}:{reader.line_num}")))] = patient
+    return patients
 
 
 def read_entries(image_root, list_file, list_format):
@@ -123,7 +153,12 @@ def read_entries(image_root, list_file, list_format):
         entries = read_covidx_list(list_file) if list_format == "covidx" else read_csv_list(list_file)
         source = list_file
     if not entries:
-        raise DatasetError(f"{source}: no images listed; check the file and --dataset")
+        expected = {"covidx": "'patient_id filename label [source]' lines (--dataset covid or demo)",
+                    "csv": "a CSV with filename and label columns (--dataset csv)",
+                    "folder": "<folder>/<label>/<image> files (--dataset folder)"}[list_format]
+        raise DatasetError(f"{source}: no images found, read as {expected}; if it holds another "
+                           "format, set that list's format (--dataset, or --gallery-dataset / "
+                           "--val-dataset for the gallery and validation lists where they differ)")
     return entries, source
 
 

@@ -36,7 +36,8 @@ def build_datasets(args, runtime):
     bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
     if args.val_image_list:
-        val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, list_format,
+        val_format = LIST_FORMAT[getattr(args, "val_dataset", None) or args.dataset]
+        val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, val_format,
                                    classes=classes, transform=eval_transform, bit_depth=bit_depth)
     test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
                                 classes=classes, transform=eval_transform, bit_depth=bit_depth)

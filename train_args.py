@@ -59,6 +59,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--val-image-list", help="validation list (images under "
                         "--val-dataset-dir); selects the best checkpoint. Default: --val-fraction "
                         "of the training list")
+    parser.add_argument("--val-dataset", choices=DATASETS, help="format of --val-image-list when "
+                        "it differs from --dataset's (e.g. a CSV validation list beside COVIDx lists)")
     parser.add_argument("--val-dataset-dir", help="folder of the validation images "
                         "(default <dataset-dir>/train)")
     parser.add_argument("--val-fraction", type=float, default=0.1,

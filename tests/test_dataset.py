@@ -70,7 +70,7 @@ def test_missing_images_are_all_counted_and_the_first_named(tmp_path):
 
 @pytest.mark.parametrize("rows, message", [
     ([("P", "a.png", "normal"), ("P", "a.png", "tumour")], r"l.txt:2: unknown label 'tumour'"),
-    ([], "no images listed"),
+    ([], "no images found, read as"),
     ([("P", "a.png")], r"l.txt:1: expected 'patient_id filename label"),
     ([("P", "../secret.png", "normal")], "leaves the image folder"),
     ([("P", "/etc/a.png", "normal")], "leaves the image folder"),
@@ -398,3 +398,19 @@ def test_dicom_in_lists_and_folders_and_without_pydicom(tmp_path, monkeypatch):
                                            r"pydicom 3 or newer: pip install pydicom"):
         listed[0]
     assert "pip install pydicom" in images.check_image(tmp_path / "img" / "normal" / "a.dcm")
+
+
+def test_folder_layout_takes_patients_from_a_patients_csv(tmp_path):
+    for split, label, name in (("train", "normal", "a.png"), ("train", "normal", "b.png"),
+                               ("train", "pneumonia", "c.png"), ("test", "normal", "d.png")):
+        (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / split / label / name)
+    # One file for both splits, beside them; c.png is not named: its own patient.
+    (tmp_path / "patients.csv").write_text("filename,patient_id\ntrain/normal/a.png,p1\n"
+                                           "train/normal/b.png,p1\ntest/normal/d.png,p2\n")
+    train = ImageListDataset(tmp_path / "train", list_format="folder")
+    assert train.patients == ["p1", "p1", "pneumonia/c.png"]
+    assert ImageListDataset(tmp_path / "test", list_format="folder").patients == ["p2"]
+    (tmp_path / "train" / "patients.csv").write_text("filename,patient\nnormal/a.png,p9\n")
+    with pytest.raises(DatasetError, match=r"patients.csv:1: the patients file needs columns"):
+        ImageListDataset(tmp_path / "train", list_format="folder")
