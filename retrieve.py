@@ -3,9 +3,10 @@
 Index (resumable: re-running the same command skips the chunks already written):
     python retrieve.py index --resume CKPT --image-list LIST --dataset-dir DIR \
         [--dataset covid|csv|folder] --out gallery.index [--dtype float16] [--append]
-Query:
-    python retrieve.py query --index gallery.index --resume CKPT IMG [IMG ...] --topk 10 \
-        [--ood] [--explain] --out OUTDIR
+Query (image files, and/or a labelled list read as `index` reads its list):
+    python retrieve.py query --index gallery.index --resume CKPT [IMG ...] \
+        [--image-list LIST [--dataset-dir DIR] [--dataset covid|csv|folder]] --topk 10 \
+        [--ood | --no-ood] [--explain] --out OUTDIR
 On the demo (after `make demo`):
     python retrieve.py index --resume runs/demo/<name>_best_ckpt.pth --dataset demo \
         --image-list data/demo/train_split.txt --dataset-dir data/demo/train --out runs/demo/gallery.index
@@ -20,10 +21,14 @@ A checkpoint whose fingerprint differs from the index's is refused.
 
 The search is exact: the gallery is scanned in chunks (one matrix product per chunk, a running
 top-k), so memory stays near the gallery's own size. Ties rank by gallery index, as in test.py.
-A query writes `OUTDIR/results.json` ({"queries": [{"query", "neighbours": [{"path", "label",
-"similarity"}], "vote", "votes", "ood"?, "explanation"?, "contact_sheet"}]}; neighbour paths are the image files as
-indexed), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query (with --explain, each tile
-carries explain.py's heat map), and prints a table. For galleries of many millions, where the
+A query writes `OUTDIR/results.json` ({"queries": [{"query", "label"?, "correct"?, "neighbours":
+[{"path", "label", "similarity"}], "vote", "votes", "ood"?, "explanation"?, "contact_sheet"}],
+"ood"?, "labelled"?}; neighbour paths are the image files as indexed; "label" and "correct" (vote
+== label) for queries of --image-list; the top-level "ood" and "labelled" count the flagged and
+the correctly voted queries), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query
+(contact_sheet.py; with --explain, each tile carries explain.py's heat map), and prints a table.
+The OOD guard is on by default where ood.py saved a detector beside the checkpoint
+(<checkpoint stem>_ood.pth): see ood_guard.py. For galleries of many millions, where the
 exact scan (linear in the gallery) is too slow: `index --faiss-ivf NLIST` adds an approximate
 faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss is optional:
 `pip install faiss-cpu`).
@@ -37,12 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
+import contact_sheet
 import explain
-import explain_figures
 import ood
+import ood_guard
 import utils
 from dataset import DatasetError, ImageListDataset, build_transform, load_image
 from gradcam import RetrievalGradCAM, default_layers
@@ -329,15 +334,15 @@ def _tied_columns(sims, kth, k):
 
 # ---------------------------------------------------------------------- query command
 def embed_images(model, paths, img_size, device, skip_bad, amp="none", bit_depth=None):
-    """Embeddings of the readable images and the list of those kept; unreadable ones are an
-    error naming them, or skipped (with a message) when skip_bad. 16-bit files are scaled by
-    `bit_depth`, the training data's."""
+    """Embeddings of the readable images and the indices (into `paths`) of those kept;
+    unreadable ones are an error naming them, or skipped (with a message) when skip_bad.
+    16-bit files are scaled by `bit_depth`, the training data's."""
     transform = build_transform(img_size, train=False)
     tensors, kept, bad = [], [], []
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
             tensors.append(transform(load_image(path, bit_depth)))
-            kept.append(path)
+            kept.append(i)
         except (OSError, ValueError, SyntaxError) as error:
             bad.append(f"{path}: {error}")
     if bad and not skip_bad:
@@ -353,27 +358,53 @@ def embed_images(model, paths, img_size, device, skip_bad, amp="none", bit_depth
     return embeddings, kept
 
 
+def query_inputs(args, classes):
+    """([query image paths], [their labels]): the images named on the command line (label None),
+    then those of --image-list with the list's labels, read as `index` reads its list."""
+    paths, labels = list(args.images), [None] * len(args.images)
+    if args.image_list or args.dataset_dir:
+        if args.dataset == "folder" and not args.dataset_dir:
+            raise utils.UserError("--dataset folder reads the queries' labels from the sub-folders of "
+                                  "--dataset-dir; give it")
+        if args.dataset != "folder" and not args.image_list:
+            raise utils.UserError("--dataset-dir is the folder of an --image-list's images; give the "
+                                  "list too (or --dataset folder for a folder per label)")
+        root = args.dataset_dir or Path(args.image_list).parent
+        listed = ImageListDataset(root, args.image_list, LIST_FORMAT[args.dataset], bit_depth=None)
+        paths += [str(path) for path in listed.paths]
+        labels += [listed.classes[t] for t in listed.targets.tolist()]
+        unknown = sorted(set(listed.classes) - set(classes))
+        if unknown:  # a label spelt otherwise than the index's can never equal a vote
+            print(f"warning: {listed.source} labels {', '.join(unknown)}, which the index does not "
+                  f"hold ({', '.join(classes)}): those queries' votes count as wrong", file=sys.stderr)
+    if not paths:
+        raise utils.UserError("no query images: name image files, or give a labelled --image-list")
+    return paths, labels
+
+
 def query(args):
     utils.refuse_distributed("retrieve.py")
     if args.topk < 1:
         raise SystemExit(f"error: --topk {args.topk}: give at least 1 neighbour")
     device = utils.setup_runtime(args.device).device
     manifest, gallery, gallery_labels, gallery_paths = load_index(args.index)
+    classes = manifest["classes"]
+    query_paths, query_labels = query_inputs(args, classes)  # list errors before loading the model
     model, checkpoint, fingerprint = utils.load_trained_model(args.resume, device)
     if manifest["fingerprint"] != fingerprint:
         raise SystemExit(f"error: {args.resume} is not the model that built {args.index} "
                          f"(fingerprints {fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
                          "query with the index's checkpoint, or build an index for this one")
-    detector = ood.load_for_model(args.resume, fingerprint, args.ood_detector) if args.ood else None
+    detector, detector_path = ood_guard.choose(args.ood, args.resume, fingerprint, args.ood_detector,
+                                               log=lambda line: print(line, file=sys.stderr))
     bit_depth = utils.data_bit_depth(checkpoint) or manifest.get("bit_depth")
-    embeddings, kept = embed_images(model, args.images, checkpoint["model_config"]["img_size"], device,
+    embeddings, kept = embed_images(model, query_paths, checkpoint["model_config"]["img_size"], device,
                                     args.skip_bad_images, utils.resolve_amp("auto", str(device)), bit_depth)
     if args.search == "faiss":
         similarities, indices = faiss_search(args.index, manifest, embeddings, min(args.topk, len(gallery)),
                                              args.nprobe)
     else:
         similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
-    classes = manifest["classes"]
     if detector is not None:
         scores = detector.scores(embeddings)
         flags = detector.flags(embeddings, scores)
@@ -385,7 +416,7 @@ def query(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for q, path in enumerate(kept):
+    for q, (path, label) in enumerate((query_paths[i], query_labels[i]) for i in kept):
         neighbours = [{"path": gallery_paths[i], "label": classes[gallery_labels[i]],
                        "similarity": round(float(s), 6)}
                       for s, i in zip(similarities[q].tolist(), indices[q].tolist()) if i >= 0]
@@ -394,6 +425,8 @@ def query(args):
             votes[n["label"]] = votes.get(n["label"], 0) + 1
         vote = max(votes, key=votes.get) if votes else None
         record = {"query": str(path), "neighbours": neighbours, "vote": vote, "votes": votes}
+        if label is not None:
+            record.update(label=label, correct=vote == label)
         if detector is not None:
             record["ood"] = {"flagged": bool(flags[args.ood_score][q]), "score": args.ood_score,
                              "value": float(scores[args.ood_score][q]),
@@ -410,69 +443,49 @@ def query(args):
             record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
                                      "layers": cam.layers, "peak_xy": [int(peak[1]), int(peak[0])]}
         sheet = out / f"{q:04d}_{Path(path).stem}.png"  # numbered: equal names from two folders
-        contact_sheet(path, record, sheet, maps=maps, bit_depth=bit_depth)
+        contact_sheet.draw(path, record, sheet, maps=maps, bit_depth=bit_depth)
         record["contact_sheet"] = str(sheet)
         results.append(record)
-    utils.write_json(out / "results.json", {"index": str(args.index), "checkpoint": str(args.resume),
-                                            "topk": args.topk, "queries": results})
-    print_results(results)
+    summary = {"index": str(args.index), "checkpoint": str(args.resume), "topk": args.topk}
+    if detector is not None:  # the count a reader needs before trusting any vote
+        summary["ood"] = {"detector": str(detector_path), "score": args.ood_score,
+                          "flagged": sum(r["ood"]["flagged"] for r in results), "queries": len(results)}
+    labelled = [r for r in results if "label" in r]
+    if labelled:
+        summary["labelled"] = {"queries": len(labelled), "correct": sum(r["correct"] for r in labelled)}
+    utils.write_json(out / "results.json", {**summary, "queries": results})
+    print_results(results, summary)
     print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
     return results
 
 
-def print_results(results):
+def print_results(results, summary=None):
     for record in results:
         votes = ", ".join(f"{label} {count}" for label, count in record["votes"].items())
+        truth = ""
+        if "label" in record:
+            truth = f"  label {record['label']}: {'right' if record['correct'] else 'WRONG'}"
         flag = ""
         if "ood" in record:
             flag = "  OUT OF DISTRIBUTION" if record["ood"]["flagged"] else "  in distribution"
-        print(f"\n{record['query']}: vote {record['vote']} ({votes}){flag}")
+        print(f"\n{record['query']}: vote {record['vote']} ({votes}){truth}{flag}")
         print(f"  {'rank':>4}  {'similarity':>10}  {'label':<14} path")
         for rank, n in enumerate(record["neighbours"], start=1):
             print(f"  {rank:>4}  {n['similarity']:>10.4f}  {n['label']:<14} {n['path']}")
-
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        return ImageFont.load_default()
-
-
-def contact_sheet(query_path, record, out_path, tile=160, columns=5, maps=None, bit_depth=None):
-    """The query, then its neighbours in rank order, each tile captioned; with `maps` (one
-    saliency map per tile, query first) each thumbnail carries its heat map."""
-    caption_h = 36
-    tiles = [(query_path, [f"QUERY {Path(query_path).name}"[:28], f"vote: {record['vote']}"
-                           + (" (OOD!)" if record.get("ood", {}).get("flagged") else "")])]
-    for rank, n in enumerate(record["neighbours"], start=1):
-        tiles.append((n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"]))
-    rows = 1 + (len(tiles) - 1 + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), "white")
-    draw, font = ImageDraw.Draw(sheet), _font(14)
-    for position, (path, lines) in enumerate(tiles):
-        row, col = (0, 0) if position == 0 else (1 + (position - 1) // columns, (position - 1) % columns)
-        x, y = col * tile, row * (tile + caption_h)
-        try:
-            thumb = load_image(path, bit_depth)
-            if maps is not None:
-                thumb = Image.fromarray(explain_figures.overlay(thumb, maps[position]))
-            thumb = thumb.resize((tile - 8, tile - 8), Image.Resampling.BILINEAR)
-            sheet.paste(thumb, (x + 4, y + 4))
-        except (OSError, ValueError):
-            print(f"warning: {path}: cannot be read for the contact sheet (moved or deleted "
-                  "since indexing?)", file=sys.stderr)
-            draw.text((x + 8, y + tile // 2), "image missing", fill="red", font=font)
-        colour = "black" if position == 0 or record["neighbours"][position - 1]["label"] != record["vote"] else "darkgreen"
-        for i, line in enumerate(lines):
-            draw.text((x + 6, y + tile + 2 + 16 * i), line, fill=colour, font=font)
-    sheet.save(out_path)
-    return out_path
+    summary = summary or {}
+    if "labelled" in summary:
+        print(f"\nvote right for {summary['labelled']['correct']} of {summary['labelled']['queries']} "
+              "labelled queries")
+    if "ood" in summary:
+        o = summary["ood"]
+        print(f"\n{o['flagged']} of {o['queries']} queries out of distribution ({o['score']} score of "
+              f"{o['detector']}){': do not trust their votes' if o['flagged'] else ''}")
 
 
 # ---------------------------------------------------------------------- command line
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Index a labelled database; query it with radiographs")
+    utils.add_debug_flag(parser)  # run_cli acts on it wherever it stands; here for --help
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed a labelled image list into an index folder")
     index.add_argument("--resume", required=True, help="train.py checkpoint")
@@ -493,7 +506,12 @@ def get_args_parser():
     index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     index.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ask = commands.add_parser("query", help="rank the index's images for each query image")
-    ask.add_argument("images", nargs="+", help="query image files")
+    ask.add_argument("images", nargs="*", help="query image files (unlabelled)")
+    ask.add_argument("--image-list", help="a labelled list of query images (any --dataset format): "
+                     "results and contact sheets show each query's label and whether the vote is right")
+    ask.add_argument("--dataset-dir", help="folder the list's paths are relative to (default: the "
+                     "list's folder; for --dataset folder, the folder per label)")
+    ask.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in index")
     ask.add_argument("--index", required=True, help="index folder")
     ask.add_argument("--resume", required=True, help="the checkpoint that built the index")
     ask.add_argument("--topk", type=int, default=10, help="neighbours per query")
@@ -501,11 +519,14 @@ def get_args_parser():
     ask.add_argument("--search", choices=("exact", "faiss"), default="exact",
                      help="exact chunked scan, or the index's faiss IVF index (approximate)")
     ask.add_argument("--nprobe", type=int, default=16, help="clusters a faiss query visits")
-    ask.add_argument("--ood", action="store_true", help="flag queries the OOD detector rejects")
+    ask.add_argument("--ood", action=argparse.BooleanOptionalAction,
+                     help="flag queries the OOD detector of ood.py rejects; on by default when the "
+                     "detector is there, --ood makes a missing or stale one an error, --no-ood turns it off")
     ask.add_argument("--explain", action="store_true",
                      help="heat maps on the contact sheet (explain.py's saliency): the query's towards "
                           "its vote's mean embedding, each neighbour's towards the query")
-    ask.add_argument("--ood-detector", help="detector file (default <checkpoint stem>_ood.pth)")
+    ask.add_argument("--ood-detector", help="detector file, required when given (default "
+                     "<checkpoint stem>_ood.pth, used when it exists)")
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood.SCORES, help="score that flags")
     ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")
     ask.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -133,6 +133,7 @@ def get_args_parser(add_help=True):
                         help="paired comparison of two models' embeddings of the same list (files "
                         "written by test.py): differences A - B with patient-bootstrap intervals "
                         "and p-values (--bootstrap, default 1000); no checkpoint needed")
+    utils.add_debug_flag(parser)
     return parser
 
 

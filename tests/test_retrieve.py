@@ -1,4 +1,5 @@
-"""retrieve.py: index, resume, append, query, fingerprint and format checks, exact search."""
+"""retrieve.py: index, resume, append, query, fingerprint and format checks, exact search; the
+OOD guard by default, labelled query lists, contact sheets."""
 import json
 import shutil
 from pathlib import Path
@@ -8,8 +9,11 @@ from PIL import Image
 import pytest
 import torch
 
+import contact_sheet
+import ood
 import retrieve
 import train
+import utils
 from metrics import rank_topk
 from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
@@ -285,3 +289,123 @@ def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if not installed
     with pytest.raises(train.utils.UserError, match="pip install faiss-cpu"):
         retrieve.main([*query, "--search", "faiss", "--out", str(tmp_path / "h")])
+
+
+def save_detector(checkpoint, fingerprint, threshold):
+    """A detector beside `checkpoint` (where ood.py saves it) for the model of `fingerprint`, every
+    threshold `threshold`: -10 flags every query (no score is below it: the distances and 1 - msp
+    are >= 0, the energy >= -(1 + log 5 / 16)), 1e9 none. Fitted on random 16-d unit vectors:
+    only the count of flags is tested, not the detector's quality (ood.py's tests do that)."""
+    x = torch.nn.functional.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    detector = ood.OODDetector(k=3, fingerprint=fingerprint).fit(x, np.arange(40) % 5, list("abcde"))
+    detector.thresholds, detector.tpr = {name: threshold for name in ood.SCORES}, 0.95
+    detector.save(ood.default_detector_path(checkpoint))
+
+
+def test_query_uses_the_detector_beside_the_checkpoint_by_default(trained, phantoms, tmp_path, capsys):  # noqa: F811
+    index = tmp_path / "idx"
+    retrieve.main(index_argv(trained, phantoms, index))
+    checkpoint = tmp_path / trained.name  # a folder of its own: the shared checkpoint keeps no detector
+    shutil.copy(trained, checkpoint)
+    fingerprint = utils.load_trained_model(checkpoint, "cpu")[2]
+    images = [str(phantoms / "test" / f"phantom_test_{i:05d}.png") for i in range(3)]
+    common = ["query", "--index", str(index), "--resume", str(checkpoint), *images, "--topk", "3", "--device", "cpu"]
+
+    def query(name, *extra):
+        results = retrieve.main([*common, *extra, "--out", str(tmp_path / name)])
+        return results, json.loads((tmp_path / name / "results.json").read_text()), capsys.readouterr()
+
+    capsys.readouterr()
+    plain, on_disk, printed = query("plain")  # no detector: as before, and one note on how to fit one
+    assert "no OOD detector found" in printed.err and f"ood.py --resume {checkpoint}" in printed.err
+    assert "ood" not in on_disk and not any("ood" in r for r in plain)
+
+    save_detector(checkpoint, fingerprint, -10.0)
+    guarded, on_disk, printed = query("guarded")
+    assert "3 of 3 queries out of distribution" in printed.out
+    assert on_disk["ood"] == {"detector": str(ood.default_detector_path(checkpoint)), "score": "mahalanobis",
+                              "flagged": 3, "queries": 3}
+    assert all(r["ood"]["flagged"] for r in on_disk["queries"])
+    assert [r["neighbours"] for r in guarded] == [r["neighbours"] for r in plain]  # a flag, not another search
+    save_detector(checkpoint, fingerprint, 1e9)
+    _, on_disk, printed = query("accepted")
+    assert "0 of 3 queries out of distribution" in printed.out and on_disk["ood"]["flagged"] == 0
+
+    off, on_disk, printed = query("off", "--no-ood")
+    assert "ood" not in on_disk and not any("ood" in r for r in off) and "OOD" not in printed.err
+
+    save_detector(checkpoint, "0" * 64, -10.0)  # fitted for another model: a warning, no flags
+    stale, on_disk, printed = query("stale")
+    assert "warning:" in printed.err and "another model" in printed.err and "ood" not in on_disk
+    with pytest.raises(utils.UserError, match="another model"):  # asked for: the error it was
+        query("stale_required", "--ood")
+    ood.default_detector_path(checkpoint).unlink()
+    with pytest.raises(utils.UserError, match="no OOD detector"):
+        query("missing_required", "--ood")
+
+
+def test_query_image_list_carries_labels_and_marks_the_vote(trained, phantoms, tmp_path, capsys):  # noqa: F811
+    index = tmp_path / "idx"
+    retrieve.main(index_argv(trained, phantoms, index))
+    lines = (phantoms / "test_split.txt").read_text().splitlines()[::4]  # every class
+    films = tmp_path / "films"  # the list beside its images: --dataset-dir defaults to its folder
+    films.mkdir()
+    for line in lines:
+        shutil.copy(phantoms / "test" / line.split()[1], films)
+    (films / "queries.txt").write_text("\n".join(lines) + "\n")
+    loose = str(phantoms / "test" / "phantom_test_00001.png")  # a file named on the command line
+    common = ["query", "--index", str(index), "--resume", str(trained), "--topk", "5", "--device", "cpu"]
+    capsys.readouterr()
+    retrieve.main([*common, loose, "--image-list", str(films / "queries.txt"), "--out", str(tmp_path / "q")])
+    on_disk = json.loads((tmp_path / "q" / "results.json").read_text())
+    first, *listed = on_disk["queries"]
+    assert first["query"] == loose and "label" not in first and "correct" not in first
+    assert [r["label"] for r in listed] == [line.split()[2] for line in lines]
+    assert [Path(r["query"]).name for r in listed] == [line.split()[1] for line in lines]
+    for record in listed:
+        assert record["correct"] == (record["vote"] == record["label"])
+        assert Path(record["contact_sheet"]).is_file()
+    right = sum(r["correct"] for r in listed)
+    assert on_disk["labelled"] == {"queries": len(lines), "correct": right}
+    assert f"vote right for {right} of {len(lines)} labelled queries" in capsys.readouterr().out
+    # the list read from another folder (--dataset-dir), as `index` reads it
+    again = retrieve.main([*common, "--image-list", str(phantoms / "test_split.txt"), "--dataset-dir",
+                           str(phantoms / "test"), "--out", str(tmp_path / "all")])
+    assert len(again) == 25 and all("label" in r for r in again)
+    with pytest.raises(utils.UserError, match="--image-list"):  # a folder without its list
+        retrieve.main([*common, "--dataset-dir", str(films), "--out", str(tmp_path / "x")])
+    with pytest.raises(utils.UserError, match="no query images"):
+        retrieve.main([*common, "--out", str(tmp_path / "x")])
+
+
+def test_wrap_keeps_long_file_names_whole():
+    face = contact_sheet.font(14)
+    title = "QUERY person1947_bacteria_48.png"
+    assert face.getlength(title) > 148  # wider than a tile's caption: the old sheet cut it
+    lines = contact_sheet.wrap(title, face, 148)
+    assert lines == ["QUERY person1947_", "bacteria_48.png"]  # broken after the underscore
+    unbroken = "x" * 60  # no place to break: between characters, nothing lost
+    lines = contact_sheet.wrap(unbroken, face, 100)
+    assert len(lines) > 1 and "".join(lines) == unbroken
+    assert all(face.getlength(line) <= 100 for line in lines)
+    assert contact_sheet.wrap("", face, 100) == [""]
+
+
+def test_contact_sheet_frames_a_labelled_query_right_or_wrong(phantoms, tmp_path):  # noqa: F811
+    query = tmp_path / "person1947_bacteria_48_with_a_much_longer_name.png"
+    shutil.copy(phantoms / "test" / "phantom_test_00000.png", query)
+    neighbours = [{"path": str(phantoms / "train" / f"phantom_train_{i:05d}.png"), "label": "normal",
+                   "similarity": 0.9 - i / 10} for i in range(3)]
+    record = {"neighbours": neighbours, "vote": "normal"}
+    sheets = {}
+    for name, extra in (("plain", {}), ("right", {"label": "normal", "correct": True}),
+                        ("wrong", {"label": "pneumonia", "correct": False})):
+        path = contact_sheet.draw(query, {**record, **extra}, tmp_path / f"{name}.png")
+        sheets[name] = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+    r, g, b = sheets["right"][1, 1]
+    assert g > r + 50 and g > b + 50  # the query tile's frame: green when the vote is right
+    r, g, b = sheets["wrong"][1, 1]
+    assert r > g + 100 and r > b + 100  # red when wrong
+    assert tuple(sheets["plain"][1, 1]) == (255, 255, 255)  # no label, no frame
+    # the long name wraps over four caption lines, the label adds one: every row is taller
+    assert sheets["right"].shape[0] > sheets["plain"].shape[0]
