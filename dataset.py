@@ -51,6 +51,11 @@ def _check_relative(path_text, where):
     return normalised
 
 
+# Every list-format error ends with this: one --dataset governs the lists unless a list has its own flag.
+OTHER_FORMAT = ("; if this list is in another format, set its format: --dataset, or --gallery-dataset "
+                "(test.py) / --val-dataset (train.py) for a gallery or validation list that differs")
+
+
 def read_covidx_list(list_file):
     """[(filename, label, line_number, patient_id)] from `patient_id filename label [source]` lines.
 
@@ -66,7 +71,7 @@ def read_covidx_list(list_file):
             where = f"{list_file}:{number}"
             if len(fields) < 3:
                 raise DatasetError(f"{where}: expected 'patient_id filename label [source]', "
-                                   f"got {line.strip()!r}")
+                                   f"got {line.strip()!r}{OTHER_FORMAT}")
             if len(fields) == 3:
                 filename, label = fields[1], fields[2]
             else:
@@ -85,7 +90,7 @@ def read_csv_list(list_file):
         missing = {"filename", "label"} - set(reader.fieldnames or [])
         if missing:
             raise DatasetError(f"{list_file}:1: CSV header must have columns 'filename' and 'label' "
-                               f"(missing: {', '.join(sorted(missing))}; found: {reader.fieldnames})")
+                               f"(missing: {', '.join(sorted(missing))}; found: {reader.fieldnames}){OTHER_FORMAT}")
         for row in reader:
             where = f"{list_file}:{reader.line_num}"
             if not row["filename"] or not row["label"]:
@@ -156,9 +161,7 @@ def read_entries(image_root, list_file, list_format):
         expected = {"covidx": "'patient_id filename label [source]' lines (--dataset covid or demo)",
                     "csv": "a CSV with filename and label columns (--dataset csv)",
                     "folder": "<folder>/<label>/<image> files (--dataset folder)"}[list_format]
-        raise DatasetError(f"{source}: no images found, read as {expected}; if it holds another "
-                           "format, set that list's format (--dataset, or --gallery-dataset / "
-                           "--val-dataset for the gallery and validation lists where they differ)")
+        raise DatasetError(f"{source}: no images found, read as {expected}{OTHER_FORMAT}")
     return entries, source
 
 

@@ -52,7 +52,12 @@ def resolve_inputs(args, checkpoint):
     else:
         inputs["test_dataset_dir"] = _entry(str(Path(defaults["dataset_dir"]) / "test"), "default")
 
-    if args.test_image_list is not None:
+    if LIST_FORMAT[dataset] == "folder":  # the folder is read, no list: name none
+        if args.test_image_list is not None:
+            raise utils.UserError("--dataset folder reads <test-dataset-dir>/<label>/ files, no list; "
+                                  "drop --test-image-list or give the list's format with --dataset")
+        inputs["test_image_list"] = _entry(None, "not used (folder layout)")
+    elif args.test_image_list is not None:
         inputs["test_image_list"] = _entry(str(args.test_image_list), "flag")
     elif recorded.get("test_image_list"):
         inputs["test_image_list"] = _entry(str(recorded["test_image_list"]), "checkpoint")

@@ -81,6 +81,8 @@ def get_args_parser(add_help=True):
                         "trained at, else auto: scanned from the list)")
     parser.add_argument("--gallery-dataset-dir", help="gallery images: query-gallery protocol")
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
+    parser.add_argument("--gallery-dataset", choices=DATASETS, help="format of the gallery list when it "
+                        "differs from the queries' (--dataset), e.g. a COVIDx query list against a CSV gallery")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="data loading processes")
     image_cache.add_argument(parser)
@@ -326,11 +328,12 @@ def run(args, runtime):
     classes = query_set.classes
     gallery_set = None
     if args.gallery_image_list or args.gallery_dataset_dir:
-        if not (args.gallery_image_list or args.dataset == "folder") or not args.gallery_dataset_dir:
+        gallery_format = LIST_FORMAT[args.gallery_dataset or args.dataset]
+        if not (args.gallery_image_list or gallery_format == "folder") or not args.gallery_dataset_dir:
             raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
                              "--gallery-image-list (only the folder for --dataset folder)")
         gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
-                                       list_format, classes, transform,
+                                       gallery_format, classes, transform,
                                        bit_depth=query_set.bit_depth or bit_depth)  # one depth for both
     run_data.use_cache([query_set, gallery_set], args.cache_dir, config["img_size"])
 

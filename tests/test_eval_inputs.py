@@ -7,6 +7,7 @@ import pytest
 import eval_inputs
 import run_data
 import train
+from dataset import DatasetError
 from utils import UserError
 
 
@@ -153,3 +154,20 @@ def test_test_py_ends_in_one_error_line_for_a_vote_size_too_large(demo_run, tmp_
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: --vote-ks 20: each query has only 15 neighbours")
+
+
+def test_queries_in_one_list_format_against_a_gallery_in_another(demo_run):
+    root, checkpoint = demo_run
+    rows = [line.split() for line in (root / "demo" / "train_split.txt").read_text().splitlines()]
+    gallery = root / "gallery.csv"  # the training list rewritten as CSV, the queries stay COVIDx
+    gallery.write_text("filename,label,patient_id\n" + "".join(f"{r[1]},{r[2]},{r[0]}\n" for r in rows))
+    common = ["--resume", checkpoint, "--gallery-dataset-dir", root / "demo" / "train", "--no-plots"]
+    mixed = run_test_py(*common, "--gallery-image-list", gallery, "--gallery-dataset", "csv",
+                        "--report", root / "mixed.json")
+    same = run_test_py(*common, "--gallery-image-list", root / "demo" / "train_split.txt",
+                       "--report", root / "same.json")
+    assert mixed["protocol"] == "query-gallery" and mixed["num_gallery"] == len(rows)
+    for key in NUMBERS:
+        assert mixed[key] == same[key], key
+    with pytest.raises(DatasetError, match="gallery.csv:1: expected .*set its format: .*--gallery-dataset"):
+        run_test_py(*common, "--gallery-image-list", gallery, "--report", root / "wrong.json")
