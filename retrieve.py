@@ -46,8 +46,10 @@ from torch.utils.data import DataLoader
 
 import contact_sheet
 import explain
+import image_cache
 import ood
 import ood_guard
+import run_data
 import utils
 from dataset import DatasetError, ImageListDataset, build_transform, load_image
 from gradcam import RetrievalGradCAM, default_layers
@@ -127,6 +129,7 @@ def build_index(args):
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
                                transform=build_transform(config["img_size"], train=False),
                                bit_depth=utils.data_bit_depth(checkpoint) or "auto")
+    run_data.use_cache([dataset], args.cache_dir, config["img_size"])
     # Absolute, so the index answers from any working directory; compared normalised, so
     # `data/x` and `./data/x` name the same folder.
     root = os.path.abspath(dataset.image_root)
@@ -504,6 +507,7 @@ def get_args_parser():
                             "faiss; about sqrt(N) to 4 sqrt(N) clusters for N images)")
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    image_cache.add_argument(index)
     index.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ask = commands.add_parser("query", help="rank the index's images for each query image")
     ask.add_argument("images", nargs="*", help="query image files (unlabelled)")

@@ -409,3 +409,14 @@ def test_contact_sheet_frames_a_labelled_query_right_or_wrong(phantoms, tmp_path
     assert tuple(sheets["plain"][1, 1]) == (255, 255, 255)  # no label, no frame
     # the long name wraps over four caption lines, the label adds one: every row is taller
     assert sheets["right"].shape[0] > sheets["plain"].shape[0]
+
+
+def test_index_with_cache_dir_embeds_as_without(trained, phantoms, tmp_path):  # noqa: F811
+    from image_cache import ImageCache
+    retrieve.main(index_argv(trained, phantoms, tmp_path / "plain"))
+    retrieve.main(index_argv(trained, phantoms, tmp_path / "cached", "--cache-dir", str(tmp_path / "cache")))
+    _, plain, _, _ = retrieve.load_index(tmp_path / "plain")
+    _, cached, _, _ = retrieve.load_index(tmp_path / "cached")
+    assert ImageCache(tmp_path / "cache", img_size=32).summary()[0] == 30  # every gallery image once
+    cosine = (torch.as_tensor(plain).float() * torch.as_tensor(cached).float()).sum(1)
+    assert cosine.min() > 0.95  # the same images up to one extra resampling
