@@ -115,7 +115,8 @@ Columns
   Python loop per query with Counter majority votes, scikit-learn scores); fast =
   `metrics.evaluate_retrieval`. Leave-one-out on random unit vectors (D = 1024, 3 classes); **max
   diff**: the largest difference over every returned number (R@K, mAP, mP@K, every classification
-  score, confusion matrices), equal when <= 1e-6 percentage points.
+  score, confusion matrices), equal when <= 1e-6 percentage points. **patients**: fast with
+  test.py's same-patient exclusion (two images per patient), its seconds and memory.
 - **data**: images/s of `ImageListDataset` + `build_transform` (decode, resize, flip) through a
   `DataLoader` with PK batches, measured alone, against the training step rate of train.py's default
   flags on the same device. The images are in the page cache (no disk reads). On a machine with few
@@ -332,12 +333,17 @@ def random_embeddings(n, dim, classes, seed=0):
 
 
 def metrics_case(algorithm, n, dim, classes, device):
-    """Create the embeddings, then run `algorithm` ("seed", "fast" or None: set-up only)."""
+    """Create the embeddings, then run `algorithm` ("seed", "fast", "patients" or None: set-up only)."""
     device = torch.device(device)
     embeddings, labels = (t.to(device) for t in random_embeddings(n, dim, classes))
     if algorithm is None:
         return {}
     evaluate = seed_evaluate_retrieval if algorithm == "seed" else metrics.evaluate_retrieval
+    if algorithm == "patients":  # the same-patient exclusion test.py applies: two films per patient
+        groups = torch.arange(n, device=device) // 2
+
+        def evaluate(embeddings, labels):
+            return metrics.evaluate_retrieval(embeddings, labels, query_groups=groups)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -360,12 +366,14 @@ def run_metrics(args):
     rows, table = [], []
     for n in args.sizes:
         baseline, seed, fast = measure(None, n), measure("seed", n), measure("fast", n)
-        row = {"n": n, "seed": seed, "fast": fast}
+        patients = measure("patients", n)
+        row = {"n": n, "seed": seed, "fast": fast, "patients": patients}
         rows.append(row)
-        errors = "; ".join(case["error"] for case in (baseline, seed, fast) if "error" in case)
+        errors = "; ".join(case["error"] for case in (baseline, seed, fast, patients) if "error" in case)
         if errors:
-            table.append([f"{n:,}", *[""] * 9, errors])
+            table.append([f"{n:,}", *[""] * 11, errors])
             continue
+        row["patients_bytes"] = peak_memory(patients, baseline, device)
         seed_bytes, fast_bytes = peak_memory(seed, baseline, device), peak_memory(fast, baseline, device)
         row.update(speedup=seed["seconds"] / fast["seconds"], seed_bytes=seed_bytes, fast_bytes=fast_bytes,
                    memory_ratio=fast_bytes / seed_bytes if seed_bytes > 0 else None,
@@ -378,7 +386,7 @@ def run_metrics(args):
         table.append([f"{n:,}", f"{seed['seconds']:.2f}", f"{fast['seconds']:.2f}", times(row["speedup"]),
                       fmt(seed_bytes, ".0f", MB), fmt(fast_bytes, ".0f", MB), fmt(row["memory_ratio"], ".3f"),
                       f"{row['max_diff']:.1e}", "yes" if row["max_diff"] <= EQUAL_TOL else "NO",
-                      target, verdict])
+                      f"{patients['seconds']:.2f}", fmt(row["patients_bytes"], ".0f", MB), target, verdict])
     if args.big:
         n = args.big
         baseline, fast = measure(None, n), measure("fast", n)
@@ -386,7 +394,7 @@ def run_metrics(args):
         rows.append(row)
         errors = "; ".join(case["error"] for case in (baseline, fast) if "error" in case)
         if errors:
-            table.append([f"{n:,}", *[""] * 9, errors])
+            table.append([f"{n:,}", *[""] * 11, errors])
         else:
             row["fast_bytes"] = peak_memory(fast, baseline, device)
             target = verdict = ""
@@ -396,14 +404,15 @@ def run_metrics(args):
                 verdict = status(fast["seconds"] <= TARGETS["metrics_big_seconds"]
                                  and row["fast_bytes"] < TARGETS["metrics_big_bytes"])
             table.append([f"{n:,}", "not run", f"{fast['seconds']:.2f}", "", "",
-                          fmt(row["fast_bytes"], ".0f", MB), "", "", "", target, verdict])
+                          fmt(row["fast_bytes"], ".0f", MB), "", "", "", "", "", target, verdict])
     header = ["N", "seed s", "fast s", "speed-up", "seed MB", "fast MB", "memory ratio", "max diff",
-              "equal", "target", "status"]
+              "equal", "patients s", "patients MB", "target", "status"]
     memory = "GPU max_memory_allocated" if device.type == "cuda" else "peak RSS above the set-up"
     report(args, "metrics", f"metrics: evaluate_retrieval vs the seed algorithm ({args.device})",
            markdown_table(header, table),
            [f"leave-one-out, random unit vectors, D = {args.dim}, {args.classes} classes; R@K, mP@K "
-            f"at K = 1, 5, 10, majority votes at k = 1, 5, 10, 15, 20; memory: {memory}"])
+            f"at K = 1, 5, 10, majority votes at k = 1, 5, 10, 15, 20; memory: {memory}; patients: "
+            "fast with test.py's same-patient exclusion, two images per patient"])
     return rows
 
 
