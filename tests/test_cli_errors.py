@@ -63,3 +63,17 @@ def test_demo_data_into_a_folder_that_holds_files(tmp_path):
     (tmp_path / "other.txt").write_text("someone's file")
     assert_one_error_line(run("demo_data.py", "--out", str(tmp_path)), str(tmp_path))
     assert (tmp_path / "other.txt").read_text() == "someone's file"  # nothing lost
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["test.py", "--resume", "no_such.pth"], "no such checkpoint file"),
+    (["ood.py", "--resume", "no_such.pth"], "no such checkpoint file"),
+    (["explain.py", "--resume", "no_such.pth", "--image", "x.png", "--out", "o"], "--image x.png: no such file"),
+    (["retrieve.py", "query", "--index", "no_such_index", "--resume", "no_such.pth", "x.png", "--out", "o"],
+     "no_such"),
+    (["chexmask.py", "to-png", "no_such.csv", "--out", "o"], "no_such.csv"),
+])
+def test_a_missing_input_is_one_error_line_in_every_program(tmp_path, argv, phrase):
+    result = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HYBRID_DEBUG": "0"})
+    assert_one_error_line(result, phrase)
