@@ -29,13 +29,19 @@ Command line (labels of the OOD lists are ignored; lists in any train.py format)
         --ood-image-list LIST --ood-dataset-dir DIR [--ood-image-list LIST --ood-dataset-dir DIR ...] \
         [--dataset covid|csv|folder] --report OUT.json [--save DETECTOR.pth]
 Defaults come from the checkpoint's training run: fit on its training images (without the
-validation split), thresholds on its validation images (--calib-image-list), AUROC and FPR95
-against its test list (--in-image-list).
+validation split), thresholds on its validation images (--calib-image-list), and the in-distribution
+images of the report from its test list (--in-image-list).
 On the demo (after `make demo`; the probe sets come from ood_probes.py):
     python ood_probes.py --out data/ood_probes
     python ood.py --dataset demo --resume runs/demo/<name>_best_ckpt.pth --probe-dir data/ood_probes
-writes the report (AUROC and FPR at 95% TPR per score and OOD set) and the fitted detector, by
-default beside the checkpoint as <checkpoint stem>_ood.pth, which test.py --ood loads.
+writes the report and the fitted detector, by default beside the checkpoint as
+<checkpoint stem>_ood.pth, which test.py --ood loads. The report gives, per score and OOD set, two
+kinds of rates (detection_metrics), kept apart because they answer different questions:
+- deployed_tpr, deployed_fpr: at the saved threshold (set on the calibration images), what the
+  guard does once deployed: the share of in-distribution test images and of OOD images accepted;
+- auroc, refit_fpr (refit_tpr): how separable the scores are on the test images, free of any
+  validation-to-test shift: refit_fpr is the usual "FPR at 95% TPR" (at --tpr), with a threshold
+  re-fitted on the in-distribution test scores, which no deployed guard can do.
 """
 import argparse
 import os
@@ -179,13 +185,28 @@ def _as_array(embeddings):
     return x
 
 
-def detection_metrics(in_scores, ood_scores, tpr=0.95):
-    """AUROC (OOD as the positive class) and the FPR at `tpr`: the share of OOD images accepted
-    by the threshold that accepts `tpr` of the in-distribution ones."""
+def detection_metrics(in_scores, ood_scores, tpr=0.95, *, threshold):
+    """Rates of one score (higher = more OOD) on in-distribution test images and OOD images.
+
+    An image is accepted when its score is <= the threshold (flags() flags the rest), and, as in
+    "FPR at 95% TPR", the positives are the in-distribution images: a TPR is the share of
+    in-distribution images accepted, an FPR the share of OOD images accepted (missed).
+    - deployed_tpr, deployed_fpr: at `threshold`, the one the detector saved (calibrate() on
+      held-out images): the rates a user of the guard gets. deployed_tpr falls short of `tpr`
+      when the test images score higher than the calibration ones.
+    - refit_tpr, refit_fpr: at the threshold re-fitted on these in-distribution scores to accept
+      `tpr` of them (refit_tpr: the share it does accept, >= tpr), the usual FPR95 of papers: it
+      measures separability only, since a deployed guard cannot see its test scores.
+    - auroc: OOD as the positive class; it needs no threshold.
+    """
+    in_scores, ood_scores = np.asarray(in_scores), np.asarray(ood_scores)
     y = np.r_[np.zeros(len(in_scores)), np.ones(len(ood_scores))]
     auroc = roc_auc_score(y, np.r_[in_scores, ood_scores])
-    threshold = np.quantile(in_scores, tpr, method="higher")
-    return {"auroc": float(auroc), "fpr95": float(np.mean(ood_scores <= threshold))}
+    refit = np.quantile(in_scores, tpr, method="higher")
+    return {"auroc": float(auroc),
+            "refit_tpr": float(np.mean(in_scores <= refit)), "refit_fpr": float(np.mean(ood_scores <= refit)),
+            "deployed_tpr": float(np.mean(in_scores <= threshold)),
+            "deployed_fpr": float(np.mean(ood_scores <= threshold))}
 
 
 def default_detector_path(checkpoint):
@@ -207,8 +228,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--calib-image-list", help="held-out in-distribution images that set the "
                         "thresholds (default: the checkpoint's validation data)")
     parser.add_argument("--calib-dataset-dir", help="their folder (default <dataset-dir>/train)")
-    parser.add_argument("--in-image-list", help="in-distribution images, the negatives of AUROC "
-                        "and FPR95 (default: the checkpoint's test list)")
+    parser.add_argument("--in-image-list", help="in-distribution test images, against which the "
+                        "OOD sets are measured (default: the checkpoint's test list)")
     parser.add_argument("--in-dataset-dir", help="their folder (default <dataset-dir>/test)")
     parser.add_argument("--ood-image-list", action="append", default=[],
                         help="an OOD list (labels ignored); repeat for several sets")
@@ -302,7 +323,8 @@ def main(args):
         ood_scores = detector.scores(ood_emb)
         for score in SCORES:
             results.append({"score": score, "ood_set": name, "num_images": len(ood_emb),
-                            **detection_metrics(in_scores[score], ood_scores[score], args.tpr)})
+                            **detection_metrics(in_scores[score], ood_scores[score], args.tpr,
+                                                threshold=thresholds[score])})
     in_flagged = {name: float(flag.mean()) for name, flag in detector.flags(in_emb, in_scores).items()}
     report = {"checkpoint": str(args.resume), "tpr": args.tpr, "temperature": temperature,
               "k": args.k, "num_fit": len(fit_emb), "num_calibration": len(calib_emb),
@@ -312,10 +334,16 @@ def main(args):
           f"{len(calib_emb)} held-out images (in-distribution test images flagged: "
           + ", ".join(f"{k} {v:.1%}" for k, v in in_flagged.items()) + ")")
     sets = list(dict.fromkeys(r["ood_set"] for r in results))
-    print(f"  {'set':<22}" + "".join(f"{s + ' AUROC / FPR95':>28}" for s in SCORES))
+    # Both FPRs side by side, labelled, so the re-fitted one is never read as the guard's.
+    print(f"  per score: AUROC / FPR at {args.tpr:.0%} TPR re-fitted on the test scores / FPR at the "
+          "saved (deployed) threshold")
+    print(f"  {'set':<14}" + "".join(f"{s:>26}" for s in SCORES))
     for name in sets:
         row = {r["score"]: r for r in results if r["ood_set"] == name}
-        print(f"  {name:<22}" + "".join(f"{row[s]['auroc']:>20.3f} / {row[s]['fpr95']:.3f}" for s in SCORES))
+        print(f"  {name:<14}" + "".join(f"{row[s]['auroc']:>10.3f} / {row[s]['refit_fpr']:.3f} / "
+                                        f"{row[s]['deployed_fpr']:.3f}" for s in SCORES))
+    # the same for every set: the in-distribution test images accepted at the saved threshold
+    print(f"  {'deployed TPR':<14}" + "".join(f"{1 - in_flagged[s]:>26.3f}" for s in SCORES))
     report_path = Path(args.report or Path(args.resume).with_name(Path(args.resume).stem + "_ood_report.json"))
     utils.write_json(report_path, report)
     detector_path = Path(args.save or default_detector_path(args.resume))

@@ -64,10 +64,34 @@ def test_thresholds_give_the_stated_tpr_and_separate_far_ood():
     far = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
     far /= np.linalg.norm(far, axis=1, keepdims=True)
     for name in ("mahalanobis", "knn"):
-        metrics = ood.detection_metrics(detector.scores(held_out)[name], detector.scores(far)[name], 0.9)
+        metrics = ood.detection_metrics(detector.scores(held_out)[name], detector.scores(far)[name], 0.9,
+                                        threshold=thresholds[name])
         assert metrics["auroc"] > 0.9, name
     flags = detector.flags(far)
     assert flags["knn"].mean() > 0.5
+
+
+def test_deployed_rates_use_the_saved_threshold_and_refit_rates_the_test_one():
+    """Test scores shifted above the validation ones: the saved threshold (6) accepts fewer test
+    images than the re-fitted one (9), so the deployed and re-fitted rates differ."""
+    in_scores = np.arange(1.0, 11.0)  # 1..10; the 80% quantile ("higher") is 9
+    ood_scores = np.array([2.5, 6.5, 8.5, 9.5, 12, 13, 14, 15, 16, 17])
+    metrics = ood.detection_metrics(in_scores, ood_scores, 0.8, threshold=6.0)
+    assert metrics["refit_tpr"] == pytest.approx(0.9)  # 1..9 accepted
+    assert metrics["refit_fpr"] == pytest.approx(0.3)  # 2.5, 6.5, 8.5
+    assert metrics["deployed_tpr"] == pytest.approx(0.6)  # 1..6: a score equal to it is accepted
+    assert metrics["deployed_fpr"] == pytest.approx(0.1)  # 2.5
+    # AUROC with OOD positive: of the 100 (in, ood) pairs, 2.5 outranks 2, 6.5 outranks 6, 8.5 and
+    # 9.5 outrank 8 and 9; the 6 scores above 10 outrank all 10
+    assert metrics["auroc"] == pytest.approx((2 + 6 + 8 + 9 + 60) / 100)
+    assert "fpr95" not in metrics  # no unqualified name left to read as the deployed rate
+    # deployed_tpr is what the guard itself does at that threshold: 1 - the share flags() flags
+    detector = ood.OODDetector()
+    detector.thresholds = {"knn": 6.0}
+    assert metrics["deployed_tpr"] == pytest.approx(1 - detector.flags(None, {"knn": in_scores})["knn"].mean())
+    assert metrics["deployed_fpr"] == pytest.approx(1 - detector.flags(None, {"knn": ood_scores})["knn"].mean())
+    with pytest.raises(TypeError, match="threshold"):  # never silently the re-fitted one
+        ood.detection_metrics(in_scores, ood_scores, 0.8)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -113,8 +137,15 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     assert set(on_disk) >= {"results", "thresholds"}
     assert {(r["score"], r["ood_set"]) for r in on_disk["results"]} == {
         (s, n) for s in ood.SCORES for n in ("noise", "inverted", "mass")}
-    assert all(0 <= r["auroc"] <= 1 and 0 <= r["fpr95"] <= 1 for r in report["results"])
     assert set(on_disk["thresholds"]) == set(ood.SCORES)
+    saved = ood.OODDetector.load(ood.default_detector_path(checkpoint))
+    assert saved.thresholds == on_disk["thresholds"]
+    for r in on_disk["results"]:  # both kinds of rates, each in [0, 1]
+        rates = ("auroc", "refit_tpr", "refit_fpr", "deployed_tpr", "deployed_fpr")
+        assert all(0 <= r[key] <= 1 for key in rates), r
+        assert r["refit_tpr"] >= on_disk["tpr"]
+        # the deployed TPR is the test images the saved thresholds accept, the same for every set
+        assert r["deployed_tpr"] == pytest.approx(1 - on_disk["in_flagged_share"][r["score"]])
 
     import test as evaluate_cli
     result = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
