@@ -24,6 +24,8 @@ the findings are learnable but not trivial.
 API
     make_phantom(rng, label, size) -> (image, masks)
     make_phantom_with_info(rng, label, size) -> (image, masks, info)
+    make_phantom_with_info(rng, label, size, ctr_ranges={"normal": (lo, hi), ...})
+        # opt-in CTR ranges per class (rule_check.py's borderline hearts); default unchanged
     cardiothoracic_ratio(lungs, heart) -> float
     write_demo_dataset(out_dir, ...) -> Path     # fails if out_dir is non-empty
     ensure_demo_dataset(out_dir, ...) -> Path    # reuse if same parameters
@@ -397,7 +399,7 @@ def _describe_lesion(lesion: np.ndarray, lungs: np.ndarray, xb: np.ndarray) -> t
 
 
 def make_phantom_with_info(
-    rng: np.random.Generator, label: str, size: int
+    rng: np.random.Generator, label: str, size: int, ctr_ranges: dict | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """One synthetic PA chest X-ray of class ``label``.
 
@@ -406,6 +408,8 @@ def make_phantom_with_info(
     lesion is the finding region (empty for normal/cardiomegaly); info
     ``{"label", "ctr", "lesion_sides", "lesion_zones"}`` with CTR measured from the
     masks, and sides in PATIENT terms ("right" = image left) with one zone per side.
+    ``ctr_ranges`` ({label: (low, high)}, opt-in) replaces the CTR range the heart width is
+    drawn from for the labels it names; without it the phantoms are exactly the default ones.
     """
     if label not in CLASSES:
         raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
@@ -422,6 +426,8 @@ def make_phantom_with_info(
     lung_l = _lung_params(rng, drop=rng.uniform(0.04, 0.09))
     hemithorax = np.where(on_right, _lung_region(lung_r, a, yb, frame), _lung_region(lung_l, a, yb, frame))
     ctr_range = _CTR_CARDIOMEGALY if label == "cardiomegaly" else _CTR_NORMAL
+    if ctr_ranges is not None and label in ctr_ranges:  # opt-in: rule_check.py's borderline set
+        ctr_range = ctr_ranges[label]
     heart, heart_s = _heart_region(rng, rng.uniform(*ctr_range), lung_r, lung_l, xb, yb)
     # Aortic knob: a round bulge of the left upper mediastinum, indenting the left lung.
     knob_r = rng.uniform(0.08, 0.12)
