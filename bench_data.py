@@ -129,7 +129,7 @@ def run_data(args):
     notes = [f"transform: train.py's (resize to {config.img_size} x {config.img_size}"
              f"{', flip' if config.hflip else ''}); P x K = {config.labels_per_batch} x "
              f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers); "
-             f"cache: image_cache.py, longer side {image_cache.SCALE} x img size, filled by one untimed "
+             f"cache: image_cache.py, {image_cache.SCALE} x img size square, filled by one untimed "
              "pass (the first epoch)",
              f"train step: {bench.config_note(config)}, train.py's default flags on {args.device} "
              f"({bench.variant_label(default)})" + (f"; failed: {step['error']}" if "error" in step else ""),

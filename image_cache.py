@@ -1,13 +1,13 @@
 """A pre-resized image cache: decode each radiograph once, read a small copy afterwards.
 
     cache = ImageCache("cache/", img_size=384)       # train.py / test.py / ... --cache-dir cache/
-    image = cache.load("data/train/a.png", bit_depth=12)   # 8-bit PIL image ("L" when grey), longer side <= 432
+    image = cache.load("data/train/a.png", bit_depth=12)   # 8-bit PIL image ("L" when grey), 432 x 432
 
 Decoding and resizing a 1024 px radiograph costs 10-20 ms per core, every epoch; the training
 transform then throws most of those pixels away. The cache stores each image once, after
 images.load_image (so bit depth, DICOM windowing and inversion are exactly today's) and a
-shrink to a longer side of `SCALE` x img_size (aspect kept, never enlarged), as a .npy file (memory-
-mappable; read whole, it is small). The transform (resize to img_size, random crop, flip) then runs on that small
+resize to `SCALE` x img_size square (the transform squashes the film to a square anyway; never
+enlarged), as a .npy file (memory-mappable; read whole, it is small). The transform (resize to img_size, random crop, flip) then runs on that small
 copy: the same pixels as the uncached pipeline up to one extra bicubic resampling
 (tests/test_image_cache.py bounds the difference).
 
@@ -25,6 +25,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +35,25 @@ import utils
 from images import load_image
 
 VERSION = 1  # bump when what an entry holds changes, so old entries are not read
-SCALE = 1.125  # stored longer side / --img-size: room for the random resized crop
+SCALE = 1.125  # stored side / --img-size: room for the random resized crop
 STALE_TMP_SECONDS = 3600  # temporary files older than this belong to a killed run
 
 
-class CacheError(utils.RunStopped):
-    """An entry could not be written (a full disk): the run stops, the cache stays valid."""
-
-
 def cache_side(img_size, scale=SCALE):
-    """The longer side of a cached image for a model input of img_size."""
+    """The side of a cached (square) image for a model input of img_size."""
     return math.ceil(img_size * scale)
 
 
 def shrink(image, side):
-    """image resized (bicubic, aspect kept) so its longer side is `side`; smaller images as they are."""
-    width, height = image.size
-    if max(width, height) <= side:
+    """image resized (bicubic) to side x side; an image no larger than that, as it is.
+
+    Square, not aspect-preserving: build_transform squashes the whole film to img_size x
+    img_size anyway, so squashing first changes nothing in the geometry, while keeping the
+    aspect would leave a portrait film's short side below img_size (upsampled later, detail lost).
+    """
+    if max(image.size) <= side:
         return image
-    factor = side / max(width, height)
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return image.resize((side, side), Image.Resampling.BICUBIC)
 
 
 class ImageCache:
@@ -66,7 +65,9 @@ class ImageCache:
         except OSError as error:
             raise utils.UserError(f"--cache-dir {folder}: cannot create the cache folder ({error}); "
                                   "give a writable folder") from error
-        self._remove_stale_temporaries()
+        self._warned = False
+        if int(os.environ.get("RANK", 0)) == 0:  # one process lists the folder, not every rank
+            self._remove_stale_temporaries()
 
     def __repr__(self):
         return f"ImageCache({str(self.folder)!r}, side={self.side})"
@@ -97,15 +98,18 @@ class ImageCache:
         array = np.asarray(image)
         if array.ndim == 3 and (array == array[..., :1]).all():
             array = array[..., 0]  # a grey radiograph in RGB: one channel, a third of the bytes
-        file.parent.mkdir(exist_ok=True)
         tmp = file.with_name(f".{file.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
+            file.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as handle:
                 np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
             os.replace(tmp, file)
-        except OSError as error:
-            raise CacheError(f"cannot write the image cache entry {file} ({error}); free space in "
-                             f"{self.folder} or run without --cache-dir") from error
+        except OSError as error:  # a full disk or a read-only cache: the run goes on, uncached
+            if not self._warned:
+                warnings.warn(f"cannot write the image cache entry {file} ({error}); images that are "
+                              f"not cached yet are read from their files. Free space in {self.folder} "
+                              "or run without --cache-dir", stacklevel=2)
+                self._warned = True
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -138,6 +142,6 @@ def add_argument(parser):
     """--cache-dir, the same on every program that reads images."""
     parser.add_argument("--cache-dir", default=None,
                         help="pre-resized image cache: each image is decoded once and stored at "
-                        f"{SCALE}x --img-size (longer side) in DIR, later epochs and runs read that "
+                        f"{SCALE}x --img-size square in DIR, later epochs and runs read that "
                         "(entries follow the file's path, size and modification time; safe to share "
                         "between runs and DDP ranks)")

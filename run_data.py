@@ -35,7 +35,7 @@ def build_datasets(args, runtime):
     classes = train_set.classes
     bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
-    if args.val_image_list:
+    if separate_validation(vars(args)):
         val_format = LIST_FORMAT[getattr(args, "val_dataset", None) or args.dataset]
         val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, val_format,
                                    classes=classes, transform=eval_transform, bit_depth=bit_depth)
@@ -43,11 +43,22 @@ def build_datasets(args, runtime):
                                 classes=classes, transform=eval_transform, bit_depth=bit_depth)
     faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
     use_cache([train_set, val_set, test_set], getattr(args, "cache_dir", None), args.img_size)
-    if args.val_image_list is None and args.val_fraction > 0:
+    if val_set is None and args.val_fraction > 0:
         train_idx, val_idx = split_by_patient(train_set, args.val_fraction, args.seed)
         val_set = train_set.subset(val_idx, eval_transform)
         train_set = train_set.subset(train_idx, train_transform)
     return train_set, val_set, test_set
+
+
+def separate_validation(run):
+    """Whether the run (train.py's arguments as a dict) validates on data of its own rather than
+    a --val-fraction of the training list: a --val-image-list, or for a folder layout a
+    --val-dataset-dir other than the training folder (older runs recorded that as the default)."""
+    if run.get("val_image_list"):
+        return True
+    folder = LIST_FORMAT[run.get("val_dataset") or run["dataset"]] == "folder"
+    own_dir = run.get("val_dataset_dir")
+    return bool(folder and own_dir and Path(own_dir) != Path(run.get("dataset_dir") or ".") / "train")
 
 
 def use_cache(datasets, cache_dir, img_size):

@@ -240,11 +240,13 @@ def training_splits(checkpoint, log):
     args = run_data.recorded_run(checkpoint)
     if not args:
         return found, ["the checkpoint records no training lists (bare weights): not checked"]
-    list_format = LIST_FORMAT[args["dataset"]]
+    formats = {"train": LIST_FORMAT[args["dataset"]],
+               "validation": LIST_FORMAT[args.get("val_dataset") or args["dataset"]]}  # its own, if given
     candidates = [("train", Path(args.get("dataset_dir") or ".") / "train", args.get("train_image_list"))]
-    if args.get("val_image_list"):
-        candidates.append(("validation", args.get("val_dataset_dir"), args["val_image_list"]))
+    if run_data.separate_validation(args):
+        candidates.append(("validation", args.get("val_dataset_dir"), args.get("val_image_list")))
     for name, root, list_file in candidates:
+        list_format = formats[name]
         if (list_format != "folder" and not (list_file and Path(list_file).is_file())) or not Path(root).is_dir():
             notes.append(f"{name} list of the checkpoint ({list_file or root}) not found here: not checked")
             continue
@@ -331,6 +333,10 @@ def run(args, runtime):
     gallery_set = None
     if args.gallery_image_list or args.gallery_dataset_dir:
         gallery_format = LIST_FORMAT[args.gallery_dataset or args.dataset]
+        if gallery_format == "folder" and args.gallery_image_list:  # it would be silently ignored
+            raise SystemExit("error: a folder-layout gallery is read from --gallery-dataset-dir "
+                             "(<dir>/<label>/ images), no list; drop --gallery-image-list, or give "
+                             "the list's format with --gallery-dataset")
         if not (args.gallery_image_list or gallery_format == "folder") or not args.gallery_dataset_dir:
             raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
                              "--gallery-image-list (only the folder for --dataset folder)")

@@ -182,7 +182,13 @@ def resolve_args(args):
     if args.dataset == "demo":
         args.train_image_list = args.train_image_list or str(Path(args.dataset_dir) / "train_split.txt")
         args.test_image_list = args.test_image_list or str(Path(args.dataset_dir) / "test_split.txt")
-    args.val_dataset_dir = args.val_dataset_dir or str(Path(args.dataset_dir) / "train")
+    if LIST_FORMAT[args.val_dataset or args.dataset] == "folder":
+        if args.val_image_list:  # a folder layout is scanned: a list would be silently ignored
+            raise SystemExit("error: a folder-layout validation set is read from --val-dataset-dir "
+                             "(<dir>/<label>/ images), no list; drop --val-image-list, or give the "
+                             "list's format with --val-dataset")
+    else:
+        args.val_dataset_dir = args.val_dataset_dir or str(Path(args.dataset_dir) / "train")
     if not 0.0 <= args.val_fraction < 1.0:
         raise SystemExit(f"error: --val-fraction {args.val_fraction} must be at least 0 and below 1")
     args.batch_size = p * args.samples_per_label
