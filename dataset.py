@@ -114,7 +114,10 @@ def scan_folder(image_root):
     patients = {}
     for folder, prefix in ((image_root.parent, Path(image_root.name)), (image_root, Path())):
         if (folder / PATIENTS_FILE).is_file():
-            for filename, patient in read_patients(folder / PATIENTS_FILE).items():
+            for filename, (patient, line) in read_patients(folder / PATIENTS_FILE).items():
+                if not (folder / filename).is_file():  # a typo would silently make it its own patient
+                    raise DatasetError(f"{folder / PATIENTS_FILE}:{line}: {filename} is not a file under "
+                                       f"{folder}; file names are relative to the patients file's folder")
                 if Path(filename).parts[:len(prefix.parts)] == prefix.parts:
                     patients[str(Path(filename).relative_to(prefix))] = patient
     entries = []
@@ -127,7 +130,7 @@ def scan_folder(image_root):
 
 
 def read_patients(csv_file):
-    """{file name: patient id} from a CSV file with `filename` and `patient_id` columns."""
+    """{file name: (patient id, line)} from a CSV file with `filename` and `patient_id` columns."""
     with open(csv_file, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         missing = {"filename", "patient_id"} - set(reader.fieldnames or [])
@@ -139,7 +142,7 @@ def read_patients(csv_file):
             filename, patient = (row["filename"] or "").strip(), (row["patient_id"] or "").strip()
             if not filename or not patient:
                 raise DatasetError(f"{csv_file}:{reader.line_num}: empty filename or patient_id")
-            patients[str(Path(_check_relative(filename, f"{csv_file}:{reader.line_num}")))] = patient
+            patients[str(Path(_check_relative(filename, f"{csv_file}:{reader.line_num}")))] = (patient, reader.line_num)
     return patients
 
 

@@ -80,15 +80,18 @@ def export_safetensors(checkpoint, out):
     out = Path(out)
     if out.suffix != ".safetensors":
         raise utils.UserError(f"--out {out}: name the file *.safetensors")
+    sidecar = out.with_suffix(".json")
+    if sidecar.name == "args.json":  # a run folder's own record: never overwritten by an export
+        raise utils.UserError(f"--out {out}: its JSON would overwrite the run's args.json; choose another name")
     description = {key: checkpoint[key] for key in METADATA_KEYS if key in checkpoint}
-    text = json.dumps(description, default=str)
+    # Numbers from numpy or torch become Python numbers; anything else would be a silent string.
+    text = json.dumps(description, default=lambda value: value.item() if hasattr(value, "item") else str(value))
     # safetensors refuses tensors that share memory; a copy of each is the simple way round.
     tensors = {key: value.detach().cpu().contiguous().clone()
                for key, value in utils.strip_wrapper_prefixes(checkpoint["model"]).items()}
     blob = save(tensors, metadata={METADATA_KEY: text})
     utils.atomic_write(out, lambda f: f.write(blob))
-    sidecar = out.with_suffix(".json")
-    utils.write_json(sidecar, description)
+    utils.write_json(sidecar, json.loads(text))
     return out, sidecar
 
 

@@ -3,7 +3,7 @@
     cache = ImageCache("cache/", img_size=384)       # train.py / test.py / ... --cache-dir cache/
     image = cache.load("data/train/a.png", bit_depth=12)   # 8-bit PIL image ("L" when grey), 432 x 432
 
-Decoding and resizing a 1024 px radiograph costs 10-20 ms per core, every epoch; the training
+Decoding and resizing a 1024 px radiograph costs 20-35 ms per core (BENCHMARKS.md), every epoch; the training
 transform then throws most of those pixels away. The cache stores each image once, after
 images.load_image (so bit depth, DICOM windowing and inversion are exactly today's) and a
 resize to `SCALE` x img_size square (the transform squashes the film to a square anyway; never

@@ -12,7 +12,8 @@ message) minutes into the first epoch. train.py now estimates the peak before tr
                                                 lists); on CUDA the memory allocated so far
 
 and stops with the flags to change when that exceeds what the device has free (CPU:
-MemAvailable of /proc/meminfo; CUDA: torch.cuda.mem_get_info). It is an estimate: allocator
+MemAvailable of /proc/meminfo, read before the probe and shared by the ranks on the machine;
+CUDA: torch.cuda.mem_get_info after emptying the cache). It is an estimate: allocator
 fragmentation and loader workers come on top, so the check also warns above 85%.
 """
 import os
@@ -66,24 +67,41 @@ def saved_activation_bytes(model, img_size, device, amp, images=2):
     return sum(storages.values()) / images
 
 
-def estimate(model, args, device):
-    """{"state", "activations", "held", "total", "available"} in bytes for a training batch."""
+def estimate(model, args, device, processes=1):
+    """{"state", "activations", "held", "total", "available"} in bytes for a training batch.
+    `processes`: training processes sharing this memory (DDP ranks on one machine's RAM)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # cached blocks are free for the run
+    available, held = available_bytes(device)  # before the probe, whose activations are freed after
     parameters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = 3 * parameters  # gradients and AdamW's two moments beside the weights (in "held")
     per_image = saved_activation_bytes(model, args.img_size, device, args.amp)
     activations = per_image * args.batch_size * TEMPORARIES
-    available, held = available_bytes(device)
-    return {"state": state, "activations": activations, "held": held,
-            "total": held + state + activations, "available": None if available is None else available + held}
+    total = (held + state + activations) * processes
+    return {"state": state, "activations": activations, "held": held, "total": total,
+            "available": None if available is None else available + held * processes}
 
 
-def check(model, args, device, log=print):
-    """Log the estimate; a UserError naming the flags to change when it does not fit."""
-    numbers = estimate(model, args, device)
+def check(model, args, device, log=print, runtime=None):
+    """Log the estimate; a UserError naming the flags to change when it does not fit. Under DDP
+    every rank checks its own device (ranks on one CPU machine share its RAM) and all stop
+    together when one would not fit, rather than the others waiting for it forever."""
+    processes = 1
+    if device.type != "cuda":
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    numbers = estimate(model, args, device, processes)
+    fits = numbers["available"] is None or numbers["total"] <= numbers["available"]
+    if runtime is not None and runtime.distributed:
+        verdict = torch.tensor([0.0 if fits else 1.0], device=device)
+        torch.distributed.all_reduce(verdict)
+        if verdict.item() and fits:
+            raise utils.UserError("another training process's memory estimate does not fit its device "
+                                  "(see its log); --no-memory-check skips the estimate")
     if numbers["available"] is None:
         return numbers
     where = "GPU" if device.type == "cuda" else "RAM"
-    line = (f"memory estimate: {numbers['total'] / GB:.1f} GB of {numbers['available'] / GB:.1f} GB {where} "
+    ranks = f" for {processes} processes" if processes > 1 else ""
+    line = (f"memory estimate{ranks}: {numbers['total'] / GB:.1f} GB of {numbers['available'] / GB:.1f} GB {where} "
             f"(held {numbers['held'] / GB:.1f}, gradients + AdamW {numbers['state'] / GB:.1f}, "
             f"activations of {args.batch_size} images at {args.img_size} px {numbers['activations'] / GB:.1f})")
     log(line)

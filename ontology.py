@@ -119,10 +119,10 @@ def reason(ontology, stats, predicted=None):
     not_evaluated = {}  # rule id -> the statistics it needs that this image lacks (no mask)
     for rule in ontology["rules"]:
         results = [_holds(condition, stats) for condition in rule["when"]]
+        if False in results:  # cannot fire, whatever the missing statistics would say
+            continue
         if None in results:
             not_evaluated[rule["id"]] = sorted({c["stat"] for c, r in zip(rule["when"], results) if r is None})
-            continue
-        if not all(results):
             continue
         values = {c["stat"]: stats[c["stat"]] for c in rule["when"]}
         limits = {f"{c['stat']}_limit": c["value"] for c in rule["when"]}

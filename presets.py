@@ -54,8 +54,9 @@ RECIPES = {
 }
 
 
-# --setup small on any data: the demo's backbones, size and training length (from scratch, for
-# a CPU), the data paths of the data set; P = 2 so that two classes make a batch.
+# --setup small on data other than the demo: the demo's backbones, size and training length
+# (from scratch, for a CPU), the data set's own paths, and P = 2 so that two classes make a
+# batch (the demo itself keeps its P = 5).
 SETUPS = ("paper", "small")
 DATA_KEYS = ("dataset_dir", "train_image_list", "test_image_list", "save_dir")
 SMALL_DEFAULTS = {**{k: v for k, v in DEMO_DEFAULTS.items() if k not in DATA_KEYS},

@@ -194,6 +194,9 @@ def run(args, runtime):
                 raise SystemExit(f"error: --resume {args.resume} is not a full training checkpoint "
                                  f"(no '{key}'); to fine-tune from bare weights, start a new run")
     elif runtime.is_main and metrics_log.exists() and not args.overwrite:
+        if warm_start is not None:
+            raise SystemExit(f"error: {save_dir} already holds a run ({metrics_log}) and a warm start "
+                             "from weights is a new run: choose another --save-dir, or pass --overwrite")
         raise SystemExit(f"error: {save_dir} already holds a run ({metrics_log}); continue it with "
                          "--resume <checkpoint>, choose another --save-dir, or pass --overwrite")
     if args.pretrained and checkpoint is None and warm_start is None:
@@ -251,8 +254,9 @@ def run(args, runtime):
 
     # ---------------------------------------------------------------- model and loss
     config = model_config(args)
-    if checkpoint is not None:
-        stored = {**LEGACY_CONFIG, **checkpoint["model_config"]}  # keys saved before they existed
+    source = checkpoint if checkpoint is not None else warm_start  # a warm start must fit the flags too
+    if source is not None:
+        stored = {**LEGACY_CONFIG, **source["model_config"]}  # keys saved before they existed
         asked = {**LEGACY_CONFIG, **config}
         if stored != asked:
             flags = {"name": "model", "branch_heads": "branch-loss-weight"}
@@ -266,6 +270,7 @@ def run(args, runtime):
                              f"{'; '.join(differ)}; give the checkpoint's values (a checkpoint "
                              "saved before --fusion existed: --fusion seed --vit-stem patch "
                              "--branch-loss-weight 0), or drop the contradicting flags")
+    if checkpoint is not None:
         # The loss is not in the model config, but continuing with another one is another run.
         loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing",
                      "branch_loss_weight")
@@ -284,7 +289,7 @@ def run(args, runtime):
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     raw_model = model  # what checkpoints hold: no DDP or compile wrappers
     if args.memory_check:  # before the first step: a clear stop instead of the kernel's kill
-        memory_check.check(model, args, runtime.device, log=lambda line: utils.log(runtime, line))
+        memory_check.check(model, args, runtime.device, lambda line: utils.log(runtime, line), runtime)
     criterion = build_criterion(args, len(classes)).to(runtime.device)
     branch_criteria = None
     if config.get("branch_heads"):

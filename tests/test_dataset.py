@@ -411,6 +411,10 @@ def test_folder_layout_takes_patients_from_a_patients_csv(tmp_path):
     train = ImageListDataset(tmp_path / "train", list_format="folder")
     assert train.patients == ["p1", "p1", "pneumonia/c.png"]
     assert ImageListDataset(tmp_path / "test", list_format="folder").patients == ["p2"]
+    (tmp_path / "patients.csv").write_text("filename,patient_id\ndata/train/normal/a.png,p1\n")  # wrong prefix
+    with pytest.raises(DatasetError, match=r"patients.csv:2: data/train/normal/a.png is not a file under"):
+        ImageListDataset(tmp_path / "train", list_format="folder")
+    (tmp_path / "patients.csv").unlink()
     (tmp_path / "train" / "patients.csv").write_text("filename,patient\nnormal/a.png,p9\n")
     with pytest.raises(DatasetError, match=r"patients.csv:1: the patients file needs columns"):
         ImageListDataset(tmp_path / "train", list_format="folder")

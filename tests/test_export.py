@@ -95,9 +95,11 @@ def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, c
     train.main(tiny_args(phantoms, tmp_path / "warm", "--epochs", "1", "--resume", str(out)))
     assert "warm start" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics(tmp_path / "warm")] == [0, 1]  # a new run from epoch 1
-    with pytest.raises(utils.UserError, match="does not fit the model"):  # other flags: named
+    with pytest.raises(SystemExit, match="was trained with another model: --embedding-dim 16"):
         train.main(tiny_args(phantoms, tmp_path / "other", "--epochs", "1", "--resume", str(out),
-                             "--embedding-dim", "8"))
+                             "--embedding-dim", "8"))  # other flags: named
+    with pytest.raises(SystemExit, match="a warm start from weights is a new run"):
+        train.main(tiny_args(phantoms, tmp_path / "warm", "--epochs", "1", "--resume", str(out)))
 
 
 def test_export_refuses_a_file_without_a_model_config(tmp_path):

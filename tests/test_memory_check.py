@@ -78,3 +78,22 @@ def test_the_paper_setup_stops_with_the_estimate_on_a_24_gb_machine(own_folder, 
     with pytest.raises(utils.UserError, match="would need about .* GB .*--setup small"):
         train.main(train.parse_args(["--dataset", "folder", "--no-pretrained", "--device", "cpu",
                                      "-p", "2", "--save-dir", str(tmp_path)]))
+
+
+def test_the_two_image_probe_predicts_what_a_training_batch_keeps(small_model):
+    """The estimate's activations (2 images in eval mode, x batch / 2) against what autograd keeps
+    for a real training forward of 16 images (train mode), counted the same way."""
+    per_image = memory_check.saved_activation_bytes(small_model, 32, torch.device("cpu"), "none")
+    weights = {t.untyped_storage().data_ptr() for t in [*small_model.parameters(), *small_model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    small_model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = small_model(torch.randn(16, 3, 32, 32))
+    del output
+    assert 0.7 < per_image * 16 / sum(kept.values()) < 1.3
