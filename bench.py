@@ -28,6 +28,7 @@ saying so; the other cases still run.
 """
 import argparse
 import datetime
+import functools
 import multiprocessing
 import os
 import platform
@@ -341,9 +342,7 @@ def metrics_case(algorithm, n, dim, classes, device):
     evaluate = seed_evaluate_retrieval if algorithm == "seed" else metrics.evaluate_retrieval
     if algorithm == "patients":  # the same-patient exclusion test.py applies: two films per patient
         groups = torch.arange(n, device=device) // 2
-
-        def evaluate(embeddings, labels):
-            return metrics.evaluate_retrieval(embeddings, labels, query_groups=groups)
+        evaluate = functools.partial(metrics.evaluate_retrieval, query_groups=groups)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

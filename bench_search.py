@@ -9,6 +9,18 @@ similarities), faiss's exact IndexFlatIP when faiss is installed (CPU only), the
 Each times the top-10 search --steps times and keeps the fastest; extra memory is the case's
 peak RSS during the searches above its resident memory once the gallery and the queries exist
 (on CUDA the peak allocated above the set-up's).
+
+    python bench.py search --ivf NLIST [--ivf-nprobe 1,4,16,64,128,256] [--search-n 10000000]
+
+With --ivf the suite measures the approximate faiss IVF path of retrieve.py (index --faiss-ivf
+NLIST, query --search faiss --nprobe N) instead (run_ivf; CPU, needs faiss): on a clustered
+float16 gallery (make_clustered_gallery: unit vectors around 5,000 Gaussian centres, not uniform
+noise, on which IVF would mean nothing), one fresh process (ivf_case) times retrieve.search's
+exact top-10 and keeps its neighbours, builds a faiss IndexIVFFlat the way
+retrieve.build_faiss_index does (rows added in float32 chunks, so only the float16 gallery and
+the index are resident), for each --ivf-nprobe times the IVF search and its recall@10 against the
+exact neighbours, then times the exact search again (a load change shows). Build
+time (training + adding), index bytes and peak RSS go in a second table.
 """
 import ctypes
 import time
@@ -142,6 +154,8 @@ def same_as(result, reference):
 
 
 def run_search(args):
+    if getattr(args, "ivf", None):
+        return run_ivf(args)
     device = torch.device(args.device)
     n, dim, queries = args.search_n, args.search_dim, args.search_queries
     repeats = bench.steps_for(args, "search")
@@ -201,3 +215,183 @@ def run_search(args):
     bench.report(args, "search", f"search: retrieve.search, exact top-{K} ({args.device})",
                  bench.markdown_table(header, table), notes)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# --ivf: the approximate faiss IVF path (retrieve.py index --faiss-ivf, query --search faiss)
+# --------------------------------------------------------------------------------------------
+IVF_CENTRES, IVF_SPREAD = 5000, 1.5  # the clustered gallery: see make_clustered_gallery
+IVF_TARGET_SIZE = (10_000_000, 256)  # gallery rows, dimension: the target is for this size
+IVF_TARGET_RECALL, IVF_TARGET_TIME = 0.95, 0.10  # recall@10 against exact, IVF time / exact time
+IVF_ADD_CHUNK = 262_144  # rows converted to float32 per index.add: 256 MB at D = 256
+
+
+def make_clustered_gallery(n, dim, queries, centres=IVF_CENTRES, spread=IVF_SPREAD):
+    """A float16 gallery (n, dim) and `queries` float32 queries with the cluster structure of
+    real embeddings (IVF on isotropic random vectors measures nothing), and the cluster of each:
+    (gallery, queries, gallery clusters int16, query clusters int16). `centres` unit centres
+    drawn uniformly on the sphere; each row picks a centre uniformly at random and is
+    normalize(centre + spread * g / sqrt(dim)), g standard normal, so its noise has about
+    `spread` times the centre's norm (spread 1.5, D = 256: a row's cosine to its centre is about
+    0.55, to another row of its cluster about 0.31, to a row of another cluster 0 +- 0.06). The
+    queries are drawn the same way from another random stream (not gallery rows). Made in
+    chunks: no float32 copy of the gallery."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(centres, dim, generator=generator)
+    centre /= centre.norm(dim=1, keepdim=True)
+
+    def draw(rows, generator):
+        cluster = torch.randint(centres, (rows,), generator=generator)
+        block = centre[cluster] + torch.randn(rows, dim, generator=generator) * (spread / dim ** 0.5)
+        return block / block.norm(dim=1, keepdim=True), cluster.to(torch.int16)
+
+    gallery = torch.empty(n, dim, dtype=torch.float16)
+    clusters = torch.empty(n, dtype=torch.int16)
+    for start in range(0, n, CHUNK):
+        gallery[start:start + CHUNK], clusters[start:start + CHUNK] = draw(min(CHUNK, n - start), generator)
+    query, query_clusters = draw(queries, torch.Generator().manual_seed(1))
+    return gallery, query, clusters, query_clusters
+
+
+def recall_at_k(found, exact):
+    """Mean over queries of |found row & exact row| / k: the share of each query's exact top k
+    (Q, k) that the approximate search returned in its top k (faiss's -1 padding never matches)."""
+    found, exact = np.asarray(found), np.asarray(exact)
+    hits = [len(np.intersect1d(f[f >= 0], e)) for f, e in zip(found, exact)]
+    return float(np.sum(hits)) / exact.size
+
+
+def _fastest(repeats, run):
+    best = None
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        best = min(best or (wall, cpu), (wall, cpu))
+    return best, out
+
+
+def ivf_case(n, dim, queries, nlist, nprobes, repeats):
+    """In one process, so that the times compare under the same load: retrieve.search's exact
+    top-K over the clustered gallery (the reference neighbours and time); a faiss IndexIVFFlat
+    built as retrieve.build_faiss_index builds it (inner-product quantizer, trained on the same
+    sample of 256 * nlist rows), but with the rows added in float32 chunks of the float16
+    gallery instead of one float32 copy of it; for each nprobe the IVF top-K time and recall@K;
+    then the exact search again (a change of the machine's load between shows as a difference)."""
+    import faiss
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    gallery, query, clusters, query_clusters = make_clustered_gallery(n, dim, queries)
+    (exact_seconds, exact_cpu), (_, exact) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
+    # how local the exact neighbours are: the share of them in the query's own cluster
+    in_cluster = float((clusters[exact] == query_clusters[:, None]).double().mean())
+    del clusters
+    before = reset_peak_rss()  # from here: the build's and the index's memory
+    start = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).permutation(n)[:256 * nlist]  # retrieve.build_faiss_index's
+    train = gallery[torch.from_numpy(np.sort(sample))].float().numpy()
+    del sample
+    index.train(train)
+    del train
+    train_seconds = time.perf_counter() - start
+    for row in range(0, n, IVF_ADD_CHUNK):
+        index.add(gallery[row:row + IVF_ADD_CHUNK].float().numpy())
+    build_seconds = time.perf_counter() - start
+    result = {"train_seconds": train_seconds, "add_seconds": build_seconds - train_seconds,
+              "build_seconds": build_seconds, "gallery_bytes": gallery.numel() * gallery.element_size(),
+              # the inverted lists (float32 vectors + int64 ids) and the quantizer's centroids
+              "index_bytes": index.ntotal * (index.code_size + 8) + nlist * dim * 4,
+              "build_extra_rss": proc_status("VmHWM") - before if before is not None else None,
+              "exact": [{"seconds": exact_seconds, "cpu_seconds": exact_cpu}], "in_cluster": in_cluster}
+    vectors = np.ascontiguousarray(query.numpy(), dtype=np.float32)
+    exact = exact.numpy()
+    rows = []
+    for nprobe in nprobes:
+        index.nprobe = nprobe
+        (seconds, cpu), (_, indices) = _fastest(repeats, lambda: index.search(vectors, K))
+        rows.append({"nprobe": nprobe, "seconds": seconds, "cpu_seconds": cpu,
+                     "recall": recall_at_k(indices, exact), "short": int((indices < 0).any(axis=1).sum())})
+    result["rows"] = rows
+    (seconds, cpu), _ = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
+    result["exact"].append({"seconds": seconds, "cpu_seconds": cpu})
+    result["peak_rss_all"] = proc_status("VmHWM")  # the whole process: gallery, index, searches
+    return result
+
+
+def run_ivf(args):
+    """`python bench.py search --ivf NLIST`: the faiss IVF path against the exact search."""
+    try:
+        import faiss
+    except ImportError:
+        raise SystemExit("error: --ivf needs faiss (pip install faiss-cpu)") from None
+    if args.device != "cpu":
+        raise SystemExit("error: --ivf measures faiss-cpu: use --device cpu")
+    n, dim, queries, nlist = args.search_n, args.search_dim, args.search_queries, args.ivf
+    if not 1 <= nlist <= n:
+        raise SystemExit(f"error: --ivf {nlist}: need 1 <= NLIST <= --search-n {n}")
+    nprobes = sorted({min(p, nlist) for p in args.ivf_nprobe})
+    repeats = bench.steps_for(args, "search")
+    result = bench.isolated(args.threads, ivf_case, n, dim, queries, nlist, nprobes, repeats)
+    at_target = (n, dim) == IVF_TARGET_SIZE
+    target = f"recall@{K} >= {IVF_TARGET_RECALL:g} at <= {IVF_TARGET_TIME:.0%} of the exact search's time"
+    header = ["search", "lists visited", "seconds", "cpu s", "time / exact", "cpu / exact", f"recall@{K}",
+              "queries short of k", "status"]
+    table, met = [], []
+    exact = min(result.get("exact", []), key=lambda r: r["seconds"], default=None)
+    for run, label in zip(result.get("exact", []), ("exact: retrieve.search", "exact, again")):
+        table.append([label, "all", f"{run['seconds']:.3f}", f"{run['cpu_seconds']:.2f}",
+                      f"{run['seconds'] / exact['seconds']:.3f}", f"{run['cpu_seconds'] / exact['cpu_seconds']:.3f}",
+                      "1.000", "", ""])
+    for row in result.get("rows", []):
+        row["vs_exact"] = row["seconds"] / exact["seconds"]
+        ok = row["recall"] >= IVF_TARGET_RECALL and row["vs_exact"] <= IVF_TARGET_TIME
+        met += [row] if ok else []
+        table.append([f"IVF nprobe {row['nprobe']}", f"{row['nprobe'] / nlist:.2%}", f"{row['seconds']:.3f}",
+                      f"{row['cpu_seconds']:.2f}", f"{row['vs_exact']:.3f}",
+                      f"{row['cpu_seconds'] / exact['cpu_seconds']:.3f}", f"{row['recall']:.3f}", row["short"],
+                      ("met" if ok else "no") if at_target else ""])
+    if "error" in result:
+        table.append(["exact + IVF", *[""] * (len(header) - 2), result["error"]])
+    text = bench.markdown_table(header, table)
+    if "build_seconds" in result:
+        build = [[f"{nlist:,}", f"{min(256 * nlist, n):,}", f"{result['train_seconds']:.1f}",
+                  f"{result['add_seconds']:.1f}", f"{result['build_seconds']:.1f}",
+                  f"{result['index_bytes'] / bench.MB:,.0f}",
+                  bench.fmt(result["build_extra_rss"], ",.0f", bench.MB), f"{result['peak_rss_all'] / bench.MB:,.0f}"]]
+        text += "\n\n" + bench.markdown_table(
+            ["nlist", "training rows", "train s", "add s", "build s", "index MB", "build extra MB",
+             "peak RSS MB"], build)
+    notes = [f"gallery {n:,} x {dim} float16 ({n * dim * 2 / bench.MB:,.0f} MB), clustered: {IVF_CENTRES:,} "
+             "unit centres uniform on the sphere, each row normalize(centre + "
+             f"{IVF_SPREAD:g} * g / sqrt({dim})) around a centre picked uniformly, g standard normal "
+             "(torch generator seed 0, made in chunks of 65,536 rows); "
+             f"{queries} float32 queries drawn the same way from seed 1 (not gallery rows); top-{K}"
+             + (f"; {result['in_cluster']:.1%} of the exact top-{K} neighbours are in their query's cluster"
+                if "in_cluster" in result else ""),
+             f"exact: retrieve.search; IVF: faiss {faiss.__version__} IndexIVFFlat, inner product, built as "
+             "retrieve.build_faiss_index builds it (trained on 256 x nlist rows sampled with numpy seed 0), "
+             f"rows added in float32 chunks of {IVF_ADD_CHUNK:,}; all in one process, the exact search "
+             "timed before the build and again after the IVF searches",
+             f"seconds: the fastest of {repeats} searches of all {queries} queries at once, cpu s its process "
+             "CPU time (all threads); time / exact, cpu / exact: against the faster exact run; "
+             f"recall@{K}: the share of the exact top {K} the IVF search returned, over all queries; "
+             f"queries short of k: queries whose visited lists held fewer than {K} rows",
+             "build s: train s (k-means on the sample) + add s (assigning and storing every row); index MB: "
+             "the inverted lists (float32 vectors + int64 ids) + the centroids; build extra MB: the "
+             "case's peak RSS during the build above its resident memory once the gallery existed and "
+             "the exact search had run; peak RSS MB: the whole case's (gallery, training sample, index, "
+             "searches)"]
+    runs = [run["seconds"] for run in result.get("exact", [])]
+    if len(runs) == 2 and abs(runs[0] - runs[1]) > 0.1 * max(runs):
+        notes.append(f"the exact search took {runs[0]:.2f} and {runs[1]:.2f} s before and after: the "
+                     "machine's load changed during the run; the time ratios are unreliable (cpu / exact "
+                     "less so)")
+    if at_target and "rows" in result:
+        notes.append(f"target ({target}): " + (
+            f"met at nprobe {', '.join(str(r['nprobe']) for r in met)}" if met else
+            "MISSED at every nprobe measured"))
+    bench.report(args, "search", f"search: faiss IVF (nlist {nlist:,}) vs exact top-{K} ({args.device})",
+                 text, notes)
+    return [{"nprobe": row["nprobe"], "seconds": row["seconds"], "recall": row["recall"],
+             "vs_exact": row["vs_exact"]} for row in result.get("rows", [])]
