@@ -16,11 +16,12 @@ With --ivf the suite measures the approximate faiss IVF path of retrieve.py (ind
 NLIST, query --search faiss --nprobe N) instead (run_ivf; CPU, needs faiss): on a clustered
 float16 gallery (make_clustered_gallery: unit vectors around 5,000 Gaussian centres, not uniform
 noise, on which IVF would mean nothing), one fresh process (ivf_case) times retrieve.search's
-exact top-10 and keeps its neighbours, builds a faiss IndexIVFFlat the way
-retrieve.build_faiss_index does (rows added in float32 chunks, so only the float16 gallery and
-the index are resident), for each --ivf-nprobe times the IVF search and its recall@10 against the
-exact neighbours, then times the exact search again (a load change shows). Build
-time (training + adding), index bytes and peak RSS go in a second table.
+exact top-10 and keeps its neighbours; builds a faiss IndexIVFFlat the way
+retrieve.build_faiss_index does, from the same rows made again in chunks after the gallery is
+freed (the gallery, the training sample and the float32 index are never all resident); for each
+--ivf-nprobe times the IVF search and its recall@10 against the exact neighbours; then times the
+exact search again (a load change shows). Build time (training + adding), index bytes and peak
+RSS go in a second table.
 """
 import ctypes
 import time
@@ -223,7 +224,25 @@ def run_search(args):
 IVF_CENTRES, IVF_SPREAD = 5000, 1.5  # the clustered gallery: see make_clustered_gallery
 IVF_TARGET_SIZE = (10_000_000, 256)  # gallery rows, dimension: the target is for this size
 IVF_TARGET_RECALL, IVF_TARGET_TIME = 0.95, 0.10  # recall@10 against exact, IVF time / exact time
-IVF_ADD_CHUNK = 262_144  # rows converted to float32 per index.add: 256 MB at D = 256
+
+
+def clustered_rows(n, dim, centres=IVF_CENTRES, spread=IVF_SPREAD):
+    """The clustered gallery of make_clustered_gallery chunk by chunk, as it is stored (float16),
+    without holding it: (start row, float16 rows (CHUNK, dim), their clusters int16) per chunk,
+    the same rows on every call. Then the queries: ("queries", draw, None), draw(count)."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(centres, dim, generator=generator)
+    centre /= centre.norm(dim=1, keepdim=True)
+
+    def draw(rows, generator):
+        cluster = torch.randint(centres, (rows,), generator=generator)
+        block = centre[cluster] + torch.randn(rows, dim, generator=generator) * (spread / dim ** 0.5)
+        return block / block.norm(dim=1, keepdim=True), cluster.to(torch.int16)
+
+    for start in range(0, n, CHUNK):
+        block, cluster = draw(min(CHUNK, n - start), generator)
+        yield start, block.half(), cluster
+    yield "queries", lambda count: draw(count, torch.Generator().manual_seed(1)), None
 
 
 def make_clustered_gallery(n, dim, queries, centres=IVF_CENTRES, spread=IVF_SPREAD):
@@ -235,21 +254,14 @@ def make_clustered_gallery(n, dim, queries, centres=IVF_CENTRES, spread=IVF_SPRE
     `spread` times the centre's norm (spread 1.5, D = 256: a row's cosine to its centre is about
     0.55, to another row of its cluster about 0.31, to a row of another cluster 0 +- 0.06). The
     queries are drawn the same way from another random stream (not gallery rows). Made in
-    chunks: no float32 copy of the gallery."""
-    generator = torch.Generator().manual_seed(0)
-    centre = torch.randn(centres, dim, generator=generator)
-    centre /= centre.norm(dim=1, keepdim=True)
-
-    def draw(rows, generator):
-        cluster = torch.randint(centres, (rows,), generator=generator)
-        block = centre[cluster] + torch.randn(rows, dim, generator=generator) * (spread / dim ** 0.5)
-        return block / block.norm(dim=1, keepdim=True), cluster.to(torch.int16)
-
+    chunks (clustered_rows): no float32 copy of the gallery."""
     gallery = torch.empty(n, dim, dtype=torch.float16)
     clusters = torch.empty(n, dtype=torch.int16)
-    for start in range(0, n, CHUNK):
-        gallery[start:start + CHUNK], clusters[start:start + CHUNK] = draw(min(CHUNK, n - start), generator)
-    query, query_clusters = draw(queries, torch.Generator().manual_seed(1))
+    for start, block, cluster in clustered_rows(n, dim, centres, spread):
+        if start == "queries":
+            query, query_clusters = block(queries)
+            break
+        gallery[start:start + len(block)], clusters[start:start + len(block)] = block, cluster
     return gallery, query, clusters, query_clusters
 
 
@@ -275,31 +287,48 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
     """In one process, so that the times compare under the same load: retrieve.search's exact
     top-K over the clustered gallery (the reference neighbours and time); a faiss IndexIVFFlat
     built as retrieve.build_faiss_index builds it (inner-product quantizer, trained on the same
-    sample of 256 * nlist rows), but with the rows added in float32 chunks of the float16
-    gallery instead of one float32 copy of it; for each nprobe the IVF top-K time and recall@K;
-    then the exact search again (a change of the machine's load between shows as a difference)."""
+    sample of 256 * nlist rows); for each nprobe the IVF top-K time and recall@K; then the exact
+    search again (a change of the machine's load between shows as a difference).
+
+    Memory: the float16 gallery is freed after the exact search and the index is fed the same
+    rows regenerated chunk by chunk (clustered_rows), so the gallery, the training sample and
+    the index (a float32 copy) are never all resident: at 10^7 x 256, 5.1 + 4.3 + 10.3 GB would
+    not fit beside anything else on a 24 GB machine. The index is freed before the gallery is
+    made again for the second exact search."""
     import faiss
     faiss.omp_set_num_threads(torch.get_num_threads())
     gallery, query, clusters, query_clusters = make_clustered_gallery(n, dim, queries)
     (exact_seconds, exact_cpu), (_, exact) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
     # how local the exact neighbours are: the share of them in the query's own cluster
     in_cluster = float((clusters[exact] == query_clusters[:, None]).double().mean())
-    del clusters
+    del gallery, clusters
+    setup_peak = proc_status("VmHWM")  # reset_peak_rss restarts the count
     before = reset_peak_rss()  # from here: the build's and the index's memory
-    start = time.perf_counter()
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = np.random.default_rng(0).permutation(n)[:256 * nlist]  # retrieve.build_faiss_index's
-    train = gallery[torch.from_numpy(np.sort(sample))].float().numpy()
+    # retrieve.build_faiss_index's sample, gathered chunk by chunk, converted to float32 as it does
+    sample = np.sort(np.random.default_rng(0).permutation(n)[:256 * nlist])
+    train, taken = np.empty((len(sample), dim), dtype=np.float32), 0
+    for start, block, _ in clustered_rows(n, dim):
+        if start == "queries":
+            break
+        rows = sample[np.searchsorted(sample, start):np.searchsorted(sample, start + len(block))] - start
+        train[taken:taken + len(rows)] = block[torch.from_numpy(rows)].float().numpy()
+        taken += len(rows)
     del sample
+    start_time = time.perf_counter()
     index.train(train)
+    train_seconds = time.perf_counter() - start_time
     del train
-    train_seconds = time.perf_counter() - start
-    for row in range(0, n, IVF_ADD_CHUNK):
-        index.add(gallery[row:row + IVF_ADD_CHUNK].float().numpy())
-    build_seconds = time.perf_counter() - start
-    result = {"train_seconds": train_seconds, "add_seconds": build_seconds - train_seconds,
-              "build_seconds": build_seconds, "gallery_bytes": gallery.numel() * gallery.element_size(),
+    add_seconds = 0.0
+    for start, block, _ in clustered_rows(n, dim):
+        if start == "queries":
+            break
+        vectors = block.float().numpy()  # the float16 gallery's rows, as float32
+        start_time = time.perf_counter()
+        index.add(vectors)
+        add_seconds += time.perf_counter() - start_time
+    result = {"train_seconds": train_seconds, "add_seconds": add_seconds, "build_seconds": train_seconds + add_seconds,
               # the inverted lists (float32 vectors + int64 ids) and the quantizer's centroids
               "index_bytes": index.ntotal * (index.code_size + 8) + nlist * dim * 4,
               "build_extra_rss": proc_status("VmHWM") - before if before is not None else None,
@@ -313,9 +342,11 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
         rows.append({"nprobe": nprobe, "seconds": seconds, "cpu_seconds": cpu,
                      "recall": recall_at_k(indices, exact), "short": int((indices < 0).any(axis=1).sum())})
     result["rows"] = rows
-    (seconds, cpu), _ = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
-    result["exact"].append({"seconds": seconds, "cpu_seconds": cpu})
-    result["peak_rss_all"] = proc_status("VmHWM")  # the whole process: gallery, index, searches
+    del index, quantizer
+    gallery, query, _, _ = make_clustered_gallery(n, dim, queries)
+    (seconds, cpu), (_, again) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
+    result["exact"].append({"seconds": seconds, "cpu_seconds": cpu, "same": bool((again.numpy() == exact).all())})
+    result["peak_rss_all"] = max(setup_peak, proc_status("VmHWM"))  # the whole case
     return result
 
 
@@ -371,17 +402,21 @@ def run_ivf(args):
                 if "in_cluster" in result else ""),
              f"exact: retrieve.search; IVF: faiss {faiss.__version__} IndexIVFFlat, inner product, built as "
              "retrieve.build_faiss_index builds it (trained on 256 x nlist rows sampled with numpy seed 0), "
-             f"rows added in float32 chunks of {IVF_ADD_CHUNK:,}; all in one process, the exact search "
-             "timed before the build and again after the IVF searches",
+             f"rows added in float32 chunks of {CHUNK:,}; all in one process: the exact search timed, "
+             "the gallery freed, the index built from the same rows made again chunk by chunk (never "
+             "the gallery and the index resident together), the IVF searches timed, the index freed, "
+             "the gallery made again and the exact search timed again" + ("" if result.get("exact", [{}])[-1].get("same", True)
+                else " (its neighbours DIFFER from the first run's: the gallery was not made the same)"),
              f"seconds: the fastest of {repeats} searches of all {queries} queries at once, cpu s its process "
              "CPU time (all threads); time / exact, cpu / exact: against the faster exact run; "
              f"recall@{K}: the share of the exact top {K} the IVF search returned, over all queries; "
              f"queries short of k: queries whose visited lists held fewer than {K} rows",
-             "build s: train s (k-means on the sample) + add s (assigning and storing every row); index MB: "
-             "the inverted lists (float32 vectors + int64 ids) + the centroids; build extra MB: the "
-             "case's peak RSS during the build above its resident memory once the gallery existed and "
-             "the exact search had run; peak RSS MB: the whole case's (gallery, training sample, index, "
-             "searches)"]
+             "build s: train s (index.train: k-means on the sample) + add s (the index.add calls: "
+             "assigning and storing every row; making the rows is not counted); index MB: the inverted "
+             "lists (float32 vectors + int64 ids) + the centroids; build extra MB: the case's peak RSS "
+             "from the start of the build (gallery freed) to its end: the training sample, then the "
+             "index; peak RSS MB: the whole case's (the largest of: gallery + exact search, training "
+             "sample, index + IVF searches, gallery made again + exact search)"]
     runs = [run["seconds"] for run in result.get("exact", [])]
     if len(runs) == 2 and abs(runs[0] - runs[1]) > 0.1 * max(runs):
         notes.append(f"the exact search took {runs[0]:.2f} and {runs[1]:.2f} s before and after: the "

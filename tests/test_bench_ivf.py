@@ -43,3 +43,4 @@ def test_cli_ivf_visiting_every_list_recalls_everything(tmp_path):
     assert "## search: faiss IVF (nlist 16) vs exact top-10 (cpu)" in text
     assert "--ivf 16 --ivf-nprobe 1,16,64" in text and "| IVF nprobe 16 | 100.00% |" in text
     assert "| 16 | 4,096 |" in text  # the build table: nlist, training rows
+    assert "| exact, again |" in text and "DIFFER" not in text  # the gallery made again is the same
