@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_CKPT := $(DEMO_DIR)/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
 
-.PHONY: demo test smoke install ablation ablation-models
+.PHONY: demo test smoke install ablation ablation-models saliency
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,8 @@ ablation: install
 # hybrid and its parts, 3 seeds each, paired against ConvNeXtV2 alone (about 1.5 hours on 2 cores).
 ablation-models: install
 	$(PYTHON) ablate.py --suite models
+
+# The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
+# demo checkpoint's validation phantoms, the winner on its test phantoms (about 10 minutes).
+saliency: install
+	$(PYTHON) saliency_selection.py --resume $(DEMO_CKPT) --mask-dir data/demo/masks --out $(DEMO_DIR)/saliency

@@ -342,7 +342,7 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
         rows.append({"nprobe": nprobe, "seconds": seconds, "cpu_seconds": cpu,
                      "recall": recall_at_k(indices, exact), "short": int((indices < 0).any(axis=1).sum())})
     result["rows"] = rows
-    del index, quantizer
+    index = quantizer = None  # freed before the gallery is made again
     gallery, query, _, _ = make_clustered_gallery(n, dim, queries)
     (seconds, cpu), (_, again) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
     result["exact"].append({"seconds": seconds, "cpu_seconds": cpu, "same": bool((again.numpy() == exact).all())})

@@ -1,5 +1,5 @@
-"""Explain a retrieval: where the model looks (Grad-CAM on both branches), what the lung and heart
-masks say about it, which radiological signs of ontology.json that supports, how much of the
+"""Explain a retrieval: which pixels make the query look like its finding (integrated gradients
+from the mean normal image, and each branch's layer map), what the lung and heart masks say about it, which radiological signs of ontology.json that supports, how much of the
 similarity each branch carries, and how faithful the map is.
 
 One image (overlays, a figure with the neighbours, explanation.json):
@@ -21,9 +21,16 @@ by id; rows whose Dice RCA (Mean) is below --min-mask-dice give null region stat
 
     python explain.py ... --chexmask MIMIC-CXR-JPG.csv.gz [--chexmask-id-column dicom_id]
 
-The gallery defaults to the checkpoint's training list. The Grad-CAM target (--target) is the
-mean gallery embedding of the predicted class (the neighbours' majority vote), or the query's
-k-th retrieved neighbour.
+The checkpoint's own validation or test images (choose settings on val, report on test; the
+gallery and the location prior then come from the training list less validation):
+
+    python explain.py --resume CKPT --split val --mask-dir DIR --out OUTDIR
+
+The gallery defaults to the checkpoint's training list. The map's target (--target) is by default
+the predicted class's mean gallery embedding (the neighbours' majority vote) minus the reference
+class's (--reference-class, "normal"), or that mean embedding alone, or the query's k-th
+neighbour; the map (--method) is by default integrated gradients from the reference class's mean
+gallery image (gradcam.py). saliency_selection.py chose these on validation phantoms.
 """
 import argparse
 import os
@@ -37,6 +44,7 @@ from torch.utils.data import DataLoader
 
 import chexmask
 import explain_figures
+import faithfulness
 import image_cache
 import localisation
 import masks as mask_sources
@@ -48,6 +56,8 @@ from dataset import ImageListDataset, build_transform, load_image
 from gradcam import METHODS, RetrievalGradCAM, default_layers
 from metrics import majority_vote
 from presets import DATASETS, LIST_FORMAT
+
+REFERENCE_IMAGES = 500  # gallery images averaged into the integrated-gradients reference image
 
 
 # ---------------------------------------------------------------------- gallery
@@ -97,65 +107,20 @@ def _weights(attribution):
     return {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
 
 
-# ---------------------------------------------------------------------- faithfulness
-@torch.inference_mode()
-def faithfulness(model, image, target, saliency, baselines, steps=16):
-    """Deletion and insertion curves (Petsiuk et al., 2018) of one image (3, H, W): the
-    similarity to `target` as the most salient pixels are removed (deletion) or restored
-    (insertion), in `steps` equal parts. Areas are taken over 0..1 on the x axis: a faithful map
-    has a smaller deletion and a larger insertion area than `baselines` ({name: (H, W) map},
-    scored the same way on the same image; see localisation.py for which)."""
-    # Deletion fills with the image's mean (removes the content), insertion starts from a
-    # blurred copy (a constant start would be out of distribution for every step).
-    grey = image.mean(dim=(1, 2), keepdim=True).expand_as(image)
-    blurred = F.avg_pool2d(image[None], 9, stride=1, padding=4, count_include_pad=False)[0]
-    target = F.normalize(target.float(), dim=0)
-    pixels = saliency.numel()
-    counts = torch.linspace(0, pixels, steps + 1).round().long()
-
-    def curve(ranking, start, end):
-        batch = []
-        for n in counts.tolist():
-            mask = torch.zeros(pixels, dtype=torch.bool)
-            mask[ranking[:n]] = True
-            mask = mask.view(1, *image.shape[-2:]).to(image.device)
-            batch.append(torch.where(mask, end, start))
-        return (model(torch.stack(batch)).float() @ target).tolist()
-
-    result = {}
-    for name, ranked in (("", saliency), *((f"{k}_", m) for k, m in baselines.items())):
-        # stable: flat regions of a map (a blob's tail) are taken in the same order every run
-        order = torch.argsort(torch.as_tensor(ranked, dtype=torch.float32).flatten().cpu(),
-                              descending=True, stable=True)
-        deletion, insertion = curve(order, image, grey), curve(order, blurred, image)
-        result[f"{name}deletion_auc"] = float(np.trapezoid(deletion, dx=1 / steps))
-        result[f"{name}insertion_auc"] = float(np.trapezoid(insertion, dx=1 / steps))
-        if not name:
-            result["deletion_curve"], result["insertion_curve"] = deletion, insertion
-    return result
-
-
-def add_faithfulness(ctx):
-    """Curves of the queued images (the first --faithfulness-images), once the whole list is
-    explained: the image-independent baseline is the mean map of the image's predicted class
-    over the *other* explained images (its own map would leak into it), or a centred Gaussian
-    when the class has no other image; the smooth random map is seeded by the image's position
-    in the list."""
-    for record, index, image, target, saliency in ctx["faithfulness_queue"]:
-        total, count = ctx["class_maps"][record["predicted"]]
-        if count > 1:
-            independent, kind = (total - saliency) / (count - 1), "class_mean_map"
-        else:
-            independent, kind = localisation.centred_blob(tuple(saliency.shape)), "centred_gaussian"
-        baselines = {"smooth_random": localisation.smooth_random_map(tuple(saliency.shape), seed=[0, index]),
-                     "image_independent": independent}
-        record["faithfulness"] = faithfulness(ctx["model"], image.to(ctx["device"]), target.to(ctx["device"]),
-                                              saliency, baselines, ctx["faithfulness_steps"])
-        record["faithfulness"]["image_independent_map"] = kind
-    ctx["faithfulness_queue"] = []
-
-
 # ---------------------------------------------------------------------- one batch of queries
+def explanation_targets(ctx, votes, neighbours):
+    """(B, D) embeddings the maps explain the similarity to (--target): the predicted class's
+    prototype; or, for contrast, that prototype minus the reference class's (the evidence for
+    the finding over a normal radiograph), the reference prototype itself for images predicted
+    as the reference class; or the query's k-th neighbour."""
+    if ctx["target"] == "prototype":
+        return ctx["prototypes"][votes]
+    if ctx["target"] == "contrast":
+        reference = ctx["prototypes"][ctx["reference"]]
+        return torch.where((votes == ctx["reference"])[:, None], reference, ctx["prototypes"][votes] - reference)
+    return ctx["gallery"][neighbours[:, ctx["neighbour_rank"] - 1]]
+
+
 def explain_batch(ctx, paths, labels=None, masks=None):
     """Records for images at `paths` (their original files); `masks` a list of dicts with
     lungs/heart/lesion bool arrays (and per-lung "sides"), None, or functions of the image's
@@ -167,10 +132,7 @@ def explain_batch(ctx, paths, labels=None, masks=None):
         embeddings = ctx["model"](images).float()
     scores, neighbours = (embeddings @ ctx["gallery"].T).topk(ctx["topk"], dim=1)
     votes = majority_vote(ctx["gallery_labels"][neighbours], len(ctx["classes"]))
-    if ctx["target"] == "prototype":
-        targets = ctx["prototypes"][votes]
-    else:
-        targets = ctx["gallery"][neighbours[:, ctx["neighbour_rank"] - 1]]
+    targets = explanation_targets(ctx, votes, neighbours)
     attribution = branch_attribution(ctx["model"], images, targets, ctx["branch_means"])
     maps = ctx["cam"](images, targets, branch_weights=_weights(attribution))
     records = []
@@ -208,7 +170,7 @@ def explain_batch(ctx, paths, labels=None, masks=None):
         total, count = ctx["class_maps"].get(predicted, (0, 0))
         ctx["class_maps"][predicted] = (total + fused, count + 1)  # the image-independent baseline
         if ctx["faithfulness_steps"] and ctx["faithfulness_left"] > 0:
-            ctx["faithfulness_left"] -= 1  # curves once the list is done (add_faithfulness)
+            ctx["faithfulness_left"] -= 1  # curves once the list is done (faithfulness.add_to_records)
             ctx["faithfulness_queue"].append((record, ctx["seen"] + i, images[i].cpu(), targets[i].cpu(), fused))
         if mask.get("lesion") is not None and mask["lesion"].any():
             record["lesion"] = localisation.lesion_check(full, mask, size, ctx["branches"], stats["top_zone"],
@@ -233,7 +195,7 @@ def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=Non
                 for rule in rules} for label in labels}
     if labels:
         out["vote_accuracy"] = float(np.mean([r["predicted"] == r["label"] for r in records]))
-    faithful = localisation.faithfulness_summary(records)
+    faithful = faithfulness.summary(records)
     if faithful:
         out["faithfulness"] = faithful
     shares = [r["branch_attribution"]["convnext_share"] for r in records
@@ -250,43 +212,115 @@ def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=Non
 # ---------------------------------------------------------------------- command line
 def build_context(args):
     utils.refuse_distributed("explain.py")
-    device = utils.setup_runtime(args.device).device
+    runtime = utils.setup_runtime(args.device)
+    device = runtime.device
     model, checkpoint, _ = utils.load_trained_model(args.resume, device)
     run = run_data.recorded_run(checkpoint)
     list_format = LIST_FORMAT[args.dataset or run.get("dataset", "covid")]
-    gallery_list = args.gallery_image_list or run.get("train_image_list")
-    gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
-    if not gallery_list or not gallery_dir:
-        raise utils.UserError(f"{args.resume} does not record its training list; give "
-                              "--gallery-image-list and --gallery-dataset-dir")
     classes = checkpoint["classes"]
-    transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
+    img_size = checkpoint["model_config"]["img_size"]
+    transform = build_transform(img_size, train=False)
     bit_depth = utils.data_bit_depth(checkpoint)  # 16-bit files scaled as in training
-    gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, transform,
-                               bit_depth=bit_depth or "auto")
-    run_data.use_cache([gallery], args.cache_dir, checkpoint["model_config"]["img_size"])
+    explained, fitting, gallery = split_sets(args, run, runtime, classes, list_format, bit_depth)
+    if gallery is None:
+        gallery_list = args.gallery_image_list or run.get("train_image_list")
+        gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
+        if not gallery_list or not gallery_dir:
+            raise utils.UserError(f"{args.resume} does not record its training list; give "
+                                  "--gallery-image-list and --gallery-dataset-dir")
+        gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto")
+    gallery.transform = transform
+    run_data.use_cache([gallery], args.cache_dir, img_size)
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = utils.class_prototypes(embeddings, labels, len(classes))
+    reference = reference_class(args, classes)
+    baseline = reference_image(gallery, None if reference is None else classes.index(reference))
     layers = default_layers(model, convnext_stage=args.convnext_stage)
-    cam = RetrievalGradCAM(model, layers, method=args.method)
+    cam = RetrievalGradCAM(model, layers, method=args.method, baseline=baseline.to(device),
+                           steps=args.ig_steps, smooth=args.smooth)
+    target = args.target if reference is not None else "prototype"
     return {"model": model, "device": device, "transform": transform, "classes": classes,
             "gallery": embeddings, "gallery_labels": labels, "gallery_paths": [str(p) for p in gallery.paths],
             "prototypes": prototypes, "branch_means": means, "cam": cam, "branches": list(layers) + ["fused"],
-            "topk": min(args.topk, len(gallery)), "target": args.target,
+            "topk": min(args.topk, len(gallery)), "target": target,
+            "reference": None if reference is None else classes.index(reference),
+            "saliency": {"method": args.method, "target": target, "reference_class": reference,
+                         "ig_baseline": (f"mean image of the gallery's {reference} images" if reference
+                                         else "mean image of the whole gallery (no reference class)")
+                         if args.method == "ig" else None,
+                         "ig_steps": args.ig_steps if args.method == "ig" else None,
+                         "smooth_px": args.smooth if args.method == "ig" else None},
             "neighbour_rank": min(args.neighbour_rank, len(gallery)),
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
             "faithfulness_left": args.faithfulness_images,
             "list_format": list_format, "names": None, "layers": layers, "salient": args.salient,
             "bit_depth": bit_depth or gallery.bit_depth, "seen": 0,
             "tolerances": localisation.tolerances(args.pointing_tolerance), "prior": None,
-            "class_maps": {}, "faithfulness_queue": []}
+            "class_maps": {}, "faithfulness_queue": [], "explained": explained, "fitting": fitting}
+
+
+def split_sets(args, run, runtime, classes, list_format, bit_depth):
+    """With --split: (images explained, images the location prior is fitted on, gallery or None)
+    from the checkpoint's own run. val: the validation images training held out, the prior and
+    the gallery from the rest of the training list (the explained images are in neither); test:
+    the run's test list, the prior from the training list less validation, the gallery as
+    without --split. Without --split: (None, None, None)."""
+    if not args.split:
+        return None, None, None
+    if not run.get("dataset_dir"):
+        raise utils.UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
+                              "and --dataset-dir instead")
+    train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth)
+    if args.split == "val":
+        if val_part is None:
+            raise utils.UserError(f"--split val: the run of {args.resume} held out no validation images "
+                                  "(--val-fraction 0); explain --split test or an --image-list")
+        gallery = None if args.gallery_image_list else train_part
+        return val_part, train_part, gallery
+    test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
+                            bit_depth=bit_depth or "auto")
+    return test, train_part, None
+
+
+def reference_class(args, classes):
+    """The class the contrast target and the IG reference image are taken from: --reference-class,
+    else "normal" when the checkpoint has it, else None (target falls back to the prototype, the
+    IG reference to the mean image of the whole gallery, with a note)."""
+    if args.reference_class:
+        if args.reference_class not in classes:
+            raise utils.UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
+                                  f"({', '.join(classes)})")
+        return args.reference_class
+    if "normal" in classes:
+        return "normal"
+    if args.method == "ig" or args.target == "contrast":
+        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class: the map's target "
+              "is the predicted class's prototype and integrated gradients start from the mean gallery image")
+    return None
+
+
+@torch.inference_mode()
+def reference_image(gallery, class_index, limit=REFERENCE_IMAGES):
+    """The mean transformed image (3, H, W) of up to `limit` gallery images of `class_index`
+    (evenly spaced in list order), or of the whole gallery when class_index is None: the
+    reference integrated gradients start from (what a normal radiograph looks like here)."""
+    indices = torch.arange(len(gallery)) if class_index is None else \
+        (gallery.targets == class_index).nonzero()[:, 0]
+    if len(indices) > limit:
+        indices = indices[torch.linspace(0, len(indices) - 1, limit).round().long()]
+    total = None
+    for i in indices.tolist():
+        image = gallery[i][0].float()
+        total = image if total is None else total + image
+    return total / len(indices)
 
 
 def main(args):
     if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
         raise utils.UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
-    if bool(args.image) == bool(args.image_list):
-        raise utils.UserError("give either --image (one radiograph) or --image-list with --dataset-dir")
+    if sum(map(bool, (args.image, args.image_list, args.split))) != 1:
+        raise utils.UserError("give one of --image (one radiograph), --image-list with --dataset-dir, or "
+                              "--split val|test (the checkpoint's own validation or test images)")
     if args.image_list and not args.dataset_dir:
         raise utils.UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
     if args.image and not Path(args.image).is_file():
@@ -295,12 +329,14 @@ def main(args):
                        ("--mask-dir", args.mask_dir), *(("--chexmask", c) for c in args.chexmask)):
         if path and not Path(path).exists():
             raise utils.UserError(f"{flag} {path}: no such file or folder")
-    if args.image_list and (args.lung_mask or args.heart_mask):
+    if not args.image and (args.lung_mask or args.heart_mask):
         raise utils.UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
                               "give --mask-dir or --chexmask")
     if args.chexmask and (args.lung_mask or args.heart_mask):
         raise utils.UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
                               "or as --chexmask rows, not both")
+    if args.ig_steps < 1 or args.smooth < 0:
+        raise utils.UserError(f"--ig-steps {args.ig_steps} must be >= 1 and --smooth {args.smooth} >= 0")
     if not 0.0 <= args.min_mask_dice <= 1.0:
         raise utils.UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
     if args.chexmask_id_column and not args.chexmask:
@@ -325,7 +361,8 @@ def main(args):
         reader = mask_sources.MaskReader(args, [args.image])
         ctx["names"] = [args.image]
         record, full, original = explain_batch(ctx, [args.image], masks=[reader.source(args.image)])[0]
-        add_faithfulness(ctx)
+        record["saliency"] = ctx["saliency"]
+        faithfulness.add_to_records(ctx)
         localisation.zone_prior_agreement([record], ctx["prior"])
         if record.get("masks") and not record["masks"]["used"]:
             print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
@@ -338,8 +375,8 @@ def main(args):
             print(sentence)
         print(f"wrote {out / 'explanation.json'} and the figures in {out}")
         return record
-    dataset = ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"], ctx["classes"],
-                               bit_depth=ctx["bit_depth"])  # as explain_batch loads them
+    dataset = ctx["explained"] or ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"],
+                                                   ctx["classes"], bit_depth=ctx["bit_depth"])
     ctx["prior"] = fit_location_prior(args, ctx, dataset.paths)
     records = []
     reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
@@ -359,10 +396,11 @@ def main(args):
     localisation.mismatched_hits(records, lambda name, size: read_lesion(args.mask_dir, name, size),
                                  ctx["tolerances"], ctx["branches"])
     zones_from = localisation.zone_prior_agreement(records, ctx["prior"])
-    add_faithfulness(ctx)
+    faithfulness.add_to_records(ctx)
     summary = {"images": records,
                "aggregate": aggregate(records, ctx["branches"], ctx["tolerances"], ctx["prior"], zones_from),
-               "layers": ctx["layers"], "target": args.target, "checkpoint": str(args.resume)}
+               "layers": ctx["layers"], "target": ctx["target"], "saliency": ctx["saliency"],
+               "split": args.split, "checkpoint": str(args.resume)}
     m = reader.summary()  # CheXmask: how many images had usable masks
     if m:
         summary["aggregate"]["masks"] = m
@@ -383,16 +421,21 @@ def read_lesion(mask_dir, name, size):
 
 
 def fit_location_prior(args, ctx, reporting_paths):
-    """The location prior (localisation.fit_prior) from --prior-image-list's lesion masks, or
-    None without that list. Refuses a list that shares an image with the reported ones: a prior
+    """The location prior (localisation.fit_prior) from the lesion masks of --prior-image-list,
+    or with --split and --mask-dir of the run's training images less validation; None
+    otherwise. Refuses a fitting list that shares an image with the reported ones: a prior
     fitted on the images it is compared on would flatter the baseline."""
-    if not args.prior_image_list:
+    if args.prior_image_list:
+        fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
+                                   ctx["classes"], bit_depth=None)  # only masks and sizes are read
+        fitted_on, flag = str(args.prior_image_list), "--prior-image-list"
+    elif ctx["fitting"] is not None and args.mask_dir:
+        fitting, fitted_on, flag = ctx["fitting"], "the run's training images less validation", "the fitting list"
+    else:
         return None
-    fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
-                               ctx["classes"], bit_depth=None)  # only masks and sizes are read
     shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
     if shared:
-        raise utils.UserError(f"--prior-image-list shares {len(shared)} images with the images explained "
+        raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "
                               f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "
                               "training or validation list")
     names = [str(p.relative_to(fitting.image_root)) for p in fitting.paths]
@@ -409,9 +452,8 @@ def fit_location_prior(args, ctx, reporting_paths):
 
     prior = localisation.fit_prior(samples(), ctx["tolerances"])
     if not prior["num_images"]:
-        raise utils.UserError(f"no image of --prior-image-list {args.prior_image_list} has a lesion mask "
-                              f"under {Path(args.mask_dir) / 'lesion'}")
-    prior["fitted_on"] = str(args.prior_image_list)
+        raise utils.UserError(f"no image of {fitted_on} has a lesion mask under {Path(args.mask_dir) / 'lesion'}")
+    prior["fitted_on"] = fitted_on
     return prior
 
 
@@ -449,6 +491,11 @@ def get_args_parser():
     parser.add_argument("--image", help="one radiograph to explain")
     parser.add_argument("--image-list", help="a list of radiographs to explain (batch mode)")
     parser.add_argument("--dataset-dir", help="folder of --image-list's images")
+    parser.add_argument("--split", choices=("val", "test"),
+                        help="explain the checkpoint's own validation images (the run's held-out part of "
+                        "its training list; gallery and location prior from the rest of it) or its test "
+                        "list (prior from the training list less validation): choose settings on val, "
+                        "report on test")
     parser.add_argument("--dataset", choices=DATASETS, help="list format (default: the checkpoint's)")
     parser.add_argument("--gallery-image-list", help="labelled gallery (default: the run's training list)")
     parser.add_argument("--gallery-dataset-dir", help="its folder (default: <run's dataset-dir>/train)")
@@ -467,13 +514,23 @@ def get_args_parser():
                         "(null region statistics, counted in the summary); 0 keeps all")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--topk", type=int, default=10, help="neighbours retrieved and voting")
-    parser.add_argument("--target", choices=("prototype", "neighbour"), default="prototype",
-                        help="Grad-CAM target: the predicted class's mean gallery embedding, or a neighbour")
+    parser.add_argument("--target", choices=("contrast", "prototype", "neighbour"), default="contrast",
+                        help="what the map explains the similarity to: contrast (default) = the predicted "
+                        "class's mean gallery embedding minus the reference class's (the prototype for "
+                        "images predicted as the reference), prototype = the predicted class's mean "
+                        "gallery embedding, neighbour = a retrieved neighbour (--neighbour-rank)")
+    parser.add_argument("--reference-class", help="the class of --target contrast and of the integrated-"
+                        "gradients reference image (default: normal, when the checkpoint has it)")
     parser.add_argument("--neighbour-rank", type=int, default=1, help="which neighbour, with --target neighbour")
     parser.add_argument("--convnext-stage", type=int, default=0, choices=range(4),
                         help="ConvNeXt stage the map is read from (stride 4 * 2**stage)")
-    parser.add_argument("--method", choices=METHODS, default="gradnorm",
-                        help="saliency from the layer's gradients (see gradcam.py)")
+    parser.add_argument("--method", choices=METHODS, default="ig",
+                        help="the fused map: ig (default) = integrated gradients on the pixels from the "
+                        "mean image of the reference class; gradnorm, gradcam, hirescam = from the "
+                        "branch layers' gradients (see gradcam.py); the branch maps are layer maps")
+    parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of --method ig")
+    parser.add_argument("--smooth", type=float, default=1.0,
+                        help="Gaussian smoothing of the --method ig map, sigma in input pixels (0: none)")
     parser.add_argument("--ontology", default=str(onto.DEFAULT_ONTOLOGY), help="ontology JSON")
     parser.add_argument("--salient", type=float, default=0.0,
                         help="region statistics over the pixels at or above this fraction of the map's "

@@ -42,6 +42,9 @@ def write_figure(path, image, maps, record, neighbour_maps):
     for i, (branch, saliency) in enumerate(maps.items(), start=1):
         axes[0, i].imshow(overlay(image, saliency))
         caption = TITLES.get(branch, branch)
+        if branch == "fused" and (record.get("saliency") or {}).get("method") == "ig":
+            reference = record["saliency"]["reference_class"]
+            caption = "integrated gradients\n" + (f"from the {reference} mean image" if reference else "whole model")
         if branch in ("convnext", "vit") and share.get(f"{branch}_share") is not None:
             caption += f"\n{share[f'{branch}_share']:.0%} of the similarity"
         axes[0, i].set_title(caption, fontsize=9)
@@ -82,6 +85,10 @@ def print_aggregate(aggregate):
             print(f"    pointing game within {100 * aggregate[key]['tolerance']:g}% of the width: "
                   f"{rate(game['map']['fused'])}; chance {rate(game['chance'])}, prior point "
                   f"{rate(game['prior_point'])}, other images' lesions {rate(game['mismatched']['fused'])}")
+        by_label = aggregate["pointing_game"]["by_label"]
+        print(f"    by class within {100 * aggregate['pointing_game']['tolerance']:g}%: ", end="")
+        print("; ".join(f"{label} {rate(s['map']['fused'])} (other lesions {rate(s['mismatched']['fused'])})"
+                        for label, s in by_label.items()))
         gain = aggregate["image_specific_gain"]
         print(f"  image-specific gain (own - other lesions): {diff(gain['overall'])}"
               + (f"; pneumonia {diff(gain['pneumonia'])}" if gain["pneumonia"] else ""))

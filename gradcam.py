@@ -6,19 +6,27 @@
 
 The score is the cosine similarity between the query's embedding and its target (a retrieved
 neighbour, or a class's mean gallery embedding); one forward and one backward pass give the
-activations A and gradients dS/dA of the chosen layers. Three ways to turn them into a map:
+activations A and gradients dS/dA of the chosen layers. Three ways to turn them into a map, and
+one map of the input pixels:
 
-- "gradnorm" (default): the norm over channels of dS/dA at each location: how strongly the
+- "gradnorm" (the class's default; retrieve.py --explain uses it): the norm over channels of dS/dA at each location: how strongly the
   similarity depends on the features there.
 - "gradcam": Selvaraju et al. (2017): channels weighted by their spatially averaged gradient,
   summed, rectified.
 - "hirescam": Draelos & Carin (2020): element-wise gradient x activation, summed, rectified.
+- "ig": integrated gradients (Sundararajan et al., 2017) on the input pixels, from a reference
+  image (`baseline`: explain.py gives the mean image of the reference class, "normal"): the
+  score's change from the reference to this image, shared out over the pixels that changed,
+  positive part, summed over channels, Gaussian-smoothed by `smooth` input pixels. It is one
+  map of the whole model (both branches through the fusion head): it becomes "fused"; the
+  branch maps stay gradnorm maps of their layers, from the same target.
 
-Why gradnorm by default, measured on the demo checkpoint (HYBRID_MODEL_GUIDE.md, Explanations):
-the phantoms' lesions replace dark lung air, so the model's evidence for a finding is largely
-the *absence* of its air-texture features where the lesion is. Activation-weighted maps
-(gradcam, hirescam) then light up the healthy lung around it (pointing game 5-11% against 31-36%
-for a random lung point), while the gradient magnitude peaks on the lesion.
+Which one explain.py uses by default was chosen on validation phantoms (saliency_selection.py;
+HYBRID_MODEL_GUIDE.md, Explanations): "ig" from the mean normal image towards the contrast
+"predicted class minus normal" finds the lesion of the image at hand, where the layer maps point
+where a finding usually lies. A layer map answers "where do the features matter", which on these
+phantoms is the lung fields; integrated gradients from a normal reference answer "which pixels,
+differing from a normal chest, make this image look like its finding".
 
 Written by hand (about sixty lines) instead of using pytorch-grad-cam: the target is a
 similarity between two embeddings rather than a class logit, the hybrid needs two layers of
@@ -37,7 +45,7 @@ Layers (`layers=` overrides; names of `model.named_modules()`):
 import torch
 import torch.nn.functional as F
 
-METHODS = ("gradnorm", "gradcam", "hirescam")
+METHODS = ("gradnorm", "gradcam", "hirescam", "ig")
 
 # Candidate layers per branch, first match wins: the hybrid's branches, or a baseline's one.
 CANDIDATES = {
@@ -65,11 +73,15 @@ def default_layers(model, convnext_stage=0):
 
 
 class RetrievalGradCAM:
-    def __init__(self, model, layers=None, vit_prefix_tokens=None, method="gradnorm"):
+    def __init__(self, model, layers=None, vit_prefix_tokens=None, method="gradnorm", baseline=None,
+                 steps=8, smooth=1.0):
         if method not in METHODS:
             raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
+        if method == "ig" and baseline is None:
+            raise ValueError("method 'ig' needs a baseline image (3, H, W): the reference it integrates from")
         self.model = model
         self.method = method
+        self.baseline, self.steps, self.smooth = baseline, steps, smooth
         self.layers = layers or default_layers(model)
         modules = dict(model.named_modules())
         missing = [name for name in self.layers.values() if name not in modules]
@@ -111,6 +123,10 @@ class RetrievalGradCAM:
             self.model.train(was_training)
         size = images.shape[-2:]
         maps = {branch: self._cam(activations[branch], gradients[branch], size) for branch in self.modules}
+        if self.method == "ig":
+            maps["fused"] = self._integrated_gradients(images.detach(), targets, amp_dtype)
+            maps["similarity"] = similarity.detach()
+            return maps
         weights = torch.stack([torch.as_tensor(branch_weights[b], dtype=torch.float32, device=images.device)
                                if branch_weights else torch.ones(len(images), device=images.device)
                                for b in maps])  # (branches, B)
@@ -118,6 +134,28 @@ class RetrievalGradCAM:
         maps["fused"] = _unit((weights[:, :, None, None] * torch.stack(list(maps.values()))).sum(0))
         maps["similarity"] = similarity.detach()
         return maps
+
+    def _integrated_gradients(self, images, targets, amp_dtype):
+        """(B, H, W) in [0, 1]: (x - x0) * the mean gradient of the similarity at `steps` points
+        on the straight path from the baseline x0 to x (midpoint rule), positive part, summed
+        over channels, smoothed. Written here (a dozen lines) rather than with captum: the score
+        is a similarity to a target, not a model output."""
+        baseline = self.baseline.to(images.device, images.dtype).expand_as(images)
+        targets = F.normalize(targets.float().to(images.device), dim=1)
+        total = torch.zeros_like(images)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for alpha in ((torch.arange(self.steps) + 0.5) / self.steps).tolist():
+                with torch.enable_grad(), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
+                                                         enabled=amp_dtype is not None):
+                    point = (baseline + alpha * (images - baseline)).requires_grad_(True)
+                    score = (self.model(point).float() * targets).sum()
+                    total += torch.autograd.grad(score, point)[0].float()
+        finally:
+            self.model.train(was_training)
+        attribution = ((images - baseline) * total / self.steps).sum(1, keepdim=True).clamp_min(0)
+        return _unit(gaussian_smooth(attribution, self.smooth)[:, 0])
 
     def _cam(self, activation, gradient, size):
         values, grads = activation.detach().float(), gradient.float()
@@ -132,6 +170,18 @@ class RetrievalGradCAM:
             cam = grads.norm(dim=1, keepdim=True)
         cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
         return _unit(cam)
+
+
+def gaussian_smooth(maps, sigma):
+    """(B, 1, H, W) maps blurred by a Gaussian of `sigma` pixels (separable, reflected edges);
+    sigma 0 leaves them as they are."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(3 * sigma))
+    kernel = torch.exp(-torch.arange(-radius, radius + 1, device=maps.device) ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
 def _token_grid(tokens):

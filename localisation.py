@@ -22,10 +22,7 @@ Rates come with 95% Wilson intervals (fractional counts, e.g. expected hits, are
 differences of paired per-image values (gains, faithfulness advantages) with a t interval over
 the per-image differences, since both numbers come from the same images.
 
-Faithfulness (deletion/insertion areas, explain.faithfulness) is compared with a smooth random
-map (Gaussian-blurred noise: removes contiguous regions as a saliency map does, unlike a
-per-pixel random order, which every smooth map beats) and an image-independent map (the mean map
-of the predicted class over the other explained images, or a centred Gaussian blob).
+Faithfulness (deletion and insertion against their own baselines) is in faithfulness.py.
 """
 from collections import Counter
 
@@ -284,48 +281,4 @@ def lesion_aggregate(records, branches, tolerance_keys, prior=None, zones_from=N
         "zones": prior["zones"] if prior else None, "zones_from": zones_from,
         "note": None if prior else "prior point not computed: no --prior-image-list (it is never fitted "
                                    "on the images that report)"}
-    return out
-
-
-# ---------------------------------------------------------------------- faithfulness baselines
-def smooth_random_map(shape, seed, sigma=SMOOTH_RANDOM_SIGMA):
-    """Gaussian-blurred white noise of `shape` (H, W), blur sigma a fraction of the width:
-    a map as smooth as a saliency map that knows nothing."""
-    noise = np.random.default_rng(seed).standard_normal(shape)
-    return ndimage.gaussian_filter(noise, sigma * shape[1], mode="reflect")
-
-
-def centred_blob(shape, sigma=BLOB_SIGMA):
-    """A Gaussian centred on the image: the image-independent map when no class mean exists."""
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    s = sigma * shape[1]
-    return np.exp(-(((rows - (shape[0] - 1) / 2) ** 2 + (cols - (shape[1] - 1) / 2) ** 2) / (2 * s * s)))
-
-
-def faithfulness_summary(records):
-    """Mean deletion/insertion areas of the maps and of both baselines over the same images,
-    each baseline's paired advantage (deletion: baseline - map; insertion: map - baseline;
-    positive = the map is more faithful), and whether the map beats each and both."""
-    curves = [r["faithfulness"] for r in records if "faithfulness" in r]
-    if not curves:
-        return None
-
-    def mean(key):
-        return float(np.mean([c[key] for c in curves]))
-
-    out = {"num_images": len(curves),
-           "image_independent_maps": dict(Counter(c["image_independent_map"] for c in curves)),
-           "map": {"deletion_auc": mean("deletion_auc"), "insertion_auc": mean("insertion_auc")}}
-    for base in ("smooth_random", "image_independent"):
-        deletion = paired_difference([c[f"{base}_deletion_auc"] for c in curves],
-                                     [c["deletion_auc"] for c in curves])
-        insertion = paired_difference([c["insertion_auc"] for c in curves],
-                                      [c[f"{base}_insertion_auc"] for c in curves])
-        out[base] = {"deletion_auc": mean(f"{base}_deletion_auc"), "insertion_auc": mean(f"{base}_insertion_auc"),
-                     "deletion_advantage": deletion, "insertion_advantage": insertion,
-                     "beaten": deletion["mean"] > 0 and insertion["mean"] > 0,
-                     "beaten_beyond_ci": all(d["ci95"] is not None and d["ci95"][0] > 0 for d in (deletion, insertion))}
-    out["beats_both"] = out["smooth_random"]["beaten"] and out["image_independent"]["beaten"]
-    out["beats_both_beyond_ci"] = (out["smooth_random"]["beaten_beyond_ci"]
-                                   and out["image_independent"]["beaten_beyond_ci"])
     return out

@@ -39,16 +39,17 @@ def test_maps_depend_on_the_weights_and_on_the_target(method):
     model = small_model()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     target_a, target_b = torch.randn(2, 16), torch.randn(2, 16)
-    maps = RetrievalGradCAM(model, method=method)(images, target_a)
+    baseline = torch.zeros(3, 64, 64) if method == "ig" else None  # ig integrates from a reference image
+    maps = RetrievalGradCAM(model, method=method, baseline=baseline)(images, target_a)
     assert set(maps) == {"convnext", "vit", "fused", "similarity"}
     for branch in ("convnext", "vit", "fused"):
         assert maps[branch].shape == (2, 64, 64) and torch.isfinite(maps[branch]).all()
         assert maps[branch].amax(dim=(1, 2)).allclose(torch.ones(2))  # scaled to a peak of 1
-    again = RetrievalGradCAM(model, method=method)(images, target_a)
+    again = RetrievalGradCAM(model, method=method, baseline=baseline)(images, target_a)
     assert torch.equal(maps["fused"], again["fused"])  # deterministic
-    other_target = RetrievalGradCAM(model, method=method)(images, target_b)
+    other_target = RetrievalGradCAM(model, method=method, baseline=baseline)(images, target_b)
     assert correlation(maps["fused"], other_target["fused"]) < 0.95
-    randomised = RetrievalGradCAM(small_model(seed=7), method=method)(images, target_a)
+    randomised = RetrievalGradCAM(small_model(seed=7), method=method, baseline=baseline)(images, target_a)
     assert correlation(maps["fused"], randomised["fused"]) < 0.9  # model-randomisation check
 
 
@@ -68,6 +69,55 @@ def test_layers_of_each_model_and_branch_weights():
     assert torch.allclose(only_conv["fused"], only_conv["convnext"])
     with pytest.raises(ValueError, match="saliency method"):
         RetrievalGradCAM(hybrid, method="occlusion")
+    with pytest.raises(ValueError, match="needs a baseline"):
+        RetrievalGradCAM(hybrid, method="ig")
+
+
+class RegionEmbedding(torch.nn.Module):
+    """Embedding = (mean of a 1 x 1 convolution over a fixed region, mean over the whole image):
+    along the target (1, 0) only the region's pixels matter."""
+
+    def __init__(self, region):
+        super().__init__()
+        self.region = region
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        torch.nn.init.constant_(self.conv.weight, 1.0)
+
+    def forward(self, x):
+        f = self.conv(x)
+        return torch.stack([f[:, 0][:, self.region].mean(1), f[:, 1].mean(dim=(1, 2))], dim=1)
+
+
+def test_integrated_gradients_credit_the_pixels_that_differ_from_the_reference_and_matter():
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[20:26, 4:10] = True
+    model = RegionEmbedding(region).eval()
+    baseline = torch.zeros(3, 32, 32)
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 21:25, 5:9] = 1.0  # brighter than the reference inside the region ...
+    image[:, :, 2:8, 20:28] = 5.0  # ... and far brighter outside it, where the target does not look
+    cam = RetrievalGradCAM(model, layers={"cnn": "conv"}, method="ig", baseline=baseline, steps=4, smooth=0)
+    maps = cam(image, torch.tensor([[1.0, 0.0]]))
+    fused = maps["fused"][0]
+    assert fused[21:25, 5:9].min() == pytest.approx(1.0) and fused[~region].max() == 0
+    # the same image as the reference: nothing differs, nothing is credited
+    same = RetrievalGradCAM(model, layers={"cnn": "conv"}, method="ig", baseline=image[0], smooth=0)
+    assert same(image, torch.tensor([[1.0, 0.0]]))["fused"].abs().max() == 0
+    smoothed = RetrievalGradCAM(model, layers={"cnn": "conv"}, method="ig", baseline=baseline, steps=4, smooth=2)
+    blurred = smoothed(image, torch.tensor([[1.0, 0.0]]))["fused"][0]
+    assert 0 < blurred[18, 7] < 1 and blurred.argmax() // 32 in range(21, 25)  # spread, same peak
+
+
+def test_contrast_target_is_the_finding_minus_the_reference_class():
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    ctx = {"target": "contrast", "prototypes": prototypes, "reference": 0}
+    votes = torch.tensor([2, 0, 1])
+    targets = explain.explanation_targets(ctx, votes, None)
+    assert torch.allclose(targets[0], prototypes[2] - prototypes[0])
+    assert torch.allclose(targets[1], prototypes[0])  # predicted as the reference: its own prototype
+    assert torch.allclose(targets[2], prototypes[1] - prototypes[0])
+    ctx["target"] = "prototype"
+    assert torch.equal(explain.explanation_targets(ctx, votes, None), prototypes[votes])
 
 
 def test_map_under_bf16_autocast_and_in_training_mode_model():
@@ -272,8 +322,15 @@ def test_explain_one_image_and_a_batch(trained, phantoms, tmp_path, capsys):  # 
 
 def test_explain_errors(trained, phantoms, tmp_path):  # noqa: F811
     base = ["--resume", str(trained), "--device", "cpu", "--workers", "0", "--out", str(tmp_path)]
-    with pytest.raises(train.utils.UserError, match="either --image"):
+    with pytest.raises(train.utils.UserError, match="give one of --image"):
         explain.main(explain.get_args_parser().parse_args(base))
+    with pytest.raises(train.utils.UserError, match="give one of --image"):
+        explain.main(explain.get_args_parser().parse_args([*base, "--split", "val", "--image",
+                                                           str(phantoms / "test" / "phantom_test_00000.png")]))
+    with pytest.raises(train.utils.UserError, match="--reference-class healthy: not a class"):
+        explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--reference-class", "healthy"]))
+    with pytest.raises(train.utils.UserError, match="--ig-steps 0"):
+        explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--ig-steps", "0"]))
     image = str(phantoms / "test" / "phantom_test_00000.png")
     with pytest.raises(train.utils.UserError, match="no such file"):
         explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--lung-mask", str(tmp_path / "x.png")]))
@@ -326,3 +383,29 @@ def test_peak_is_reported_in_the_original_files_pixels(trained, phantoms, tmp_pa
         "--gallery-dataset-dir", str(phantoms / "train")]))["cam"], explain.build_transform(64, train=False),
         [wide], torch.randn(1, 16), torch.device("cpu"))
     assert maps[0][1].shape == (120, 200)
+
+
+def test_explain_split_val_and_test_from_the_checkpoints_run(trained, phantoms, tmp_path):  # noqa: F811
+    import run_data
+    import utils
+    base = ["--resume", str(trained), "--device", "cpu", "--workers", "0", "--topk", "3",
+            "--faithfulness-steps", "0", "--mask-dir", str(phantoms / "masks"), "--save-overlays", "0"]
+    run = run_data.recorded_run(utils.load_checkpoint(trained))
+    train_part, val_part = run_data.training_splits(run, utils.Runtime(device=torch.device("cpu")),
+                                                    run["dataset"], run["dataset_dir"])
+    summary = explain.main(explain.get_args_parser().parse_args([*base, "--split", "val", "--out", str(tmp_path / "v")]))
+    val_names = [str(p.relative_to(val_part.image_root)) for p in val_part.paths]
+    assert [r["image"] for r in summary["images"]] == val_names and summary["split"] == "val"
+    val_files = {str(p) for p in val_part.paths}
+    # the gallery is the training list less validation: no image is its own neighbour
+    assert all(n["path"] not in val_files for r in summary["images"] for n in r["neighbours"])
+    assert summary["saliency"] == {"method": "ig", "target": "contrast", "reference_class": "normal",
+                                   "ig_baseline": "mean image of the gallery's normal images",
+                                   "ig_steps": 16, "smooth_px": 1.0}
+    summary = explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--out", str(tmp_path / "t")]))
+    assert len(summary["images"]) == 25 and summary["aggregate"]["num_with_lesion"] == 15
+    prior = summary["aggregate"]["location_prior"]
+    assert prior["fitted_on"] == "the run's training images less validation"
+    lesion_labels = {"pneumonia", "COVID-19", "effusion"}
+    fitted = sum(1 for t in train_part.targets.tolist() if train_part.classes[t] in lesion_labels)
+    assert sum(prior["num_fitting_images"].values()) == fitted < 18  # the 18 lesion phantoms less validation's

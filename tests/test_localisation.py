@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import explain
+import faithfulness
 import localisation as loc
 import regions
 
@@ -245,25 +246,25 @@ def test_a_map_of_the_pixels_the_model_uses_beats_both_baselines():
         image = torch.rand(3, 32, 32, generator=generator) * 0.2
         image[:, region] += 0.8
         truth = region.float() + 0.01 * torch.rand(32, 32, generator=generator)
-        baselines = {"smooth_random": loc.smooth_random_map((32, 32), seed=[0, index]),
-                     "image_independent": loc.centred_blob((32, 32))}
-        curves = explain.faithfulness(model, image, target, truth, baselines, steps=8)
+        baselines = {"smooth_random": faithfulness.smooth_random_map((32, 32), seed=[0, index]),
+                     "image_independent": faithfulness.centred_blob((32, 32))}
+        curves = faithfulness.curves(model, image, target, truth, baselines, steps=8)
         records.append({"faithfulness": {**curves, "image_independent_map": "centred_gaussian"}})
-    summary = loc.faithfulness_summary(records)
+    summary = faithfulness.summary(records)
     assert summary["beats_both"] and summary["beats_both_beyond_ci"]
     assert summary["map"]["deletion_auc"] < summary["smooth_random"]["deletion_auc"]
     assert summary["map"]["insertion_auc"] > summary["image_independent"]["insertion_auc"]
     # the opposite map (everything but the region first) loses to the random one
-    curves = explain.faithfulness(model, image, target, 1 - truth, baselines, steps=8)
+    curves = faithfulness.curves(model, image, target, 1 - truth, baselines, steps=8)
     assert curves["deletion_auc"] > curves["smooth_random_deletion_auc"]
 
 
 def test_faithfulness_baseline_maps():
-    a, b = loc.smooth_random_map((40, 40), [0, 1]), loc.smooth_random_map((40, 40), [0, 2])
-    assert np.array_equal(a, loc.smooth_random_map((40, 40), [0, 1])) and not np.allclose(a, b)
+    a, b = faithfulness.smooth_random_map((40, 40), [0, 1]), faithfulness.smooth_random_map((40, 40), [0, 2])
+    assert np.array_equal(a, faithfulness.smooth_random_map((40, 40), [0, 1])) and not np.allclose(a, b)
     # smooth: neighbouring pixels nearly equal, unlike white noise
     assert np.corrcoef(a[:, :-1].ravel(), a[:, 1:].ravel())[0, 1] > 0.9
-    blob = loc.centred_blob((41, 41))
+    blob = faithfulness.centred_blob((41, 41))
     assert np.unravel_index(blob.argmax(), blob.shape) == (20, 20)
 
 
@@ -277,10 +278,10 @@ def test_image_independent_map_is_the_class_mean_of_the_other_images():
     ctx = {"model": model, "device": torch.device("cpu"), "faithfulness_steps": 4,
            "class_maps": {"pneumonia": (maps[0] + maps[1], 2), "normal": (maps[2], 1)},
            "faithfulness_queue": [(r, i, images[i], target, maps[i]) for i, r in enumerate(records)]}
-    explain.add_faithfulness(ctx)
+    faithfulness.add_to_records(ctx)
     assert [r["faithfulness"]["image_independent_map"] for r in records] == \
         ["class_mean_map", "class_mean_map", "centred_gaussian"]
     assert ctx["faithfulness_queue"] == []
     # image 0's class mean leaves its own map out: it is image 1's map
-    alone = explain.faithfulness(model, images[0], target, maps[0], {"image_independent": maps[1]}, steps=4)
+    alone = faithfulness.curves(model, images[0], target, maps[0], {"image_independent": maps[1]}, steps=4)
     assert records[0]["faithfulness"]["image_independent_deletion_auc"] == alone["image_independent_deletion_auc"]

@@ -1,0 +1,52 @@
+"""saliency_selection.py: candidates run on the validation split, the winner alone on test."""
+import json
+
+import pytest
+
+import saliency_selection
+import train
+import utils
+from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
+
+
+def fake_row(gain):
+    return {"gain": gain}
+
+
+def test_the_highest_validation_gain_wins_and_ties_go_to_the_earlier_candidate():
+    assert saliency_selection.choose({"a": fake_row(0.1), "b": fake_row(0.3), "c": fake_row(0.2)}) == "b"
+    assert saliency_selection.choose({"a": fake_row(0.3), "b": fake_row(0.3)}) == "a"
+
+
+def test_selection_runs_candidates_on_val_and_only_the_winner_on_test(phantoms, tmp_path, monkeypatch):  # noqa: F811
+    # half the training list held out, so validation has lesion phantoms of every class to score
+    train.main(tiny_args(phantoms, tmp_path / "run", "--epochs", "1", "--img-size", "64", "--val-fraction", "0.5"))
+    monkeypatch.setattr(saliency_selection, "CANDIDATES", {
+        "gradnorm, prototype": ["--method", "gradnorm", "--target", "prototype"],
+        "ig, contrast": ["--method", "ig", "--target", "contrast", "--ig-steps", "2"]})
+    seen = []
+    real_run = saliency_selection.run
+    monkeypatch.setattr(saliency_selection, "run",
+                        lambda args, c, split, name: seen.append((split, name)) or real_run(args, c, split, name))
+    out = tmp_path / "selection"
+    chosen, validation, test = saliency_selection.main(saliency_selection.get_args_parser().parse_args([
+        "--resume", str(ckpt(tmp_path / "run", "best")), "--mask-dir", str(phantoms / "masks"),
+        "--out", str(out), "--device", "cpu"]))
+    assert seen == [("val", "gradnorm, prototype"), ("val", "ig, contrast"), ("test", chosen)]
+    assert chosen == max(validation, key=lambda n: validation[n]["gain"])
+    saved = json.loads((out / "selection.json").read_text())
+    assert saved["chosen"] == chosen and saved["flags"] == saliency_selection.CANDIDATES[chosen]
+    row = test[ckpt(tmp_path / "run", "best").stem]
+    assert row["images"] == 15 and -1 <= row["gain"] <= 1
+    text = (out / "selection.md").read_text()
+    assert f"**{chosen}**" in text and "| gradnorm, prototype |" in text and "pneumonia pointing" in text
+
+
+def test_selection_errors(tmp_path):
+    with pytest.raises(utils.UserError, match="--mask-dir"):
+        saliency_selection.main(saliency_selection.get_args_parser().parse_args([
+            "--resume", str(tmp_path / "x.pth"), "--mask-dir", str(tmp_path / "none"), "--out", str(tmp_path)]))
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(utils.UserError, match="no such checkpoint"):
+        saliency_selection.main(saliency_selection.get_args_parser().parse_args([
+            "--resume", str(tmp_path / "x.pth"), "--mask-dir", str(tmp_path / "masks"), "--out", str(tmp_path)]))
