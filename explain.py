@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 
 import chexmask
 import explain_figures
+import explain_inputs
 import faithfulness
 import image_cache
 import localisation
@@ -56,8 +56,6 @@ from dataset import ImageListDataset, build_transform, load_image
 from gradcam import METHODS, RetrievalGradCAM, default_layers
 from metrics import majority_vote
 from presets import DATASETS, LIST_FORMAT
-
-REFERENCE_IMAGES = 500  # gallery images averaged into the integrated-gradients reference image
 
 
 # ---------------------------------------------------------------------- gallery
@@ -221,7 +219,7 @@ def build_context(args):
     img_size = checkpoint["model_config"]["img_size"]
     transform = build_transform(img_size, train=False)
     bit_depth = utils.data_bit_depth(checkpoint)  # 16-bit files scaled as in training
-    explained, fitting, gallery = split_sets(args, run, runtime, classes, list_format, bit_depth)
+    explained, fitting, gallery = explain_inputs.split_sets(args, run, runtime, classes, list_format, bit_depth)
     if gallery is None:
         gallery_list = args.gallery_image_list or run.get("train_image_list")
         gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
@@ -233,8 +231,8 @@ def build_context(args):
     run_data.use_cache([gallery], args.cache_dir, img_size)
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = utils.class_prototypes(embeddings, labels, len(classes))
-    reference = reference_class(args, classes)
-    baseline = reference_image(gallery, None if reference is None else classes.index(reference))
+    reference = explain_inputs.reference_class(args, classes)
+    baseline = explain_inputs.reference_image(gallery, None if reference is None else classes.index(reference))
     layers = default_layers(model, convnext_stage=args.convnext_stage)
     cam = RetrievalGradCAM(model, layers, method=args.method, baseline=baseline.to(device),
                            steps=args.ig_steps, smooth=args.smooth)
@@ -257,62 +255,6 @@ def build_context(args):
             "bit_depth": bit_depth or gallery.bit_depth, "seen": 0,
             "tolerances": localisation.tolerances(args.pointing_tolerance), "prior": None,
             "class_maps": {}, "faithfulness_queue": [], "explained": explained, "fitting": fitting}
-
-
-def split_sets(args, run, runtime, classes, list_format, bit_depth):
-    """With --split: (images explained, images the location prior is fitted on, gallery or None)
-    from the checkpoint's own run. val: the validation images training held out, the prior and
-    the gallery from the rest of the training list (the explained images are in neither); test:
-    the run's test list, the prior from the training list less validation, the gallery as
-    without --split. Without --split: (None, None, None)."""
-    if not args.split:
-        return None, None, None
-    if not run.get("dataset_dir"):
-        raise utils.UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
-                              "and --dataset-dir instead")
-    train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth)
-    if args.split == "val":
-        if val_part is None:
-            raise utils.UserError(f"--split val: the run of {args.resume} held out no validation images "
-                                  "(--val-fraction 0); explain --split test or an --image-list")
-        gallery = None if args.gallery_image_list else train_part
-        return val_part, train_part, gallery
-    test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
-                            bit_depth=bit_depth or "auto")
-    return test, train_part, None
-
-
-def reference_class(args, classes):
-    """The class the contrast target and the IG reference image are taken from: --reference-class,
-    else "normal" when the checkpoint has it, else None (target falls back to the prototype, the
-    IG reference to the mean image of the whole gallery, with a note)."""
-    if args.reference_class:
-        if args.reference_class not in classes:
-            raise utils.UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
-                                  f"({', '.join(classes)})")
-        return args.reference_class
-    if "normal" in classes:
-        return "normal"
-    if args.method == "ig" or args.target == "contrast":
-        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class: the map's target "
-              "is the predicted class's prototype and integrated gradients start from the mean gallery image")
-    return None
-
-
-@torch.inference_mode()
-def reference_image(gallery, class_index, limit=REFERENCE_IMAGES):
-    """The mean transformed image (3, H, W) of up to `limit` gallery images of `class_index`
-    (evenly spaced in list order), or of the whole gallery when class_index is None: the
-    reference integrated gradients start from (what a normal radiograph looks like here)."""
-    indices = torch.arange(len(gallery)) if class_index is None else \
-        (gallery.targets == class_index).nonzero()[:, 0]
-    if len(indices) > limit:
-        indices = indices[torch.linspace(0, len(indices) - 1, limit).round().long()]
-    total = None
-    for i in indices.tolist():
-        image = gallery[i][0].float()
-        total = image if total is None else total + image
-    return total / len(indices)
 
 
 def main(args):
@@ -357,7 +299,7 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.image:
-        ctx["prior"] = fit_location_prior(args, ctx, [args.image])
+        ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, [args.image])
         reader = mask_sources.MaskReader(args, [args.image])
         ctx["names"] = [args.image]
         record, full, original = explain_batch(ctx, [args.image], masks=[reader.source(args.image)])[0]
@@ -377,7 +319,7 @@ def main(args):
         return record
     dataset = ctx["explained"] or ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"],
                                                    ctx["classes"], bit_depth=ctx["bit_depth"])
-    ctx["prior"] = fit_location_prior(args, ctx, dataset.paths)
+    ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, dataset.paths)
     records = []
     reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
     for start in range(0, len(dataset), args.batch_size):
@@ -393,7 +335,7 @@ def main(args):
                 explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
         print(f"  {len(records)}/{len(dataset)} explained", flush=True)
     # Baselines that need the whole list: other images' lesions, the class mean maps.
-    localisation.mismatched_hits(records, lambda name, size: read_lesion(args.mask_dir, name, size),
+    localisation.mismatched_hits(records, lambda name, size: explain_inputs.read_lesion(args.mask_dir, name, size),
                                  ctx["tolerances"], ctx["branches"])
     zones_from = localisation.zone_prior_agreement(records, ctx["prior"])
     faithfulness.add_to_records(ctx)
@@ -413,48 +355,6 @@ def main(args):
                                      if m["sides_swapped"] else ""))
     print(f"wrote {out / 'summary.json'}")
     return summary
-
-
-def read_lesion(mask_dir, name, size):
-    """The lesion mask of the image listed as `name`, at `size` (H, W)."""
-    return regions.load_mask(mask_sources.mask_file(mask_dir, "lesion", name), size)
-
-
-def fit_location_prior(args, ctx, reporting_paths):
-    """The location prior (localisation.fit_prior) from the lesion masks of --prior-image-list,
-    or with --split and --mask-dir of the run's training images less validation; None
-    otherwise. Refuses a fitting list that shares an image with the reported ones: a prior
-    fitted on the images it is compared on would flatter the baseline."""
-    if args.prior_image_list:
-        fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
-                                   ctx["classes"], bit_depth=None)  # only masks and sizes are read
-        fitted_on, flag = str(args.prior_image_list), "--prior-image-list"
-    elif ctx["fitting"] is not None and args.mask_dir:
-        fitting, fitted_on, flag = ctx["fitting"], "the run's training images less validation", "the fitting list"
-    else:
-        return None
-    shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
-    if shared:
-        raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "
-                              f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "
-                              "training or validation list")
-    names = [str(p.relative_to(fitting.image_root)) for p in fitting.paths]
-    # --lung-mask/--heart-mask belong to the one --image, not to the fitting images
-    reader = mask_sources.MaskReader(argparse.Namespace(**{**vars(args), "lung_mask": None, "heart_mask": None}), names)
-
-    def samples():
-        for name, path, target in zip(names, fitting.paths, fitting.targets.tolist()):
-            masks = reader.source(name) or {}
-            if callable(masks):  # CheXmask rows decode at the image's size
-                with Image.open(path) as image:
-                    masks = masks((image.height, image.width))
-            yield ctx["classes"][target], masks.get("lesion"), masks.get("lungs"), masks.get("sides")
-
-    prior = localisation.fit_prior(samples(), ctx["tolerances"])
-    if not prior["num_images"]:
-        raise utils.UserError(f"no image of {fitted_on} has a lesion mask under {Path(args.mask_dir) / 'lesion'}")
-    prior["fitted_on"] = fitted_on
-    return prior
 
 
 def neighbour_heatmaps(ctx, record, count):
@@ -485,7 +385,7 @@ def heatmaps(cam, transform, paths, targets, device, branch_means=None, bit_dept
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Explain retrievals: Grad-CAM on both branches, "
+    parser = argparse.ArgumentParser(description="Explain retrievals: integrated gradients and branch maps, "
                                      "region statistics, ontology rules, branch attribution")
     parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
     parser.add_argument("--image", help="one radiograph to explain")

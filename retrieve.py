@@ -201,6 +201,9 @@ def import_faiss():
     return faiss
 
 
+FAISS_ADD_CHUNK = 65536  # rows converted to float32 per index.add
+
+
 def build_faiss_index(index_dir, nlist):
     """An inverted-file index (faiss IndexIVFFlat, inner product) over the whole gallery, for
     galleries of many millions where the exact scan is too slow; approximate: a query searches
@@ -209,16 +212,19 @@ def build_faiss_index(index_dir, nlist):
     _, embeddings, _, _ = load_index(index_dir)
     if nlist > len(embeddings):
         raise utils.UserError(f"--faiss-ivf {nlist}: more clusters than the {len(embeddings)} images")
-    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    quantizer = faiss.IndexFlatIP(vectors.shape[1])  # kept referenced until the index is written
-    index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = np.random.default_rng(0).permutation(len(vectors))[:256 * nlist]  # faiss's own guideline
-    index.train(vectors[np.sort(sample)])
-    index.add(vectors)
+    dim = embeddings.shape[1]
+    quantizer = faiss.IndexFlatIP(dim)  # kept referenced until the index is written
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).permutation(len(embeddings))[:256 * nlist]  # faiss's own guideline
+    index.train(np.ascontiguousarray(embeddings[np.sort(sample)], dtype=np.float32))
+    # Rows go in as float32 chunks: the index is already a float32 copy of the gallery (10 GB at
+    # 10^7 x 256), a second whole copy to feed it would not fit beside it on most machines.
+    for start in range(0, len(embeddings), FAISS_ADD_CHUNK):
+        index.add(np.ascontiguousarray(embeddings[start:start + FAISS_ADD_CHUNK], dtype=np.float32))
     tmp = Path(index_dir) / f".{FAISS_FILE}.tmp{os.getpid()}"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, Path(index_dir) / FAISS_FILE)
-    return {"file": FAISS_FILE, "nlist": nlist, "count": len(vectors)}
+    return {"file": FAISS_FILE, "nlist": nlist, "count": len(embeddings)}
 
 
 def faiss_search(index_dir, manifest, queries, k, nprobe):

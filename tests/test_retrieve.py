@@ -262,6 +262,7 @@ def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa
     images = [str(phantoms / "test" / f"phantom_test_{i:05d}.png") for i in range(6)]
     query = ["query", "--index", str(out), "--resume", str(trained), *images, "--topk", "5", "--device", "cpu"]
     pytest.importorskip("faiss")  # an optional dependency; requirements_hybrid.txt installs it
+    monkeypatch.setattr(retrieve, "FAISS_ADD_CHUNK", 7)  # rows added in 5 float32 chunks, in order
     retrieve.main(index_argv(trained, phantoms, out, "--faiss-ivf", "4", "--chunk-size", "8"))
     assert retrieve.read_manifest(out)["faiss"]["count"] == 30
     exact = retrieve.main([*query, "--out", str(tmp_path / "e")])

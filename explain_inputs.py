@@ -1,0 +1,117 @@
+"""What explain.py explains, and against what: with --split, the checkpoint's own validation or
+test images with the gallery and the location-prior list that go with them; the reference class
+and its mean image (where integrated gradients start); the location prior fitted on lesion masks
+of a list that is never the reported one; the lesion masks read back for the mismatched baseline.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import localisation
+import masks as mask_sources
+import regions
+import run_data
+import utils
+from dataset import ImageListDataset
+
+REFERENCE_IMAGES = 500  # gallery images averaged into the integrated-gradients reference image
+
+
+def split_sets(args, run, runtime, classes, list_format, bit_depth):
+    """With --split: (images explained, images the location prior is fitted on, gallery or None)
+    from the checkpoint's own run. val: the validation images training held out, the prior and
+    the gallery from the rest of the training list (the explained images are in neither); test:
+    the run's test list, the prior from the training list less validation, the gallery as
+    without --split. Without --split: (None, None, None)."""
+    if not args.split:
+        return None, None, None
+    if not run.get("dataset_dir"):
+        raise utils.UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
+                              "and --dataset-dir instead")
+    train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth)
+    if args.split == "val":
+        if val_part is None:
+            raise utils.UserError(f"--split val: the run of {args.resume} held out no validation images "
+                                  "(--val-fraction 0); explain --split test or an --image-list")
+        gallery = None if args.gallery_image_list else train_part
+        return val_part, train_part, gallery
+    test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
+                            bit_depth=bit_depth or "auto")
+    return test, train_part, None
+
+
+def reference_class(args, classes):
+    """The class the contrast target and the IG reference image are taken from: --reference-class,
+    else "normal" when the checkpoint has it, else None (target falls back to the prototype, the
+    IG reference to the mean image of the whole gallery, with a note)."""
+    if args.reference_class:
+        if args.reference_class not in classes:
+            raise utils.UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
+                                  f"({', '.join(classes)})")
+        return args.reference_class
+    if "normal" in classes:
+        return "normal"
+    if args.method == "ig" or args.target == "contrast":
+        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class: the map's target "
+              "is the predicted class's prototype and integrated gradients start from the mean gallery image")
+    return None
+
+
+@torch.inference_mode()
+def reference_image(gallery, class_index, limit=REFERENCE_IMAGES):
+    """The mean transformed image (3, H, W) of up to `limit` gallery images of `class_index`
+    (evenly spaced in list order), or of the whole gallery when class_index is None: the
+    reference integrated gradients start from (what a normal radiograph looks like here)."""
+    indices = torch.arange(len(gallery)) if class_index is None else \
+        (gallery.targets == class_index).nonzero()[:, 0]
+    if len(indices) > limit:
+        indices = indices[torch.linspace(0, len(indices) - 1, limit).round().long()]
+    total = None
+    for i in indices.tolist():
+        image = gallery[i][0].float()
+        total = image if total is None else total + image
+    return total / len(indices)
+
+
+def fit_location_prior(args, ctx, reporting_paths):
+    """The location prior (localisation.fit_prior) from the lesion masks of --prior-image-list,
+    or with --split and --mask-dir of the run's training images less validation; None
+    otherwise. Refuses a fitting list that shares an image with the reported ones: a prior
+    fitted on the images it is compared on would flatter the baseline."""
+    if args.prior_image_list:
+        fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
+                                   ctx["classes"], bit_depth=None)  # only masks and sizes are read
+        fitted_on, flag = str(args.prior_image_list), "--prior-image-list"
+    elif ctx["fitting"] is not None and args.mask_dir:
+        fitting, fitted_on, flag = ctx["fitting"], "the run's training images less validation", "the fitting list"
+    else:
+        return None
+    shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
+    if shared:
+        raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "
+                              f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "
+                              "training or validation list")
+    names = [str(p.relative_to(fitting.image_root)) for p in fitting.paths]
+    # --lung-mask/--heart-mask belong to the one --image, not to the fitting images
+    reader = mask_sources.MaskReader(argparse.Namespace(**{**vars(args), "lung_mask": None, "heart_mask": None}), names)
+
+    def samples():
+        for name, path, target in zip(names, fitting.paths, fitting.targets.tolist()):
+            masks = reader.source(name) or {}
+            if callable(masks):  # CheXmask rows decode at the image's size
+                with Image.open(path) as image:
+                    masks = masks((image.height, image.width))
+            yield ctx["classes"][target], masks.get("lesion"), masks.get("lungs"), masks.get("sides")
+
+    prior = localisation.fit_prior(samples(), ctx["tolerances"])
+    if not prior["num_images"]:
+        raise utils.UserError(f"no image of {fitted_on} has a lesion mask under {Path(args.mask_dir) / 'lesion'}")
+    prior["fitted_on"] = fitted_on
+    return prior
+
+
+def read_lesion(mask_dir, name, size):
+    """The lesion mask of the image listed as `name`, at `size` (H, W)."""
+    return regions.load_mask(mask_sources.mask_file(mask_dir, "lesion", name), size)
