@@ -21,14 +21,15 @@ import explain
 import localisation
 import utils
 
-# name: explain.py flags. The first two are the layer maps of earlier releases.
+# name: explain.py flags, every setting spelled out (explain.py's defaults are this choice's
+# outcome, so they must not decide a candidate). The first two are the earlier releases' layer maps.
 CANDIDATES = {
     "gradnorm, prototype": ["--method", "gradnorm", "--target", "prototype"],
     "gradnorm, contrast": ["--method", "gradnorm", "--target", "contrast"],
-    "ig, prototype": ["--method", "ig", "--target", "prototype"],
-    "ig, contrast, smooth 0": ["--method", "ig", "--target", "contrast", "--smooth", "0"],
-    "ig, contrast, smooth 1": ["--method", "ig", "--target", "contrast", "--smooth", "1"],
-    "ig, contrast, smooth 2": ["--method", "ig", "--target", "contrast", "--smooth", "2"],
+    "ig, prototype": ["--method", "ig", "--target", "prototype", "--ig-steps", "8"],
+    "ig, contrast, smooth 0": ["--method", "ig", "--target", "contrast", "--smooth", "0", "--ig-steps", "8"],
+    "ig, contrast, smooth 1": ["--method", "ig", "--target", "contrast", "--smooth", "1", "--ig-steps", "8"],
+    "ig, contrast, smooth 2": ["--method", "ig", "--target", "contrast", "--smooth", "2", "--ig-steps", "8"],
     "ig, contrast, smooth 1, 16 steps": ["--method", "ig", "--target", "contrast", "--smooth", "1",
                                          "--ig-steps", "16"],
 }
