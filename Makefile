@@ -37,6 +37,6 @@ ablation-models: install
 	$(PYTHON) ablate.py --suite models
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
-# demo checkpoint's validation phantoms, the winner on its test phantoms (about 10 minutes).
+# demo checkpoint's validation phantoms, the winner on its test phantoms (about 8 minutes).
 saliency: install
 	$(PYTHON) saliency_selection.py --resume $(DEMO_CKPT) --mask-dir data/demo/masks --out $(DEMO_DIR)/saliency
