@@ -5,7 +5,7 @@
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
     python bench.py search [--search-n 1000000]                  # retrieve.search vs matmul + topk, memory
-    python bench.py search --ivf 4096 --search-n 10000000        # faiss IVF vs exact: recall@10, time, memory
+    python bench.py search --ivf 8192 --search-n 10000000        # faiss IVF vs exact: recall@10, time, memory
     python bench.py all                                          # all five in turn
 
     quick look:  python bench.py metrics --sizes 2000 --big 0 --no-write
@@ -86,7 +86,7 @@ date and the effective command. Numbers from a shared or busy machine say so in 
     python bench.py embed --device cuda --full    # embedding extraction
     python bench.py data --workers 0,2,8          # loader images/s vs the training step rate
     python bench.py search                        # retrieve.search: 1,000,000 x 256 float16, 100 queries
-    python bench.py search --ivf 4096 --search-n 10000000   # faiss IVF vs exact, recall@10 per nprobe
+    python bench.py search --ivf 8192 --search-n 10000000   # faiss IVF vs exact, recall@10 per nprobe
     python bench.py all --device cuda --full      # everything; add --compile for torch.compile rows
 
 Columns

@@ -227,16 +227,21 @@ def build_context(args):
             raise utils.UserError(f"{args.resume} does not record its training list; give "
                                   "--gallery-image-list and --gallery-dataset-dir")
         gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto")
+        if explained is not None:
+            explain_inputs.check_gallery(args, gallery, explained)
     gallery.transform = transform
     run_data.use_cache([gallery], args.cache_dir, img_size)
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = utils.class_prototypes(embeddings, labels, len(classes))
     reference = explain_inputs.reference_class(args, classes)
-    baseline = explain_inputs.reference_image(gallery, None if reference is None else classes.index(reference))
+    baseline = None
+    if args.method == "ig":  # the image integrated gradients start from
+        baseline = explain_inputs.reference_image(gallery, None if reference is None else classes.index(reference))
+        baseline = baseline.to(device)
     layers = default_layers(model, convnext_stage=args.convnext_stage)
-    cam = RetrievalGradCAM(model, layers, method=args.method, baseline=baseline.to(device),
-                           steps=args.ig_steps, smooth=args.smooth)
-    target = args.target if reference is not None else "prototype"
+    cam = RetrievalGradCAM(model, layers, method=args.method, baseline=baseline, steps=args.ig_steps,
+                           smooth=args.smooth)
+    target = "prototype" if args.target == "contrast" and reference is None else args.target
     return {"model": model, "device": device, "transform": transform, "classes": classes,
             "gallery": embeddings, "gallery_labels": labels, "gallery_paths": [str(p) for p in gallery.paths],
             "prototypes": prototypes, "branch_means": means, "cam": cam, "branches": list(layers) + ["fused"],
@@ -277,8 +282,13 @@ def main(args):
     if args.chexmask and (args.lung_mask or args.heart_mask):
         raise utils.UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
                               "or as --chexmask rows, not both")
-    if args.ig_steps < 1 or args.smooth < 0:
-        raise utils.UserError(f"--ig-steps {args.ig_steps} must be >= 1 and --smooth {args.smooth} >= 0")
+    if args.ig_steps < 1:
+        raise utils.UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
+    if args.smooth < 0:
+        raise utils.UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
+    if args.split and (args.dataset_dir or args.gallery_dataset_dir and not args.gallery_image_list):
+        raise utils.UserError("--split explains the checkpoint's recorded data: --dataset-dir goes with "
+                              "--image-list, --gallery-dataset-dir with --gallery-image-list")
     if not 0.0 <= args.min_mask_dice <= 1.0:
         raise utils.UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
     if args.chexmask_id_column and not args.chexmask:
@@ -372,13 +382,14 @@ def neighbour_heatmaps(ctx, record, count):
 
 def heatmaps(cam, transform, paths, targets, device, branch_means=None, bit_depth=None):
     """[(original PIL image, fused map at its resolution)] of the images at `paths`, each for
-    the similarity to its row of `targets`. For the hybrid, the fused map weights the branches
-    by their share of the similarity (branch_attribution against `branch_means`, by default the
-    mean pooled features of these images)."""
+    the similarity to its row of `targets`. The fused map is the cam's: with method "ig" the
+    whole model's; otherwise, for the hybrid, the branch maps weighted by their share of the
+    similarity (branch_attribution against `branch_means`, by default the mean pooled features
+    of these images)."""
     originals = [load_image(p, bit_depth) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
     targets = targets.to(device)
-    weights = fusion_weights(cam.model, images, targets, branch_means)
+    weights = None if cam.method == "ig" else fusion_weights(cam.model, images, targets, branch_means)
     fused = cam(images, targets, branch_weights=weights)["fused"]
     return [(img, F.interpolate(fused[i][None, None], size=(img.height, img.width), mode="bilinear",
                                 align_corners=False)[0, 0].cpu().numpy()) for i, img in enumerate(originals)]

@@ -35,17 +35,29 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
         if val_part is None:
             raise utils.UserError(f"--split val: the run of {args.resume} held out no validation images "
                                   "(--val-fraction 0); explain --split test or an --image-list")
-        gallery = None if args.gallery_image_list else train_part
+        gallery = None if args.gallery_image_list else train_part  # another gallery: see check_gallery
         return val_part, train_part, gallery
     test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
                             bit_depth=bit_depth or "auto")
     return test, train_part, None
 
 
+def check_gallery(args, gallery, explained):
+    """--split val with a gallery of the user's (--gallery-image-list) must not hold the validation
+    images: each would be its own first neighbour and pull its class's prototype."""
+    if args.split != "val":
+        return
+    shared = {p.resolve() for p in gallery.paths} & {p.resolve() for p in explained.paths}
+    if shared:
+        raise utils.UserError(f"--gallery-image-list shares {len(shared)} images with the validation images "
+                              f"explained (e.g. {sorted(shared)[0]}); leave it out (the gallery is then the "
+                              "training list less validation) or give a list without them")
+
+
 def reference_class(args, classes):
     """The class the contrast target and the IG reference image are taken from: --reference-class,
-    else "normal" when the checkpoint has it, else None (target falls back to the prototype, the
-    IG reference to the mean image of the whole gallery, with a note)."""
+    else "normal" when the checkpoint has it, else None (--target contrast falls back to the
+    prototype, the IG reference to the mean image of the whole gallery, with a note)."""
     if args.reference_class:
         if args.reference_class not in classes:
             raise utils.UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
@@ -54,8 +66,10 @@ def reference_class(args, classes):
     if "normal" in classes:
         return "normal"
     if args.method == "ig" or args.target == "contrast":
-        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class: the map's target "
-              "is the predicted class's prototype and integrated gradients start from the mean gallery image")
+        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class (give one to "
+              "choose): " + "; ".join(part for part, used in (
+                  ("--target contrast falls back to the predicted class's prototype", args.target == "contrast"),
+                  ("integrated gradients start from the mean gallery image", args.method == "ig")) if used))
     return None
 
 
@@ -66,6 +80,11 @@ def reference_image(gallery, class_index, limit=REFERENCE_IMAGES):
     reference integrated gradients start from (what a normal radiograph looks like here)."""
     indices = torch.arange(len(gallery)) if class_index is None else \
         (gallery.targets == class_index).nonzero()[:, 0]
+    if len(indices) == 0:
+        name = "any class" if class_index is None else f"class '{gallery.classes[class_index]}'"
+        raise utils.UserError(f"the gallery holds no image of {name} to make the integrated-gradients "
+                              "reference image from; give --reference-class a class the gallery has, or "
+                              "a gallery (--gallery-image-list) with images of it")
     if len(indices) > limit:
         indices = indices[torch.linspace(0, len(indices) - 1, limit).round().long()]
     total = None
@@ -84,10 +103,10 @@ def fit_location_prior(args, ctx, reporting_paths):
         fitting = ImageListDataset(args.prior_dataset_dir, args.prior_image_list, ctx["list_format"],
                                    ctx["classes"], bit_depth=None)  # only masks and sizes are read
         fitted_on, flag = str(args.prior_image_list), "--prior-image-list"
-    elif ctx["fitting"] is not None and args.mask_dir:
+    elif ctx["fitting"] is not None and args.mask_dir and (Path(args.mask_dir) / "lesion").is_dir():
         fitting, fitted_on, flag = ctx["fitting"], "the run's training images less validation", "the fitting list"
     else:
-        return None
+        return None  # no fitting list, or no lesion masks (lungs and heart only): no prior point
     shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
     if shared:
         raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "

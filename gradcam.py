@@ -95,8 +95,9 @@ class RetrievalGradCAM:
     def __call__(self, images, targets, amp_dtype=None, branch_weights=None):
         """Maps of `images` (B, 3, H, W) for the similarity to `targets` (B, D); returns
         {branch: (B, H, W)} plus "fused", each in [0, 1] per image, and "similarity" (B,).
-        fused = the branches' maps weighted by `branch_weights` ({branch: (B,)}, e.g. each
-        branch's share of the similarity), equal weights by default."""
+        fused = with method "ig" the integrated-gradients map of the whole model
+        (`branch_weights` unused); otherwise the branches' maps weighted by `branch_weights`
+        ({branch: (B,)}, e.g. each branch's share of the similarity), equal weights by default."""
         activations = {}
 
         def keep(branch):
@@ -136,26 +137,15 @@ class RetrievalGradCAM:
         return maps
 
     def _integrated_gradients(self, images, targets, amp_dtype):
-        """(B, H, W) in [0, 1]: (x - x0) * the mean gradient of the similarity at `steps` points
-        on the straight path from the baseline x0 to x (midpoint rule), positive part, summed
-        over channels, smoothed. Written here (a dozen lines) rather than with captum: the score
-        is a similarity to a target, not a model output."""
-        baseline = self.baseline.to(images.device, images.dtype).expand_as(images)
-        targets = F.normalize(targets.float().to(images.device), dim=1)
-        total = torch.zeros_like(images)
+        """(B, H, W) in [0, 1]: integrated_gradients' attribution, positive part, summed over
+        channels, smoothed."""
         was_training = self.model.training
         self.model.eval()
         try:
-            for alpha in ((torch.arange(self.steps) + 0.5) / self.steps).tolist():
-                with torch.enable_grad(), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
-                                                         enabled=amp_dtype is not None):
-                    point = (baseline + alpha * (images - baseline)).requires_grad_(True)
-                    score = (self.model(point).float() * targets).sum()
-                    total += torch.autograd.grad(score, point)[0].float()
+            attribution = integrated_gradients(self.model, images, targets, self.baseline, self.steps, amp_dtype)
         finally:
             self.model.train(was_training)
-        attribution = ((images - baseline) * total / self.steps).sum(1, keepdim=True).clamp_min(0)
-        return _unit(gaussian_smooth(attribution, self.smooth)[:, 0])
+        return _unit(gaussian_smooth(attribution.sum(1, keepdim=True).clamp_min(0), self.smooth)[:, 0])
 
     def _cam(self, activation, gradient, size):
         values, grads = activation.detach().float(), gradient.float()
@@ -172,12 +162,31 @@ class RetrievalGradCAM:
         return _unit(cam)
 
 
+def integrated_gradients(model, images, targets, baseline, steps, amp_dtype=None):
+    """Per-pixel attribution (B, C, H, W) of the similarity to `targets` (B, D; normalised here),
+    (x - x0) * the mean gradient at `steps` points of the straight path from the baseline x0
+    (C, H, W) to x (midpoint rule). Its sum over the pixels approaches S(x) - S(x0) as the steps
+    grow (completeness, Sundararajan et al., 2017). Written here (a dozen lines) rather than with
+    captum: the score is a similarity to a target, not a model output."""
+    baseline = baseline.to(images.device, images.dtype).expand_as(images)
+    targets = F.normalize(targets.float().to(images.device), dim=1)
+    total = torch.zeros_like(images)
+    for alpha in ((torch.arange(steps) + 0.5) / steps).tolist():
+        with torch.enable_grad(), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
+                                                 enabled=amp_dtype is not None):
+            point = (baseline + alpha * (images - baseline)).requires_grad_(True)
+            score = (model(point).float() * targets).sum()
+            total += torch.autograd.grad(score, point)[0].float()
+    return (images - baseline) * total / steps
+
+
 def gaussian_smooth(maps, sigma):
     """(B, 1, H, W) maps blurred by a Gaussian of `sigma` pixels (separable, reflected edges);
     sigma 0 leaves them as they are."""
     if sigma <= 0:
         return maps
-    radius = max(1, int(3 * sigma))
+    # three sigmas, but reflect padding needs less than the map's side (a huge sigma: a flat map)
+    radius = max(1, min(int(3 * sigma), min(maps.shape[-2:]) - 1))
     kernel = torch.exp(-torch.arange(-radius, radius + 1, device=maps.device) ** 2 / (2 * sigma ** 2))
     kernel = (kernel / kernel.sum()).to(maps.dtype)
     maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))

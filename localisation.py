@@ -34,8 +34,6 @@ import regions
 DEFAULT_TOLERANCE = 0.05  # fraction of the image width (--pointing-tolerance)
 COMPARISON_TOLERANCE = 0.10  # the wider target reported beside it
 PRIOR_GRID = 256  # candidate fixed points: the centres of a PRIOR_GRID^2 grid over the image
-SMOOTH_RANDOM_SIGMA = 0.05  # of the map's width: blobs about the size of a lesion
-BLOB_SIGMA = 0.25  # of the map's width: the centred Gaussian, when no class mean map exists
 Z95 = 1.959963984540054
 
 
@@ -279,6 +277,6 @@ def lesion_aggregate(records, branches, tolerance_keys, prior=None, zones_from=N
         "fit_hit_rate": prior["fit_hit_rate"] if prior else None,
         "num_fitting_images": prior["num_images"] if prior else None,
         "zones": prior["zones"] if prior else None, "zones_from": zones_from,
-        "note": None if prior else "prior point not computed: no --prior-image-list (it is never fitted "
+        "note": None if prior else "prior point not computed: no --prior-image-list, and no --split with lesion masks (it is never fitted "
                                    "on the images that report)"}
     return out

@@ -26,7 +26,8 @@ A query writes `OUTDIR/results.json` ({"queries": [{"query", "label"?, "correct"
 "ood"?, "labelled"?}; neighbour paths are the image files as indexed; "label" and "correct" (vote
 == label) for queries of --image-list; the top-level "ood" and "labelled" count the flagged and
 the correctly voted queries), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query
-(contact_sheet.py; with --explain, each tile carries explain.py's heat map), and prints a table.
+(contact_sheet.py; with --explain, each tile carries a gradnorm heat map of the branch layers,
+fused by branch share: gradcam.py), and prints a table.
 The OOD guard is on by default where ood.py saved a detector beside the checkpoint
 (<checkpoint stem>_ood.pth): see ood_guard.py. For galleries of many millions, where the
 exact scan (linear in the gallery) is too slow: `index --faiss-ivf NLIST` adds an approximate
@@ -444,7 +445,8 @@ def get_args_parser():
                      help="flag queries the OOD detector of ood.py rejects; on by default when the "
                      "detector is there, --ood makes a missing or stale one an error, --no-ood turns it off")
     ask.add_argument("--explain", action="store_true",
-                     help="heat maps on the contact sheet (explain.py's saliency): the query's towards "
+                     help="heat maps on the contact sheet (gradcam.py's gradnorm maps of the branch layers, fused by "
+                          "branch share; explain.py's integrated gradients need gallery images): the query's towards "
                           "its vote's mean embedding, each neighbour's towards the query")
     ask.add_argument("--ood-detector", help="detector file, required when given (default "
                      "<checkpoint stem>_ood.pth, used when it exists)")

@@ -26,7 +26,7 @@ import utils
 CANDIDATES = {
     "gradnorm, prototype": ["--method", "gradnorm", "--target", "prototype"],
     "gradnorm, contrast": ["--method", "gradnorm", "--target", "contrast"],
-    "ig, prototype": ["--method", "ig", "--target", "prototype", "--ig-steps", "8"],
+    "ig, prototype": ["--method", "ig", "--target", "prototype", "--smooth", "1", "--ig-steps", "8"],
     "ig, contrast, smooth 0": ["--method", "ig", "--target", "contrast", "--smooth", "0", "--ig-steps", "8"],
     "ig, contrast, smooth 1": ["--method", "ig", "--target", "contrast", "--smooth", "1", "--ig-steps", "8"],
     "ig, contrast, smooth 2": ["--method", "ig", "--target", "contrast", "--smooth", "2", "--ig-steps", "8"],
@@ -35,8 +35,10 @@ CANDIDATES = {
 }
 
 
-def run(args, checkpoint, split, name):
-    out = Path(args.out) / Path(checkpoint).stem / split / name.replace(", ", "_").replace(" ", "")
+def run(args, checkpoint, split, name, key=None):
+    """explain.py on one split with one candidate's flags; the numbers of its aggregate (row).
+    Its output goes to <out>/<key, default the checkpoint's file stem>/<split>/<candidate>/."""
+    out = Path(args.out) / (key or Path(checkpoint).stem) / split / name.replace(", ", "_").replace(" ", "")
     argv = ["--resume", str(checkpoint), "--split", split, "--mask-dir", args.mask_dir, "--out", str(out),
             "--pointing-tolerance", str(args.pointing_tolerance), "--save-overlays", "0",
             "--device", args.device, *CANDIDATES[name]]
@@ -44,8 +46,9 @@ def run(args, checkpoint, split, name):
     aggregate = explain.main(explain.get_args_parser().parse_args(argv))["aggregate"]
     if (aggregate.get("image_specific_gain") or {}).get("overall") is None:
         raise utils.UserError(f"the {split} images of {checkpoint} hold fewer than two lesion images of a class "
-                              f"with masks under {Path(args.mask_dir) / 'lesion'}: the gain that chooses "
-                              "cannot be measured (a larger validation split: train.py --val-fraction)")
+                              f"with masks under {Path(args.mask_dir) / 'lesion'}: the gain cannot be measured ("
+                              + ("a larger validation split: train.py --val-fraction)" if split == "val" else
+                                 "a test list with more lesion images)"))
     return row(aggregate)
 
 
@@ -84,6 +87,9 @@ def table(title, rows, labels):
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
 
+    def per_label(r):  # a label without lesion images in this run: a dash
+        return "—" if r is None else f"{pct(r['pointing'])} / {pct(r['mismatched'])} / {pct(r['prior_point'])}"
+
     lines = [f"### {title}", "",
              "| map | gain (own - other lesions) | pointing | other lesions | prior point | "
              + " | ".join(f"{label} pointing / other / prior" for label in labels)
@@ -96,8 +102,7 @@ def table(title, rows, labels):
                     + (" beats both" if r["beats_both_beyond_ci"] else ""))
         lines.append(f"| {name} | {100 * r['gain']:+.1f}{ci} | {pct(r['pointing'])} | {pct(r['mismatched'])} | "
                      f"{pct(r['prior_point'])} | "
-                     + " | ".join(f"{pct(r['by_label'][label]['pointing'])} / {pct(r['by_label'][label]['mismatched'])}"
-                                  f" / {pct(r['by_label'][label]['prior_point'])}" for label in labels)
+                     + " | ".join(per_label(r["by_label"].get(label)) for label in labels)
                      + f" | {pct(r['zone'])} / {pct(r['zone_prior'])} | {deletion} |")
     return lines + [""]
 
@@ -108,10 +113,20 @@ def main(args):
     for checkpoint in [args.resume, *args.also]:
         if not Path(checkpoint).is_file():
             raise utils.UserError(f"{checkpoint}: no such checkpoint")
-    validation = {name: run(args, args.resume, "val", name) for name in CANDIDATES}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    validation, test = {}, {}
+    for name in CANDIDATES:
+        validation[name] = run(args, args.resume, "val", name)
+        utils.write_json(out / "selection.json", {"validation": validation})  # kept if a later run fails
     chosen = choose(validation)
-    test = {Path(c).stem: run(args, c, "test", chosen) for c in [args.resume, *args.also]}
-    labels = sorted(next(iter(validation.values()))["by_label"])
+    for checkpoint in [args.resume, *args.also]:
+        key = Path(checkpoint).stem
+        if key in test:  # two checkpoints of one name (runs in other folders): numbered
+            key = f"{key}_{len(test)}"
+        test[key] = run(args, checkpoint, "test", chosen, key)
+        utils.write_json(out / "selection.json", {"chosen": chosen, "validation": validation, "test": test})
+    labels = sorted({label for r in [*validation.values(), *test.values()] for label in r["by_label"]})
     gains = [r["gain"] for r in test.values()]
     lines = ["## Saliency chosen on validation, reported on test", "",
              f"Chosen on the validation split of `{args.resume}` by the image-specific gain at "
@@ -122,8 +137,6 @@ def main(args):
     if len(gains) > 1:
         lines += [f"Test gain over {len(gains)} checkpoints: mean {100 * np.mean(gains):+.1f}, "
                   f"range {100 * min(gains):+.1f} to {100 * max(gains):+.1f} points.", ""]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "selection.md").write_text("\n".join(lines), encoding="utf-8")
     utils.write_json(out / "selection.json", {"chosen": chosen, "flags": CANDIDATES[chosen],
                                               "validation": validation, "test": test,

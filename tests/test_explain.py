@@ -108,6 +108,38 @@ def test_integrated_gradients_credit_the_pixels_that_differ_from_the_reference_a
     assert 0 < blurred[18, 7] < 1 and blurred.argmax() // 32 in range(21, 25)  # spread, same peak
 
 
+def test_integrated_gradients_add_up_to_the_similarity_change_on_a_nonlinear_model():
+    from gradcam import integrated_gradients
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.Softplus(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    images, baseline = torch.randn(2, 3, 16, 16), torch.randn(3, 16, 16) * 0.1
+    targets = torch.randn(2, 4)
+    unit = torch.nn.functional.normalize(targets, dim=1)
+
+    def score(x):
+        with torch.no_grad():
+            return (model(x) * unit).sum(1)
+
+    change = score(images) - score(baseline.expand_as(images))
+    attribution = integrated_gradients(model, images, targets, baseline, steps=64)
+    assert attribution.shape == images.shape
+    assert torch.allclose(attribution.sum(dim=(1, 2, 3)), change, rtol=0.01, atol=1e-4)  # completeness
+    # one step is gradient x (x - x0) at the midpoint: not the integral on a curved model
+    one = integrated_gradients(model, images, targets, baseline, steps=1).sum(dim=(1, 2, 3))
+    assert not torch.allclose(one, change, rtol=0.01, atol=1e-4)
+    # from another baseline the attribution changes (the path starts where it is told)
+    other = integrated_gradients(model, images, targets, torch.zeros(3, 16, 16), steps=64)
+    assert not torch.allclose(other, attribution, atol=1e-4)
+
+
+def test_ig_map_under_bf16_autocast_keeps_the_mode_and_a_huge_smoothing_stays_finite():
+    model = small_model().train()
+    cam = RetrievalGradCAM(model, method="ig", baseline=torch.zeros(3, 64, 64), steps=2, smooth=500)
+    maps = cam(torch.randn(2, 3, 64, 64), torch.randn(2, 16), amp_dtype=torch.bfloat16)
+    assert torch.isfinite(maps["fused"]).all() and maps["fused"].shape == (2, 64, 64) and model.training
+
+
 def test_contrast_target_is_the_finding_minus_the_reference_class():
     prototypes = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     ctx = {"target": "contrast", "prototypes": prototypes, "reference": 0}
@@ -409,3 +441,36 @@ def test_explain_split_val_and_test_from_the_checkpoints_run(trained, phantoms, 
     lesion_labels = {"pneumonia", "COVID-19", "effusion"}
     fitted = sum(1 for t in train_part.targets.tolist() if train_part.classes[t] in lesion_labels)
     assert sum(prior["num_fitting_images"].values()) == fitted < 18  # the 18 lesion phantoms less validation's
+
+
+def test_reference_class_gallery_checks_and_split_without_a_recorded_run(phantoms, capsys):  # noqa: F811
+    import argparse
+    import explain_inputs
+    from dataset import ImageListDataset
+    classes = ["normal", "pneumonia", "COVID-19", "effusion", "cardiomegaly"]
+
+    def args(**kw):
+        return argparse.Namespace(**{"reference_class": None, "method": "ig", "target": "contrast", "split": None,
+                                     "resume": "ckpt.pth", **kw})
+
+    assert explain_inputs.reference_class(args(), classes) == "normal"
+    assert explain_inputs.reference_class(args(reference_class="effusion"), classes) == "effusion"
+    assert explain_inputs.reference_class(args(), ["No Finding", "Pneumonia"]) is None
+    assert "--target contrast falls back" in capsys.readouterr().out
+    assert explain_inputs.reference_class(args(method="gradnorm", target="neighbour"), ["a", "b"]) is None
+    assert capsys.readouterr().out == ""  # nothing falls back: nothing to say
+    gallery = ImageListDataset(phantoms / "test", phantoms / "test_split.txt", "covidx", classes)
+    normal = [i for i, t in enumerate(gallery.targets.tolist()) if t == 0]
+    gallery.transform = lambda image: torch.as_tensor(np.array(image.convert("L").resize((4, 4))),
+                                                      dtype=torch.float32).expand(3, 4, 4)
+    expected = torch.stack([gallery[i][0] for i in normal]).mean(0)  # the class's images only
+    assert torch.allclose(explain_inputs.reference_image(gallery, 0), expected)
+    assert not torch.allclose(explain_inputs.reference_image(gallery, None), expected)
+    without_normal = gallery.subset([i for i in range(len(gallery)) if i not in normal], gallery.transform)
+    with pytest.raises(train.utils.UserError, match="no image of class 'normal'"):
+        explain_inputs.reference_image(without_normal, 0)
+    with pytest.raises(train.utils.UserError, match="shares 5 images with the validation images"):
+        explain_inputs.check_gallery(args(split="val"), gallery, gallery.subset(normal))
+    explain_inputs.check_gallery(args(split="test"), gallery, gallery.subset(normal))  # test: the run's gallery
+    with pytest.raises(train.utils.UserError, match="does not record its run's data"):
+        explain_inputs.split_sets(args(split="val"), {}, None, classes, "covidx", None)

@@ -26,13 +26,15 @@ def test_selection_runs_candidates_on_val_and_only_the_winner_on_test(phantoms, 
         "ig, contrast": ["--method", "ig", "--target", "contrast", "--ig-steps", "2"]})
     seen = []
     real_run = saliency_selection.run
-    monkeypatch.setattr(saliency_selection, "run",
-                        lambda args, c, split, name: seen.append((split, name)) or real_run(args, c, split, name))
+    monkeypatch.setattr(saliency_selection, "run", lambda args, c, split, name, key=None:
+                        seen.append((split, name)) or real_run(args, c, split, name, key))
     out = tmp_path / "selection"
     chosen, validation, test = saliency_selection.main(saliency_selection.get_args_parser().parse_args([
         "--resume", str(ckpt(tmp_path / "run", "best")), "--mask-dir", str(phantoms / "masks"),
-        "--out", str(out), "--device", "cpu"]))
-    assert seen == [("val", "gradnorm, prototype"), ("val", "ig, contrast"), ("test", chosen)]
+        "--out", str(out), "--device", "cpu", "--also", str(ckpt(tmp_path / "run", "best"))]))
+    # the same checkpoint given twice: two test rows, neither overwriting the other
+    assert seen == [("val", "gradnorm, prototype"), ("val", "ig, contrast"), ("test", chosen), ("test", chosen)]
+    assert len(test) == 2 and len({r["gain"] for r in test.values()}) == 1
     assert chosen == max(validation, key=lambda n: validation[n]["gain"])
     saved = json.loads((out / "selection.json").read_text())
     assert saved["chosen"] == chosen and saved["flags"] == saliency_selection.CANDIDATES[chosen]
