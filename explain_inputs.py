@@ -42,12 +42,17 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
     return test, train_part, None
 
 
+def shared_images(paths, others):
+    """The files (resolved paths) in both lists: the same image listed under two names counts."""
+    return {Path(p).resolve() for p in paths} & {Path(p).resolve() for p in others}
+
+
 def check_gallery(args, gallery, explained):
     """--split val with a gallery of the user's (--gallery-image-list) must not hold the validation
     images: each would be its own first neighbour and pull its class's prototype."""
     if args.split != "val":
         return
-    shared = {p.resolve() for p in gallery.paths} & {p.resolve() for p in explained.paths}
+    shared = shared_images(gallery.paths, explained.paths)
     if shared:
         raise utils.UserError(f"--gallery-image-list shares {len(shared)} images with the validation images "
                               f"explained (e.g. {sorted(shared)[0]}); leave it out (the gallery is then the "
@@ -107,7 +112,7 @@ def fit_location_prior(args, ctx, reporting_paths):
         fitting, fitted_on, flag = ctx["fitting"], "the run's training images less validation", "the fitting list"
     else:
         return None  # no fitting list, or no lesion masks (lungs and heart only): no prior point
-    shared = {p.resolve() for p in fitting.paths} & {Path(p).resolve() for p in reporting_paths}
+    shared = shared_images(fitting.paths, reporting_paths)
     if shared:
         raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "
                               f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "

@@ -118,34 +118,29 @@ class RetrievalGradCAM:
                 names = list(activations)
                 grads = torch.autograd.grad(similarity.sum(), [activations[b] for b in names])
                 gradients = dict(zip(names, grads))
+            for handle in handles:  # before the integration's passes, which would overwrite them
+                handle.remove()
+            handles = []
+            attribution = None
+            if self.method == "ig":  # the model still in eval mode
+                attribution = integrated_gradients(self.model, images.detach(), targets, self.baseline,
+                                                   self.steps, amp_dtype)
         finally:
             for handle in handles:
                 handle.remove()
             self.model.train(was_training)
         size = images.shape[-2:]
         maps = {branch: self._cam(activations[branch], gradients[branch], size) for branch in self.modules}
-        if self.method == "ig":
-            maps["fused"] = self._integrated_gradients(images.detach(), targets, amp_dtype)
-            maps["similarity"] = similarity.detach()
-            return maps
-        weights = torch.stack([torch.as_tensor(branch_weights[b], dtype=torch.float32, device=images.device)
-                               if branch_weights else torch.ones(len(images), device=images.device)
-                               for b in maps])  # (branches, B)
-        weights = weights / weights.sum(0).clamp_min(1e-12)
-        maps["fused"] = _unit((weights[:, :, None, None] * torch.stack(list(maps.values()))).sum(0))
+        if attribution is not None:  # positive part, summed over channels, smoothed
+            maps["fused"] = _unit(gaussian_smooth(attribution.sum(1, keepdim=True).clamp_min(0), self.smooth)[:, 0])
+        else:
+            weights = torch.stack([torch.as_tensor(branch_weights[b], dtype=torch.float32, device=images.device)
+                                   if branch_weights else torch.ones(len(images), device=images.device)
+                                   for b in maps])  # (branches, B)
+            weights = weights / weights.sum(0).clamp_min(1e-12)
+            maps["fused"] = _unit((weights[:, :, None, None] * torch.stack(list(maps.values()))).sum(0))
         maps["similarity"] = similarity.detach()
         return maps
-
-    def _integrated_gradients(self, images, targets, amp_dtype):
-        """(B, H, W) in [0, 1]: integrated_gradients' attribution, positive part, summed over
-        channels, smoothed."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            attribution = integrated_gradients(self.model, images, targets, self.baseline, self.steps, amp_dtype)
-        finally:
-            self.model.train(was_training)
-        return _unit(gaussian_smooth(attribution.sum(1, keepdim=True).clamp_min(0), self.smooth)[:, 0])
 
     def _cam(self, activation, gradient, size):
         values, grads = activation.detach().float(), gradient.float()
