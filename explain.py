@@ -87,24 +87,6 @@ def branch_attribution(model, images, targets, branch_means, features=None):
             for i in range(len(images))]
 
 
-def fusion_weights(model, images, targets, branch_means=None):
-    """{branch: (B,) shares} for the fused map of the hybrid, None for other models."""
-    if not utils.has_branches(model):
-        return None
-    features = None
-    if branch_means is None:  # these images' own mean, from the one forward pass
-        with torch.inference_mode():
-            features, _ = model.branch_features(images)
-            branch_means = {b: f.float().mean(0) for b, f in features.items()}
-    return _weights(branch_attribution(model, images, targets, branch_means, features))
-
-
-def _weights(attribution):
-    if not attribution or any(a["convnext_share"] is None for a in attribution):
-        return None  # equal weights
-    return {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
-
-
 # ---------------------------------------------------------------------- one batch of queries
 def explanation_targets(ctx, votes, neighbours):
     """(B, D) embeddings the maps explain the similarity to (--target): the predicted class's
@@ -378,21 +360,6 @@ def neighbour_heatmaps(ctx, record, count):
     paths = [n["path"] for n in record["neighbours"][:count]]
     return heatmaps(ctx["cam"], ctx["transform"], paths, target.expand(count, -1), ctx["device"],
                     ctx["branch_means"], ctx["bit_depth"])
-
-
-def heatmaps(cam, transform, paths, targets, device, branch_means=None, bit_depth=None):
-    """[(original PIL image, fused map at its resolution)] of the images at `paths`, each for
-    the similarity to its row of `targets`. The fused map is the cam's: with method "ig" the
-    whole model's; otherwise, for the hybrid, the branch maps weighted by their share of the
-    similarity (branch_attribution against `branch_means`, by default the mean pooled features
-    of these images)."""
-    originals = [load_image(p, bit_depth) for p in paths]
-    images = torch.stack([transform(img) for img in originals]).to(device)
-    targets = targets.to(device)
-    weights = None if cam.method == "ig" else fusion_weights(cam.model, images, targets, branch_means)
-    fused = cam(images, targets, branch_weights=weights)["fused"]
-    return [(img, F.interpolate(fused[i][None, None], size=(img.height, img.width), mode="bilinear",
-                                align_corners=False)[0, 0].cpu().numpy()) for i, img in enumerate(originals)]
 
 
 def get_args_parser():

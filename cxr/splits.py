@@ -172,3 +172,11 @@ def provenance(split):
     return {"list": split.source, "sha256": sha, "sha256_of": of, "images": len(split.files),
             "patients": len(set(split.patients)),
             "per_class": {label: {"images": n, "patients": len(p)} for label, (n, p) in sorted(per_class.items())}}
+
+
+def digest(strings):
+    """SHA-256 of a sequence of strings (e.g. the image paths of a split)."""
+    h = hashlib.sha256()
+    for text in strings:
+        h.update(text.encode() + b"\0")
+    return h.hexdigest()

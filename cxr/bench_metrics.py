@@ -1,0 +1,190 @@
+"""bench.py metrics: evaluate_retrieval against the seed's algorithm (one N x N similarity
+matrix, a full stable argsort, a Python loop per query), on random unit vectors."""
+import argparse
+import datetime
+import functools
+import multiprocessing
+import os
+import platform
+import resource
+import shlex
+import time
+import traceback
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch.utils.flop_counter import FlopCounterMode
+import metrics
+import train
+import utils
+from model import build_model
+from cxr.bench_harness import *
+
+# evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see metrics.py);
+# every other number, confusion matrices included, matches to rounding.
+EQUAL_TOL = 1e-6  # percentage points
+
+
+# --------------------------------------------------------------------------------------------
+# metrics: evaluate_retrieval against the seed's algorithm
+# --------------------------------------------------------------------------------------------
+def seed_evaluate_retrieval(embeddings, labels, ks=(1, 5, 10), vote_ks=(1, 5, 10, 15, 20)):
+    """The seed's leave-one-out evaluation, the reference evaluate_retrieval is timed against.
+
+    Same definitions as metrics.evaluate_retrieval, computed the straightforward way: one full
+    N x N similarity matrix, a full stable argsort of it (ties by gallery index), then a Python
+    loop over the queries with the query's own image removed from its ranking.
+    """
+    embeddings = torch.as_tensor(embeddings).float()
+    labels = torch.as_tensor(labels).cpu().numpy()
+    similarities = embeddings @ embeddings.T  # (N, N)
+    order = torch.argsort(similarities, dim=1, descending=True, stable=True).cpu().numpy()  # (N, N)
+    del similarities
+    counts = Counter(labels.tolist())
+    average_precisions, hits = [], {k: [] for k in ks}
+    predictions = {k: [] for k in vote_ks}
+    for query, label in enumerate(labels):
+        ranking = order[query][order[query] != query]  # (N - 1,) leave-one-out
+        ranked_labels = labels[ranking]
+        relevant = ranked_labels == label
+        n_relevant = counts[label] - 1
+        if n_relevant:  # queries without a relevant item are left out of mAP
+            ranks = np.flatnonzero(relevant) + 1
+            average_precisions.append(np.sum(np.arange(1, n_relevant + 1) / ranks) / n_relevant)
+        for k in ks:
+            hits[k].append(int(relevant[:k].sum()))
+        for k in vote_ks:
+            # most_common keeps first-seen order among equal counts: a tie goes to the label
+            # ranked first.
+            predictions[k].append(Counter(ranked_labels[:k].tolist()).most_common(1)[0][0])
+
+    classes = sorted(counts)
+    classification = {}
+    for k in vote_ks:
+        scores = {"accuracy": 100.0 * accuracy_score(labels, predictions[k])}
+        for average in ("macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(labels, predictions[k], labels=classes,
+                                                         average=average, zero_division=0)
+            scores.update({f"precision_{average}": 100.0 * float(p),
+                           f"recall_{average}": 100.0 * float(r), f"f1_{average}": 100.0 * float(f)})
+        scores["confusion_matrix"] = confusion_matrix(labels, predictions[k], labels=classes).tolist()
+        classification[str(k)] = scores
+    return {
+        "recall_at_k": {str(k): 100.0 * float(np.mean([h > 0 for h in hits[k]])) for k in ks},
+        "map": 100.0 * float(np.mean(average_precisions)),
+        "precision_at_k": {str(k): 100.0 * float(np.mean(hits[k])) / k for k in ks},
+        "classification": classification,
+    }
+
+
+def _flatten(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _flatten(item, f"{path}/{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _flatten(item, f"{path}/{i}")
+    else:
+        yield path, value
+
+
+def max_difference(a, b):
+    """Largest absolute difference between two metric dicts; inf when their entries differ."""
+    a, b = dict(_flatten(a)), dict(_flatten(b))
+    if a.keys() != b.keys():
+        return float("inf")
+    return max(abs(a[key] - b[key]) for key in a)
+
+
+def random_embeddings(n, dim, classes, seed=0):
+    """(N, D) random unit vectors and (N,) labels, the same for a given seed on every machine."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator)
+    embeddings /= embeddings.norm(dim=1, keepdim=True)  # in place: no second (N, D) copy
+    return embeddings, torch.randint(classes, (n,), generator=generator)
+
+
+def metrics_case(algorithm, n, dim, classes, device):
+    """Create the embeddings, then run `algorithm` ("seed", "fast", "patients" or None: set-up only)."""
+    device = torch.device(device)
+    embeddings, labels = (t.to(device) for t in random_embeddings(n, dim, classes))
+    if algorithm is None:
+        return {}
+    evaluate = seed_evaluate_retrieval if algorithm == "seed" else metrics.evaluate_retrieval
+    if algorithm == "patients":  # the same-patient exclusion test.py applies: two films per patient
+        groups = torch.arange(n, device=device) // 2
+        evaluate = functools.partial(metrics.evaluate_retrieval, query_groups=groups)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    sync(device)
+    start = time.perf_counter()
+    result = evaluate(embeddings, labels)
+    sync(device)
+    out = {"seconds": time.perf_counter() - start, "result": result}
+    if device.type == "cuda":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(device) - before
+    return out
+
+
+def run_metrics(args):
+    device = torch.device(args.device)
+
+    def measure(algorithm, n):
+        return isolated(args.threads, metrics_case, algorithm, n, args.dim, args.classes, args.device)
+
+    rows, table = [], []
+    for n in args.sizes:
+        baseline, seed, fast = measure(None, n), measure("seed", n), measure("fast", n)
+        patients = measure("patients", n)
+        row = {"n": n, "seed": seed, "fast": fast, "patients": patients}
+        rows.append(row)
+        errors = "; ".join(case["error"] for case in (baseline, seed, fast, patients) if "error" in case)
+        if errors:
+            table.append([f"{n:,}", *[""] * 11, errors])
+            continue
+        row["patients_bytes"] = peak_memory(patients, baseline, device)
+        seed_bytes, fast_bytes = peak_memory(seed, baseline, device), peak_memory(fast, baseline, device)
+        row.update(speedup=seed["seconds"] / fast["seconds"], seed_bytes=seed_bytes, fast_bytes=fast_bytes,
+                   memory_ratio=fast_bytes / seed_bytes if seed_bytes > 0 else None,
+                   max_diff=max_difference(seed["result"], fast["result"]))
+        target = verdict = ""
+        if n == TARGETS["metrics_n"]:
+            target = f">= {TARGETS['metrics_speedup']:g}x, memory ratio < {TARGETS['metrics_memory_ratio']:g}"
+            verdict = status(row["speedup"] >= TARGETS["metrics_speedup"] and row["memory_ratio"] is not None
+                             and row["memory_ratio"] < TARGETS["metrics_memory_ratio"])
+        table.append([f"{n:,}", f"{seed['seconds']:.2f}", f"{fast['seconds']:.2f}", times(row["speedup"]),
+                      fmt(seed_bytes, ".0f", MB), fmt(fast_bytes, ".0f", MB), fmt(row["memory_ratio"], ".3f"),
+                      f"{row['max_diff']:.1e}", "yes" if row["max_diff"] <= EQUAL_TOL else "NO",
+                      f"{patients['seconds']:.2f}", fmt(row["patients_bytes"], ".0f", MB), target, verdict])
+    if args.big:
+        n = args.big
+        baseline, fast = measure(None, n), measure("fast", n)
+        row = {"n": n, "fast": fast}
+        rows.append(row)
+        errors = "; ".join(case["error"] for case in (baseline, fast) if "error" in case)
+        if errors:
+            table.append([f"{n:,}", *[""] * 11, errors])
+        else:
+            row["fast_bytes"] = peak_memory(fast, baseline, device)
+            target = verdict = ""
+            if n == TARGETS["metrics_big_n"]:
+                target = (f"<= {TARGETS['metrics_big_seconds']:.0f} s, "
+                          f"< {TARGETS['metrics_big_bytes'] / MB:.0f} MB")
+                verdict = status(fast["seconds"] <= TARGETS["metrics_big_seconds"]
+                                 and row["fast_bytes"] < TARGETS["metrics_big_bytes"])
+            table.append([f"{n:,}", "not run", f"{fast['seconds']:.2f}", "", "",
+                          fmt(row["fast_bytes"], ".0f", MB), "", "", "", "", "", target, verdict])
+    header = ["N", "seed s", "fast s", "speed-up", "seed MB", "fast MB", "memory ratio", "max diff",
+              "equal", "patients s", "patients MB", "target", "status"]
+    memory = "GPU max_memory_allocated" if device.type == "cuda" else "peak RSS above the set-up"
+    report(args, "metrics", f"metrics: evaluate_retrieval vs the seed algorithm ({args.device})",
+           markdown_table(header, table),
+           [f"leave-one-out, random unit vectors, D = {args.dim}, {args.classes} classes; R@K, mP@K "
+            f"at K = 1, 5, 10, majority votes at k = 1, 5, 10, 15, 20; memory: {memory}; patients: "
+            "fast with test.py's same-patient exclusion, two images per patient"])
+    return rows

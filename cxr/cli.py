@@ -1,0 +1,52 @@
+"""The command-line side every program shares: one `error:` line for a user's mistake
+(run_cli), --debug, the arguments printed one group a line, and the flags several programs take."""
+import os
+import sys
+
+from cxr.errors import RunStopped, UserError
+from cxr.runtime import log
+
+def run_cli(main, *args):
+    """main(*args) for a command-line program: a user mistake (UserError, a dataset or
+    pretrained-weights problem, a SystemExit with a message) ends in one `error: ...` line on
+    stderr and exit code 2, as argparse does; a run that stopped itself (RunStopped, a
+    non-finite loss) in one such line and exit code 1. --debug (anywhere on the command line)
+    or HYBRID_DEBUG=1 shows the traceback instead."""
+    from dataset import DatasetError  # here, not at the top: dataset imports torchvision
+    from model import PretrainedWeightsError
+
+    debug = os.environ.get("HYBRID_DEBUG", "0").lower() not in ("0", "", "false", "no")
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        debug = True
+    hint = "(--debug or HYBRID_DEBUG=1 shows the traceback)"
+    try:
+        return main(*args)
+    except SystemExit as error:
+        if isinstance(error.code, str) and not debug:
+            print(error.code if error.code.startswith("error:") else f"error: {error.code}",
+                  file=sys.stderr)
+            sys.exit(2)
+        raise
+    except (UserError, DatasetError, PretrainedWeightsError) as error:
+        if debug:
+            raise
+        print(f"error: {error}\n{hint}", file=sys.stderr)
+        sys.exit(2)
+    except (RunStopped, FloatingPointError) as error:
+        if debug:
+            raise
+        print(f"error: {error}\n{hint}", file=sys.stderr)
+        sys.exit(1)
+
+
+def add_debug_flag(parser):
+    """--debug in a program's --help; run_cli acts on it (and removes it) before parsing."""
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one 'error:' line "
+                        "(or set HYBRID_DEBUG=1)")
+    return parser
+
+
+def print_args(args, runtime):
+    log(runtime, "arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))

@@ -1,0 +1,116 @@
+"""One training run's inner loop, as train.py calls it: a training step, an epoch over the PK
+sampler, and the per-epoch retrieval evaluation of a split."""
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+import export
+import faults
+import memory_check
+import splits
+import utils
+from metrics import evaluate_retrieval
+from model import build_model, check_pretrained
+from recipe import (PARAM_GROUPING, ModelWithLoss, build_criterion, build_optimizer, build_scheduler,
+                    collapse_warning)
+from run_data import build_datasets
+from sampler import PKSampler
+from train_args import LEGACY_CONFIG, get_args_parser, model_config, parse_args  # noqa: F401
+
+def train_step(objective, optimizer, scheduler, scaler, images, labels, args,
+               accum_steps=1, step_now=True, guard=None, step=0):
+    """Forward, loss and backward of one PK batch; with step_now, also the optimiser step.
+    The loss is divided by accum_steps, the number of batches whose gradients this step
+    averages. The guard sees the loss and gradient norm (see faults.NonFiniteGuard).
+    Returns (loss, stats) as detached 0-dim tensors (no host sync)."""
+    loss, stats = objective(images, labels)
+    scaler.scale(loss / accum_steps).backward()
+    if guard is not None:
+        guard.observe_loss(step, loss.detach())
+    if step_now:
+        grad_norm = None
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), args.clip_grad)
+        if guard is None or guard.allow_step(step, objective.parameters(), grad_norm):
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return loss.detach(), stats
+
+
+def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime, guard=None):
+    """One pass of the PK sampler; returns the epoch's mean losses (over its finite steps),
+    active fraction, embedding spread, speed and skipped steps. The guard stops the run on a
+    NaN/Inf loss or gradient, or skips that step (--skip-nonfinite); a stop signal (SIGTERM,
+    Ctrl-C) ends the epoch at the next step, unsaved (faults.py)."""
+    objective.train()
+    guard = guard or faults.NonFiniteGuard(runtime)
+    guard.start_epoch()
+    sums = {key: torch.zeros((), device=runtime.device)  # summed on device: no sync per step
+            for key in ("loss", "triplet", "id", "active", "spread", "finite")}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    start, images_seen, steps = time.perf_counter(), 0, len(loader)
+    pattern = checkpoint_name(args, "epoch_*")
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not runtime.is_main)
+    for step, (images, labels) in enumerate(bar):
+        images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(runtime.device, non_blocking=True)
+        group_start = step - step % args.grad_accum
+        group_size = min(args.grad_accum, steps - group_start)  # the last group may be shorter
+        last_micro_step = step == group_start + group_size - 1
+        # DDP: all-reduce gradients only on the micro-batch that ends an accumulation.
+        sync = objective.no_sync() if runtime.distributed and not last_micro_step else nullcontext()
+        with sync:
+            loss, stats = train_step(objective, optimizer, scheduler, scaler, images, labels, args,
+                                     group_size, last_micro_step, guard, step)
+        finite = torch.isfinite(loss)  # skipped non-finite steps stay out of the means
+        sums["finite"] += finite
+        for key, value in (("loss", loss), *stats.items()):  # incl. branch_* losses of the hybrid
+            sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+        images_seen += images.shape[0]
+        faults.check_stop(runtime, step, args.print_freq)
+        if (step + 1) % args.print_freq == 0:
+            guard.check(epoch, loader, args.save_dir, pattern)
+            done = sums["finite"].clamp(min=1)
+            bar.set_postfix(loss=f"{(sums['loss'] / done).item():.4f}", active=f"{(sums['active'] / done).item():.2f}",
+                            img_s=f"{images_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
+    guard.check(epoch, loader, args.save_dir, pattern)
+    elapsed = time.perf_counter() - start
+    done = sums["finite"].clamp(min=1)
+    record = {f"train_{key}": (sums[key] / done).item()
+              for key in ("loss", "triplet", "id", *(k for k in sums if k.startswith("branch_")))}
+    record.update(active_triplets=(sums["active"] / done).item(),
+                  embedding_spread=(sums["spread"] / done).item(), train_skipped_steps=guard.skipped,
+                  images_per_s=images_seen * runtime.world_size / elapsed, train_time_s=elapsed)
+    return record
+
+
+def evaluate(model, loader, args, runtime, split):
+    """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
+    (main process only); images of the query's own patient are left out, as in test.py. For
+    the hybrid also each branch's share of the similarity to the top-1 neighbour."""
+    with_branches = utils.has_branches(model)
+    embeddings, labels, *features = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
+                                                             branch_features=with_branches)
+    if not runtime.is_main:
+        return {}
+    try:
+        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True,
+                                               query_groups=loader.dataset.patients)
+    except ValueError as error:  # e.g. every class of the split is one patient
+        utils.log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
+        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True)
+    record = {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
+              f"{split}_mP@1": result["precision_at_k"]["1"]}
+    if with_branches:
+        shares = utils.mean_branch_shares(model, features[0], per_query["top_indices"][:, 0], embeddings, features[0])
+        record.update({f"{split}_{b}_share": share for b, share in (shares or {}).items()})
+    return record
