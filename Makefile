@@ -1,5 +1,5 @@
 # Quick start:  make demo   (train on the synthetic phantoms, then evaluate)
-#               make test   (the test suite)
+#               make test   (the linter, then the test suite)
 # Both create .venv and install requirements_hybrid.txt on first use.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -21,6 +21,7 @@ demo: install
 	$(PYTHON) test.py --dataset demo --resume $(DEMO_CKPT) --report $(DEMO_DIR)/report.json
 
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
 smoke: install

@@ -155,7 +155,7 @@ def summarise(out, suite, variants, seeds):
 
 
 def plot_points(points, path, title):
-    import plots  # matplotlib only for the figure
+    from cxr import plots
 
     plt = plots._pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(points) + 1.2))

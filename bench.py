@@ -27,29 +27,11 @@ torch.cuda.max_memory_allocated. A case that fails (out of memory, a compile err
 saying so; the other cases still run.
 """
 import argparse
-import datetime
-import functools
-import multiprocessing
-import os
-import platform
-import resource
-import shlex
-import time
-import traceback
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from torch.utils.flop_counter import FlopCounterMode
 
-import metrics
-import train
-import utils
-from model import build_model
+from cxr import bench_data, bench_metrics, bench_search, bench_train
 
 SUITES = ("metrics", "embed", "train", "data", "search")
 
@@ -122,8 +104,8 @@ def main(args):
         raise SystemExit(f"error: --img-size {args.img_size} must be a multiple of 32")
     if args.threads:
         torch.set_num_threads(args.threads)  # this process: the data suite's loader, the report
-    runners = {"metrics": run_metrics, "embed": run_embed, "train": run_train, "data": run_data,
-               "search": run_search}
+    runners = {"metrics": bench_metrics.run_metrics, "embed": bench_train.run_embed, "train": bench_train.run_train,
+               "data": bench_data.run_data, "search": bench_search.run_search}
     suites = SUITES if args.suite == "all" else (args.suite,)
     return {suite: runners[suite](args) for suite in suites}
 

@@ -1,40 +1,31 @@
-"""Lung and heart masks from CheXmask (Gaggion et al., 2023), the HybridGNet segmentations of
-ChestX-ray8, CheXpert, MIMIC-CXR-JPG, PadChest and VinDr-CXR.
-
-CheXmask ships one CSV (often .csv.gz) per source collection, one row per image:
-
-    <image id>       the collection's own id column: dicom_id (MIMIC), ImageID (PadChest),
-                     Image Index (ChestX-ray8), Path (CheXpert), image_id (VinDr-CXR), ...
-    Dice RCA (Mean), Dice RCA (Max)   the estimated quality of the segmentation
-    Landmarks        the contour points (not used here: the masks are what we need)
-    Left Lung, Right Lung, Heart      run-length encodings: space-separated start/length pairs,
-                     starts 1-based, row-major over Height x Width
-    Height, Width    the size the encodings cover
-
-"Right Lung" is the PATIENT's right lung: the image's left half on a PA film. Two variants
-exist: OriginalResolution (Height x Width = the image's size) and Preprocessed (1024 x 1024,
-after the image was padded to a centred square and resized); a Preprocessed row is mapped back
-through that padding and resizing onto the image it belongs to.
-
-    rows = read_rows(["MIMIC-CXR-JPG.csv.gz"], [("p10/s5/abc.jpg", "p10/s5/abc.jpg")])
-    masks = rows["p10/s5/abc.jpg"].masks((height, width), "p10/s5/abc.jpg")
-
-Convert to the PNG layout of --mask-dir (lungs/ and heart/, named like the images):
+"""Convert CheXmask CSVs (Gaggion et al., 2023: run-length encoded lung and heart masks of
+ChestX-ray8, CheXpert, MIMIC-CXR-JPG, PadChest and VinDr-CXR; read by cxr/chexmask_csv.py) to the
+PNG layout of --mask-dir (lungs/ and heart/, named like the images):
 
     python chexmask.py to-png MIMIC-CXR-JPG.csv.gz --out masks [--dataset-dir IMAGES]
+
+With --dataset-dir, masks are written for every image under it that has a row, at its size (a
+Preprocessed 1024 x 1024 row is mapped back onto its image); without it, every row at the size
+it is encoded at, named by its id. explain.py reads the CSVs directly too (--chexmask).
 """
 import argparse
-import csv
-import gzip
-import math
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-import utils
-from images import IMAGE_SUFFIXES
+from cxr.chexmask_csv import (
+    DEFAULT_MIN_DICE,
+    DICE_MEAN,
+    ID_COLUMNS,
+    PREPROCESSED_SIZE,
+    ChexmaskError,
+    id_parts,
+    read_rows,
+    records,
+    row_from_record,
+)
+from cxr.cli import add_debug_flag, run_cli
+from cxr.images import IMAGE_SUFFIXES, ImageError, is_dicom, load_image, open_image
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +38,6 @@ def _image_files(root):
 
 def _image_size(path):
     """(height, width) of an image file: from the header, decoding only DICOM."""
-    from images import ImageError, is_dicom, load_image, open_image
     try:
         if is_dicom(path):
             image = load_image(path)
@@ -60,7 +50,7 @@ def _image_size(path):
 
 def _safe_name(image_id):
     """An id as a relative .png path under --out (no absolute paths, no '..')."""
-    parts = [p for p in _parts(image_id) if p not in ("..", "")]
+    parts = [p for p in id_parts(image_id) if p not in ("..", "")]
     if not parts:
         raise ChexmaskError(f"image id {image_id!r} gives no file name")
     return Path(*parts[:-1], parts[-1] + ".png")
@@ -81,7 +71,7 @@ def _jobs(args):
         return
     for path in args.csv:  # every row at the size it is encoded at, named by its id
         for line, image_id, record, column in records(path, args.id_column):
-            row = _row(path, line, image_id, record, column)
+            row = row_from_record(path, line, image_id, record, column)
             yield row, (row.height, row.width), _safe_name(image_id)
 
 
@@ -126,9 +116,9 @@ def get_args_parser():
                      f"{', '.join(ID_COLUMNS)} that the CSV has)")
     png.add_argument("--min-mask-dice", type=float, default=DEFAULT_MIN_DICE,
                      help=f"leave out rows whose {DICE_MEAN} is below this (0: keep all)")
-    utils.add_debug_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: to_png(get_args_parser().parse_args()))
+    run_cli(lambda: to_png(get_args_parser().parse_args()))

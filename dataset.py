@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
-
-from images import IMAGE_SUFFIXES, ImageError, depth_of, inspect_image, load_image  # noqa: F401 (re-exported)
+from cxr.images import IMAGE_SUFFIXES, depth_of, inspect_image, load_image
 
 LIST_FORMATS = ("covidx", "csv", "folder")
 
@@ -146,11 +145,13 @@ def read_patients(csv_file):
     return patients
 
 
-def read_entries(image_root, list_file, list_format):
+def read_entries(image_root, list_file, list_format, folder_flag=None):
+    """(entries, source) of a list; folder_flag: the program's flag for image_root and what it
+    holds, named in the errors (e.g. "--dataset-dir, the folder holding train/ and test/")."""
     if list_format not in LIST_FORMATS:
         raise DatasetError(f"unknown list format '{list_format}'; choose one of {', '.join(LIST_FORMATS)}")
     if not Path(image_root).is_dir():
-        raise DatasetError(f"image folder not found: {image_root} (check --dataset-dir / --test-dataset-dir)")
+        raise DatasetError(f"image folder not found: {image_root} (check {folder_flag or 'the image folder given'})")
     if list_format == "folder":
         entries = scan_folder(image_root)
         source = image_root
@@ -256,8 +257,8 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, image_root, list_file=None, list_format="covidx", classes=None,
-                 transform=None, max_named_missing=5, bit_depth="auto"):
-        entries, source = read_entries(image_root, list_file, list_format)
+                 transform=None, max_named_missing=5, bit_depth="auto", folder_flag=None):
+        entries, source = read_entries(image_root, list_file, list_format, folder_flag)
         labels = [entry[1] for entry in entries]
         if classes is None:
             check_label_spelling(entries, source)
@@ -278,8 +279,8 @@ class ImageListDataset(Dataset):
         if missing:
             named = "\n".join(f"  {p} (line {line})" for p, line in missing[:max_named_missing])
             raise DatasetError(f"{source}: {len(missing)} of {len(entries)} listed images do not "
-                               f"exist under {image_root}, e.g.\n{named}\nCheck --dataset-dir "
-                               "(images are read from <dataset-dir>/train and <dataset-dir>/test)")
+                               f"exist under {image_root}, e.g.\n{named}\nCheck "
+                               f"{folder_flag or 'the folder the list names its images under'}")
         self.targets = torch.tensor([class_to_idx[label] for label in labels])
         self.source = source
         self.transform = transform

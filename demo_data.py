@@ -1,62 +1,21 @@
-"""Synthetic chest X-ray phantoms: the embedded ``demo`` dataset.
+"""Write a synthetic chest X-ray phantom data set: the images `python train.py --dataset demo`
+trains on (generated there when absent), with COVIDx lists and lung, heart and lesion masks.
 
-``python train.py --dataset demo`` trains on these images, so the repo runs end to
-end on a fresh machine with no real data. Each phantom is a PA chest radiograph
-*as displayed*: the patient's right lung is on the image LEFT, the heart bulges
-mostly to the image RIGHT, the right hemidiaphragm sits a little higher.
-
-Classes (``CLASSES``, in this order) and what they look like:
-
-* ``normal``       -- no finding, cardiothoracic ratio (CTR) about 0.38-0.48.
-* ``pneumonia``    -- one dense, roughly round/lobar consolidation with soft edges
-                      in ONE lung (random side and zone), clipped by the pleura.
-* ``COVID-19``     -- bilateral, peripheral, lower-zone ground-glass haze: several
-                      faint mottled patches near the lateral edges of both bases.
-* ``effusion``     -- basal opacity in one (sometimes both) costophrenic angle with
-                      a concave-up meniscus that climbs the lateral chest wall.
-* ``cardiomegaly`` -- enlarged heart, CTR about 0.58-0.70.
-
-Every image also varies in pose, scale, lung/heart shape, rib pattern, contrast,
-brightness, gamma, noise and blur, and carries class-independent confounders
-(breast shadows, vascular markings, lung mottling, ECG leads, gastric bubble), so
-the findings are learnable but not trivial.
-
-API
-    make_phantom(rng, label, size) -> (image, masks)
-    make_phantom_with_info(rng, label, size) -> (image, masks, info)
-    make_phantom_with_info(rng, label, size, ctr_ranges={"normal": (lo, hi), ...})
-        # opt-in CTR ranges per class (rule_check.py's borderline hearts); default unchanged
-    cardiothoracic_ratio(lungs, heart) -> float
-    write_demo_dataset(out_dir, ...) -> Path     # fails if out_dir is non-empty
-    ensure_demo_dataset(out_dir, ...) -> Path    # reuse if same parameters
-    save_preview(path, ...) -> Path              # grid picture, one row per class
-
-Layout written by ``write_demo_dataset`` (COVIDx lists + CheXmask-style masks)::
-
-    out_dir/train/<file>.png, out_dir/test/<file>.png
-    out_dir/train_split.txt, out_dir/test_split.txt   # "patient_id file label source"
-    out_dir/masks/{lungs,heart,lesion}/<file>.png     # 8-bit, 0 or 255
-    out_dir/demo_meta.json                            # parameters + per-image info
-
-Usage
     python demo_data.py --out data/demo --train-per-class 60 --test-per-class 20 \\
         --size 256 --seed 0 [--sixteen-bit] [--preview preview.png]
+
+What a phantom looks like (five findings, anatomy, confounders): cxr/phantom.py; the layout on
+disk: cxr/demo_dataset.py. Same arguments -> byte-identical files.
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import math
-import multiprocessing
-import os
-import shutil
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from cxr.cli import add_debug_flag, run_cli
+from cxr.demo_dataset import save_preview, write_demo_dataset
+from cxr.errors import UserError
+from cxr.phantom import CLASSES
 
 
 # ----------------------------------------------------------------------------
@@ -71,8 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sixteen-bit", action="store_true", help="16-bit PNGs holding 12-bit values 0..4095")
     parser.add_argument("--preview", type=Path, default=None, help="also save a grid picture of samples per class")
-    import utils  # here: the generator itself needs only numpy and Pillow, not torch
-    return utils.add_debug_flag(parser)
+    return add_debug_flag(parser)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -91,15 +49,13 @@ def main(args: argparse.Namespace) -> None:
 
 def cli():
     """main, with a folder that holds files or a negative count as the user's error."""
-    import utils
 
     try:
         main(get_args_parser().parse_args())
     except (FileExistsError, ValueError) as error:
-        raise utils.UserError(str(error)) from error
+        raise UserError(str(error)) from error
 
 
 if __name__ == "__main__":
-    import utils
 
-    utils.run_cli(cli)
+    run_cli(cli)

@@ -1,6 +1,7 @@
 """Explain a retrieval: which pixels make the query look like its finding (integrated gradients
-from the mean normal image, and each branch's layer map), what the lung and heart masks say about it, which radiological signs of ontology.json that supports, how much of the
-similarity each branch carries, and how faithful the map is.
+from the mean normal image, and each branch's layer map), what the lung and heart masks say about
+it, which radiological signs of cxr/ontology.json that supports, how much of the similarity each
+branch carries, and how faithful the map is.
 
 One image (overlays, a figure with the neighbours, explanation.json):
 
@@ -42,20 +43,36 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import chexmask
-import explain_figures
-import explain_inputs
-import faithfulness
-import image_cache
-import localisation
-import masks as mask_sources
-import ontology as onto
-import regions
-import run_data
-import utils
+from cxr import (
+    chexmask_csv,
+    explain_figures,
+    explain_inputs,
+    faithfulness,
+    image_cache,
+    localisation,
+    regions,
+    run_data,
+)
+from cxr import masks as mask_sources
+from cxr import ontology as onto
+from cxr.atomic_files import write_json
+from cxr.checkpoints import data_bit_depth, load_trained_model
+from cxr.cli import (
+    add_dataset_dir_flag,
+    add_dataset_flag,
+    add_debug_flag,
+    add_device_flag,
+    add_resume_flag,
+    add_workers_flag,
+    run_cli,
+)
+from cxr.embeddings import class_prototypes, extract_embeddings, has_branches
+from cxr.errors import UserError
+from cxr.gradcam import METHODS, RetrievalGradCAM, branch_attribution, branch_weights, default_layers, heatmaps
+from cxr.presets import LIST_FORMAT
+from cxr.retrieval_metrics import majority_vote
+from cxr.runtime import Runtime, refuse_distributed, setup_runtime
 from dataset import ImageListDataset, build_transform, load_image
-from gradcam import METHODS, RetrievalGradCAM, default_layers
-from metrics import majority_vote
-from presets import DATASETS, LIST_FORMAT
 
 
 # ---------------------------------------------------------------------- gallery
@@ -63,28 +80,13 @@ def embed_gallery(model, dataset, device, batch_size, workers):
     """Embeddings (N, D), labels (N,) and, for the hybrid, each branch's mean pooled features
     (the reference of the branch attribution), in one pass (utils.extract_embeddings)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    runtime = utils.Runtime(device=device)
-    if not utils.has_branches(model):
-        embeddings, labels = utils.extract_embeddings(model, loader, runtime, progress=False)
+    runtime = Runtime(device=device)
+    if not has_branches(model):
+        embeddings, labels = extract_embeddings(model, loader, runtime, progress=False)
         return embeddings, labels, {}
-    embeddings, labels, features = utils.extract_embeddings(model, loader, runtime, progress=False,
+    embeddings, labels, features = extract_embeddings(model, loader, runtime, progress=False,
                                                             branch_features=True)
     return embeddings, labels, {b: f.mean(0) for b, f in features.items()}
-
-
-@torch.inference_mode()
-def branch_attribution(model, images, targets, branch_means, features=None):
-    """Per image: the similarity to its target and how much of it each branch carries
-    (model.branch_attribution: the drop when that branch's pooled features are replaced by
-    their gallery mean). None for single-backbone models. `features`: the images' pooled
-    branch features when the caller has them already."""
-    if not branch_means or not utils.has_branches(model):
-        return None
-    if features is None:
-        features, _ = model.branch_features(images)
-    out = {k: v.tolist() for k, v in model.branch_attribution(features, targets, branch_means).items()}
-    return [{k: (None if v[i] != v[i] else v[i]) for k, v in out.items()}  # NaN share -> None
-            for i in range(len(images))]
 
 
 # ---------------------------------------------------------------------- one batch of queries
@@ -114,7 +116,7 @@ def explain_batch(ctx, paths, labels=None, masks=None):
     votes = majority_vote(ctx["gallery_labels"][neighbours], len(ctx["classes"]))
     targets = explanation_targets(ctx, votes, neighbours)
     attribution = branch_attribution(ctx["model"], images, targets, ctx["branch_means"])
-    maps = ctx["cam"](images, targets, branch_weights=_weights(attribution))
+    maps = ctx["cam"](images, targets, branch_weights=branch_weights(attribution))
     records = []
     for i, (path, original) in enumerate(zip(paths, originals)):
         size = (original.height, original.width)
@@ -130,8 +132,8 @@ def explain_batch(ctx, paths, labels=None, masks=None):
             "image": ctx["names"][i],
             "label": labels[i] if labels is not None else None,
             "predicted": predicted,
-            "votes": {ctx["classes"][c]: int(n) for c, n in
-                      enumerate(torch.bincount(ctx["gallery_labels"][neighbours[i]], minlength=len(ctx["classes"])).tolist()) if n},
+            "votes": {ctx["classes"][c]: int(n) for c, n in enumerate(torch.bincount(
+                ctx["gallery_labels"][neighbours[i]], minlength=len(ctx["classes"])).tolist()) if n},
             "peak_xy": stats["peak_xy"], "top_zone": stats["top_zone"], "ctr": stats["ctr"],
             "rules_fired": reasoning["rules_fired"], "contradicting": reasoning["contradicting"],
             "rules_not_evaluated": sorted(reasoning["not_evaluated"]),
@@ -184,29 +186,31 @@ def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=Non
         out["convnext_share_of_similarity"] = float(np.mean(shares))
     ctrs = [r["ctr"] for r in records if r["ctr"] is not None]
     if ctrs:
-        out["ctr_by_label"] = {label: float(np.mean([r["ctr"] for r in records if r["label"] == label and r["ctr"] is not None]))
-                               for label in labels if any(r["label"] == label and r["ctr"] is not None for r in records)}
+        measured = {label: [r["ctr"] for r in records if r["label"] == label and r["ctr"] is not None]
+                    for label in labels}
+        out["ctr_by_label"] = {label: float(np.mean(values)) for label, values in measured.items() if values}
     return out
 
 
 # ---------------------------------------------------------------------- command line
 def build_context(args):
-    utils.refuse_distributed("explain.py")
-    runtime = utils.setup_runtime(args.device)
+    refuse_distributed("explain.py")
+    runtime = setup_runtime(args.device)
     device = runtime.device
-    model, checkpoint, _ = utils.load_trained_model(args.resume, device)
+    model, checkpoint, _ = load_trained_model(args.resume, device)
     run = run_data.recorded_run(checkpoint)
     list_format = LIST_FORMAT[args.dataset or run.get("dataset", "covid")]
     classes = checkpoint["classes"]
     img_size = checkpoint["model_config"]["img_size"]
     transform = build_transform(img_size, train=False)
-    bit_depth = utils.data_bit_depth(checkpoint)  # 16-bit files scaled as in training
+    bit_depth = data_bit_depth(checkpoint)  # 16-bit files scaled as in training
     explained, fitting, gallery = explain_inputs.split_sets(args, run, runtime, classes, list_format, bit_depth)
     if gallery is None:
         gallery_list = args.gallery_image_list or run.get("train_image_list")
-        gallery_dir = args.gallery_dataset_dir or (Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None)
+        recorded_dir = Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None
+        gallery_dir = args.gallery_dataset_dir or recorded_dir
         if not gallery_list or not gallery_dir:
-            raise utils.UserError(f"{args.resume} does not record its training list; give "
+            raise UserError(f"{args.resume} does not record its training list; give "
                                   "--gallery-image-list and --gallery-dataset-dir")
         gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto")
         if explained is not None:
@@ -214,10 +218,11 @@ def build_context(args):
     gallery.transform = transform
     run_data.use_cache([gallery], args.cache_dir, img_size)
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
-    prototypes = utils.class_prototypes(embeddings, labels, len(classes))
+    prototypes = class_prototypes(embeddings, labels, len(classes))
     reference = explain_inputs.reference_class(args, classes)
+    method = METHODS[args.method]
     baseline = None
-    if args.method == "ig":  # the image integrated gradients start from
+    if method.needs_reference:  # the image integrated gradients start from
         baseline = explain_inputs.reference_image(gallery, None if reference is None else classes.index(reference))
         baseline = baseline.to(device)
     layers = default_layers(model, convnext_stage=args.convnext_stage)
@@ -232,9 +237,9 @@ def build_context(args):
             "saliency": {"method": args.method, "target": target, "reference_class": reference,
                          "ig_baseline": (f"mean image of the gallery's {reference} images" if reference
                                          else "mean image of the whole gallery (no reference class)")
-                         if args.method == "ig" else None,
-                         "ig_steps": args.ig_steps if args.method == "ig" else None,
-                         "smooth_px": args.smooth if args.method == "ig" else None},
+                         if method.needs_reference else None,
+                         "ig_steps": args.ig_steps if method.input_space else None,
+                         "smooth_px": args.smooth if method.input_space else None},
             "neighbour_rank": min(args.neighbour_rank, len(gallery)),
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
             "faithfulness_left": args.faithfulness_images,
@@ -246,48 +251,48 @@ def build_context(args):
 
 def main(args):
     if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
-        raise utils.UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
+        raise UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
     if sum(map(bool, (args.image, args.image_list, args.split))) != 1:
-        raise utils.UserError("give one of --image (one radiograph), --image-list with --dataset-dir, or "
+        raise UserError("give one of --image (one radiograph), --image-list with --dataset-dir, or "
                               "--split val|test (the checkpoint's own validation or test images)")
     if args.image_list and not args.dataset_dir:
-        raise utils.UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
+        raise UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
     if args.image and not Path(args.image).is_file():
-        raise utils.UserError(f"--image {args.image}: no such file")
+        raise UserError(f"--image {args.image}: no such file")
     for flag, path in (("--lung-mask", args.lung_mask), ("--heart-mask", args.heart_mask),
                        ("--mask-dir", args.mask_dir), *(("--chexmask", c) for c in args.chexmask)):
         if path and not Path(path).exists():
-            raise utils.UserError(f"{flag} {path}: no such file or folder")
+            raise UserError(f"{flag} {path}: no such file or folder")
     if not args.image and (args.lung_mask or args.heart_mask):
-        raise utils.UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
+        raise UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
                               "give --mask-dir or --chexmask")
     if args.chexmask and (args.lung_mask or args.heart_mask):
-        raise utils.UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
+        raise UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
                               "or as --chexmask rows, not both")
     if args.ig_steps < 1:
-        raise utils.UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
+        raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
     if args.smooth < 0:
-        raise utils.UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
+        raise UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
     if args.split and (args.dataset_dir or args.gallery_dataset_dir and not args.gallery_image_list):
-        raise utils.UserError("--split explains the checkpoint's recorded data: --dataset-dir goes with "
+        raise UserError("--split explains the checkpoint's recorded data: --dataset-dir goes with "
                               "--image-list, --gallery-dataset-dir with --gallery-image-list")
     if not 0.0 <= args.min_mask_dice <= 1.0:
-        raise utils.UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
+        raise UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
     if args.chexmask_id_column and not args.chexmask:
-        raise utils.UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
+        raise UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
     if not 0.0 < args.pointing_tolerance < 1.0:
-        raise utils.UserError(f"--pointing-tolerance {args.pointing_tolerance} is a fraction of the image "
+        raise UserError(f"--pointing-tolerance {args.pointing_tolerance} is a fraction of the image "
                               "width between 0 and 1 (0.05: 5%)")
     if bool(args.prior_image_list) != bool(args.prior_dataset_dir):
-        raise utils.UserError("--prior-image-list and --prior-dataset-dir go together (the fitting list "
+        raise UserError("--prior-image-list and --prior-dataset-dir go together (the fitting list "
                               "and the folder its paths are relative to)")
     if args.prior_image_list and not args.mask_dir:
-        raise utils.UserError("--prior-image-list fits the location prior on lesion masks; give --mask-dir "
+        raise UserError("--prior-image-list fits the location prior on lesion masks; give --mask-dir "
                               "(its lesion/ folder holds them)")
     try:
         ctx = build_context(args)
     except onto.OntologyError as error:
-        raise utils.UserError(str(error)) from error
+        raise UserError(str(error)) from error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.image:
@@ -304,7 +309,7 @@ def main(args):
         explain_figures.write_overlays(out, original, full)
         explain_figures.write_figure(out / "figure.png", original, full, record, neighbour_maps)
         record["files"] = sorted(p.name for p in out.glob("*.png"))
-        utils.write_json(out / "explanation.json", record)
+        write_json(out / "explanation.json", record)
         for sentence in record["sentences"]:
             print(sentence)
         print(f"wrote {out / 'explanation.json'} and the figures in {out}")
@@ -338,7 +343,7 @@ def main(args):
     m = reader.summary()  # CheXmask: how many images had usable masks
     if m:
         summary["aggregate"]["masks"] = m
-    utils.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     explain_figures.print_aggregate(summary["aggregate"])
     if m:
         print(f"  CheXmask lungs and heart for {m['with_masks']} images; {m['below_min_dice']} below "
@@ -365,16 +370,17 @@ def neighbour_heatmaps(ctx, record, count):
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Explain retrievals: integrated gradients and branch maps, "
                                      "region statistics, ontology rules, branch attribution")
-    parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
+    add_resume_flag(parser, "trained checkpoint (train.py)")
     parser.add_argument("--image", help="one radiograph to explain")
     parser.add_argument("--image-list", help="a list of radiographs to explain (batch mode)")
-    parser.add_argument("--dataset-dir", help="folder of --image-list's images")
+    add_dataset_dir_flag(parser, "the folder --image-list's paths are relative to (not train.py's folder of "
+                         "train/ and test/)")
     parser.add_argument("--split", choices=("val", "test"),
                         help="explain the checkpoint's own validation images (the run's held-out part of "
                         "its training list; gallery and location prior from the rest of it) or its test "
                         "list (prior from the training list less validation): choose settings on val, "
                         "report on test")
-    parser.add_argument("--dataset", choices=DATASETS, help="list format (default: the checkpoint's)")
+    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
     parser.add_argument("--gallery-image-list", help="labelled gallery (default: the run's training list)")
     parser.add_argument("--gallery-dataset-dir", help="its folder (default: <run's dataset-dir>/train)")
     parser.add_argument("--lung-mask", help="binary lung mask PNG of --image")
@@ -386,8 +392,8 @@ def get_args_parser():
                         "the lung and heart masks, rows matched to the images by id; repeat for several "
                         "collections (--mask-dir then only gives lesion masks)")
     parser.add_argument("--chexmask-id-column", help="the CSVs' image-id column (default: the first of "
-                        + ", ".join(chexmask.ID_COLUMNS) + " they have)")
-    parser.add_argument("--min-mask-dice", type=float, default=chexmask.DEFAULT_MIN_DICE,
+                        + ", ".join(chexmask_csv.ID_COLUMNS) + " they have)")
+    parser.add_argument("--min-mask-dice", type=float, default=chexmask_csv.DEFAULT_MIN_DICE,
                         help=f"CheXmask rows whose {chexmask.DICE_MEAN} is below this give no masks "
                         "(null region statistics, counted in the summary); 0 keeps all")
     parser.add_argument("--out", required=True, help="output folder")
@@ -430,12 +436,12 @@ def get_args_parser():
     parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    add_workers_flag(parser, min(2, os.cpu_count() or 1))
     image_cache.add_argument(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    utils.add_debug_flag(parser)
+    add_device_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -16,16 +16,14 @@ exists, and becomes weights_only_state's .pth (model, config, classes, selection
 when the epoch file is pruned, so a run folder holds at most --keep-checkpoints full states.
 """
 import argparse
-import json
-import os
 from pathlib import Path
 
-
-import utils
+from cxr.checkpoints import export_safetensors, load_checkpoint
+from cxr.cli import add_debug_flag, run_cli
 
 
 def main(args):
-    checkpoint = utils.load_checkpoint(args.checkpoint, flag="export.py")
+    checkpoint = load_checkpoint(args.checkpoint, flag="export.py")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".safetensors")
     weights, sidecar = export_safetensors(checkpoint, out)
     size = weights.stat().st_size
@@ -37,8 +35,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Write a checkpoint's weights as safetensors + JSON")
     parser.add_argument("checkpoint", help="a train.py checkpoint (.pth)")
     parser.add_argument("--out", help="output file (default: the checkpoint's name with .safetensors)")
-    return utils.add_debug_flag(parser)
+    return add_debug_flag(parser)
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -47,27 +47,33 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
-from sklearn.metrics import roc_auc_score
 
-import image_cache
-import run_data
-import utils
+from cxr import image_cache, run_data
+from cxr.atomic_files import write_json
+from cxr.checkpoints import data_bit_depth, load_trained_model
+from cxr.cli import (
+    add_dataset_dir_flag,
+    add_dataset_flag,
+    add_debug_flag,
+    add_device_flag,
+    add_resume_flag,
+    add_workers_flag,
+    run_cli,
+)
+from cxr.embeddings import extract_embeddings
+from cxr.ood_detector import SCORES, OODDetector, default_detector_path, detection_metrics
+from cxr.presets import LIST_FORMAT, setup_defaults
+from cxr.runtime import refuse_distributed, resolve_amp, setup_runtime
 from dataset import ImageListDataset, build_transform
-from metrics import rank_topk
-from presets import DATASETS, LIST_FORMAT, setup_defaults
 
 
 # ---------------------------------------------------------------------- command line
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fit and evaluate the OOD detector", add_help=add_help)
-    parser.add_argument("--resume", required=True, help="trained checkpoint (train.py)")
-    parser.add_argument("--dataset", help="list format, as in train.py (default: the checkpoint's)",
-                        choices=DATASETS)
-    parser.add_argument("--dataset-dir", help="images under <dir>/train and <dir>/test "
-                        "(default: the checkpoint's)")
+    add_resume_flag(parser, "trained checkpoint (train.py)")
+    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
+    add_dataset_dir_flag(parser, "the folder holding train/ and test/, as in train.py (default: the checkpoint's)")
     parser.add_argument("--fit-image-list", help="images the detector is fitted on, e.g. a gallery "
                         "(default: the checkpoint's training images without its validation split)")
     parser.add_argument("--fit-dataset-dir", help="their folder (default <dataset-dir>/train)")
@@ -89,11 +95,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("-k", type=int, default=10, help="neighbour of the knn score")
     parser.add_argument("--report", help="JSON report (default <checkpoint stem>_ood_report.json)")
     parser.add_argument("--save", help="detector file (default <checkpoint stem>_ood.pth)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_workers_flag(parser, min(4, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    utils.add_debug_flag(parser)
+    add_device_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
@@ -115,16 +121,16 @@ def ood_sets(args):
 
 
 def main(args):
-    utils.refuse_distributed("ood.py")
-    runtime = utils.setup_runtime(args.device)
-    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, runtime.device)
+    refuse_distributed("ood.py")
+    runtime = setup_runtime(args.device)
+    model, checkpoint, fingerprint = load_trained_model(args.resume, runtime.device)
     config, classes = checkpoint["model_config"], checkpoint["classes"]
     train_args = run_data.recorded_run(checkpoint, args.dataset_dir)
     dataset = args.dataset or train_args.get("dataset", "covid")
     root = Path(args.dataset_dir or train_args.get("dataset_dir") or setup_defaults(dataset)["dataset_dir"])
     list_format = LIST_FORMAT[dataset]
     transform = build_transform(config["img_size"], train=False)
-    amp = utils.resolve_amp("auto", str(runtime.device))
+    amp = resolve_amp("auto", str(runtime.device))
     temperature = args.temperature
     if temperature is None:
         scale = train_args.get("id_loss_scale") if train_args.get("id_loss_weight") else None
@@ -134,18 +140,18 @@ def main(args):
         data = dataset_or_folder
         if not isinstance(data, ImageListDataset):
             data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform,
-                                    bit_depth=utils.data_bit_depth(checkpoint) or "auto")
+                                    bit_depth=data_bit_depth(checkpoint) or "auto")
             run_data.use_cache([data], args.cache_dir, config["img_size"])
         data.transform = transform
         loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
-        return utils.extract_embeddings(model, loader, runtime, amp)[0].cpu(), data.targets
+        return extract_embeddings(model, loader, runtime, amp)[0].cpu(), data.targets
 
     splits = None
     if not (args.fit_image_list and args.calib_image_list):
         if not train_args:
             raise SystemExit(f"error: {args.resume} does not record its training run; give "
                              "--fit-image-list and --calib-image-list")
-        splits = run_data.training_splits(train_args, runtime, dataset, root, utils.data_bit_depth(checkpoint),
+        splits = run_data.training_splits(train_args, runtime, dataset, root, data_bit_depth(checkpoint),
                                           args.cache_dir)
     if args.fit_image_list:
         fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
@@ -191,7 +197,7 @@ def main(args):
     # the same for every set: the in-distribution test images accepted at the saved threshold
     print(f"  {'deployed TPR':<14}" + "".join(f"{1 - in_flagged[s]:>26.3f}" for s in SCORES))
     report_path = Path(args.report or Path(args.resume).with_name(Path(args.resume).stem + "_ood_report.json"))
-    utils.write_json(report_path, report)
+    write_json(report_path, report)
     detector_path = Path(args.save or default_detector_path(args.resume))
     detector.save(detector_path)
     print(f"\nreport: {report_path}\ndetector: {detector_path}")
@@ -199,4 +205,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

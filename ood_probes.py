@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-import demo_data
-import utils
-from presets import DEMO_DATA
+from cxr import phantom
+from cxr.cli import add_debug_flag, run_cli
+from cxr.presets import DEMO_DATA
 
 SETS = ("noise", "textures", "shapes", "photos", "inverted", "rotated", "blurred", "lateral", "mass")
 FAR, SHIFTED, NEAR = SETS[:4], SETS[4:8], SETS[8:]
@@ -82,8 +82,8 @@ def _photo(rng, size, photos):
 
 
 def _phantom(rng, size, label=None):
-    label = label or demo_data.CLASSES[rng.integers(len(demo_data.CLASSES))]
-    return demo_data.make_phantom(rng, label, size)
+    label = label or phantom.CLASSES[rng.integers(len(phantom.CLASSES))]
+    return phantom.make_phantom(rng, label, size)
 
 
 def _shifted(name, rng, size):
@@ -153,10 +153,10 @@ def main():
     parser.add_argument("--size", type=int, default=DEMO_DATA["size"], help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    args = utils.add_debug_flag(parser).parse_args()
+    args = add_debug_flag(parser).parse_args()
     lists = write_probes(args.out, args.per_set, args.size, args.seed, args.sets)
     print(f"wrote {len(lists)} probe sets of {args.per_set} images to {args.out}")
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -35,47 +35,54 @@ faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss i
 `pip install faiss-cpu`).
 """
 import argparse
-import json
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import contact_sheet
-import explain
-import image_cache
-import ood
-import ood_guard
-import run_data
-import utils
+from cxr import contact_sheet, gallery_index, gradcam, image_cache, ood_detector, ood_guard, run_data
+from cxr.atomic_files import write_json
+from cxr.checkpoints import data_bit_depth, load_trained_model
+from cxr.cli import (
+    add_dataset_dir_flag,
+    add_dataset_flag,
+    add_debug_flag,
+    add_device_flag,
+    add_resume_flag,
+    add_workers_flag,
+    run_cli,
+)
+from cxr.embeddings import class_prototypes, extract_embeddings
+from cxr.errors import UserError
+from cxr.gradcam import RetrievalGradCAM, default_layers
+from cxr.presets import LIST_FORMAT
+from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
+from cxr.search import search
 from dataset import DatasetError, ImageListDataset, build_transform, load_image
-from gradcam import RetrievalGradCAM, default_layers
-from presets import DATASETS, LIST_FORMAT
-from search import search  # retrieve.search: the exact scan lives in search.py
 
 
 # ---------------------------------------------------------------------- index command
 def build_index(args):
-    utils.refuse_distributed("retrieve.py")
-    device = utils.setup_runtime(args.device).device
-    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, device)
+    refuse_distributed("retrieve.py")
+    device = setup_runtime(args.device).device
+    model, checkpoint, fingerprint = load_trained_model(args.resume, device)
     config = checkpoint["model_config"]
     out = Path(args.out)
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
                                transform=build_transform(config["img_size"], train=False),
-                               bit_depth=utils.data_bit_depth(checkpoint) or "auto")
+                               bit_depth=data_bit_depth(checkpoint) or "auto",
+                               folder_flag="--dataset-dir (the folder the list's paths are relative to)")
     run_data.use_cache([dataset], args.cache_dir, config["img_size"])
     # Absolute, so the index answers from any working directory; compared normalised, so
     # `data/x` and `./data/x` name the same folder.
     root = os.path.abspath(dataset.image_root)
     wanted = [os.path.normpath(os.path.join(root, os.path.relpath(p, dataset.image_root)))
               for p in dataset.paths]
-    if (out / MANIFEST).is_file():
-        manifest = read_manifest(out)
+    if (out / gallery_index.MANIFEST).is_file():
+        manifest = gallery_index.read_manifest(out)
         if manifest["fingerprint"] != fingerprint:
             raise SystemExit(f"error: {out} was built with another model (fingerprint "
                              f"{manifest['fingerprint'][:12]}, {args.resume}: {fingerprint[:12]}); "
@@ -84,13 +91,14 @@ def build_index(args):
             raise SystemExit(f"error: {out} stores {manifest['dtype']} embeddings; drop --dtype "
                              "or build a new index")
         done = [os.path.normpath(os.path.join(os.path.abspath(chunk["root"]), p))
-                for chunk in manifest["chunks"] for p in _chunk_paths(out / chunk["file"])]
+                for chunk in manifest["chunks"] for p in gallery_index.chunk_paths(out / chunk["file"])]
         if not args.append and done != wanted[:len(done)]:
             raise SystemExit(f"error: {out} already holds other images than the start of "
                              f"{args.image_list}; add images with --append, or choose another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint,
+        manifest = {"format": gallery_index.INDEX_FORMAT, "version": gallery_index.INDEX_VERSION,
+                    "fingerprint": fingerprint,
                     "bit_depth": dataset.bit_depth,  # what queries are scaled by when the checkpoint has none
                     "model_config": config, "checkpoint": str(args.resume), "classes": [],
                     "dtype": args.dtype or "float32", "chunks": []}
@@ -103,28 +111,28 @@ def build_index(args):
     held = set(done)
     todo = [i for i, path in enumerate(wanted) if path not in held]
     print(f"index {out}: {len(done)} images already in, {len(todo)} to embed", flush=True)
-    runtime = utils.Runtime(device)
-    amp = utils.resolve_amp("auto", str(device))
+    runtime = Runtime(device)
+    amp = resolve_amp("auto", str(device))
     for start in range(0, len(todo), args.chunk_size):
         part = todo[start:start + args.chunk_size]
         loader = DataLoader(dataset.subset(part, dataset.transform), batch_size=args.batch_size,
                             num_workers=args.workers)
-        embeddings, _ = utils.extract_embeddings(model, loader, runtime, amp)
+        embeddings, _ = extract_embeddings(model, loader, runtime, amp)
         file = f"chunk_{len(manifest['chunks']):05d}.npz"
         relative = [str(dataset.paths[i].relative_to(dataset.image_root)) for i in part]
-        _write_npz(out / file, embeddings=embeddings.cpu().numpy().astype(manifest["dtype"]),
+        gallery_index.write_npz(out / file, embeddings=embeddings.cpu().numpy().astype(manifest["dtype"]),
                    labels=label_ids[part], paths=np.array(relative))
         manifest["chunks"].append({"file": file, "count": len(part), "root": root})
-        utils.write_json(out / MANIFEST, manifest)  # after the chunk: a kill never lists a missing one
+        write_json(out / gallery_index.MANIFEST, manifest)  # after the chunk: a kill never lists a missing one
         print(f"  {start + len(part)}/{len(todo)} embedded", flush=True)
     total = sum(chunk["count"] for chunk in manifest["chunks"])
     if args.faiss_ivf:
-        manifest["faiss"] = build_faiss_index(out, args.faiss_ivf)
+        manifest["faiss"] = gallery_index.build_faiss_index(out, args.faiss_ivf)
     elif manifest.get("faiss", {}).get("count", total) != total:
         print(f"warning: {out}'s faiss index holds {manifest['faiss']['count']} of {total} images and "
               "is dropped; rebuild it with --faiss-ivf", file=sys.stderr)
         del manifest["faiss"]
-    utils.write_json(out / MANIFEST, manifest)
+    write_json(out / gallery_index.MANIFEST, manifest)
     print(f"index {out}: {total} images, {len(classes)} classes, {manifest['dtype']}")
     return manifest
 
@@ -149,7 +157,7 @@ def embed_images(model, paths, img_size, device, skip_bad, amp="none", bit_depth
         print(f"skipped unreadable image {message}", file=sys.stderr)
     if not tensors:
         raise SystemExit("error: no readable query image")
-    with torch.inference_mode(), utils.autocast(device, amp):  # as the index was embedded
+    with torch.inference_mode(), autocast(device, amp):  # as the index was embedded
         embeddings = torch.cat([model(torch.stack(tensors[i:i + 64]).to(device)).float()
                                 for i in range(0, len(tensors), 64)])
     return embeddings, kept
@@ -161,13 +169,15 @@ def query_inputs(args, classes):
     paths, labels = list(args.images), [None] * len(args.images)
     if args.image_list or args.dataset_dir:
         if args.dataset == "folder" and not args.dataset_dir:
-            raise utils.UserError("--dataset folder reads the queries' labels from the sub-folders of "
+            raise UserError("--dataset folder reads the queries' labels from the sub-folders of "
                                   "--dataset-dir; give it")
         if args.dataset != "folder" and not args.image_list:
-            raise utils.UserError("--dataset-dir is the folder of an --image-list's images; give the "
+            raise UserError("--dataset-dir is the folder of an --image-list's images; give the "
                                   "list too (or --dataset folder for a folder per label)")
         root = args.dataset_dir or Path(args.image_list).parent
-        listed = ImageListDataset(root, args.image_list, LIST_FORMAT[args.dataset], bit_depth=None)
+        listed = ImageListDataset(root, args.image_list, LIST_FORMAT[args.dataset], bit_depth=None,
+                                  folder_flag="--dataset-dir (the folder the query list's paths are relative to; "
+                                  "default: the list's own folder)")
         paths += [str(path) for path in listed.paths]
         labels += [listed.classes[t] for t in listed.targets.tolist()]
         unknown = sorted(set(listed.classes) - set(classes))
@@ -175,31 +185,31 @@ def query_inputs(args, classes):
             print(f"warning: {listed.source} labels {', '.join(unknown)}, which the index does not "
                   f"hold ({', '.join(classes)}): those queries' votes count as wrong", file=sys.stderr)
     if not paths:
-        raise utils.UserError("no query images: name image files, or give a labelled --image-list")
+        raise UserError("no query images: name image files, or give a labelled --image-list")
     return paths, labels
 
 
 def query(args):
-    utils.refuse_distributed("retrieve.py")
+    refuse_distributed("retrieve.py")
     if args.topk < 1:
         raise SystemExit(f"error: --topk {args.topk}: give at least 1 neighbour")
-    device = utils.setup_runtime(args.device).device
-    manifest, gallery, gallery_labels, gallery_paths = load_index(args.index)
+    device = setup_runtime(args.device).device
+    manifest, gallery, gallery_labels, gallery_paths = gallery_index.load_index(args.index)
     classes = manifest["classes"]
     query_paths, query_labels = query_inputs(args, classes)  # list errors before loading the model
-    model, checkpoint, fingerprint = utils.load_trained_model(args.resume, device)
+    model, checkpoint, fingerprint = load_trained_model(args.resume, device)
     if manifest["fingerprint"] != fingerprint:
         raise SystemExit(f"error: {args.resume} is not the model that built {args.index} "
                          f"(fingerprints {fingerprint[:12]} vs {manifest['fingerprint'][:12]}); "
                          "query with the index's checkpoint, or build an index for this one")
     detector, detector_path = ood_guard.choose(args.ood, args.resume, fingerprint, args.ood_detector,
                                                log=lambda line: print(line, file=sys.stderr))
-    bit_depth = utils.data_bit_depth(checkpoint) or manifest.get("bit_depth")
+    bit_depth = data_bit_depth(checkpoint) or manifest.get("bit_depth")
     embeddings, kept = embed_images(model, query_paths, checkpoint["model_config"]["img_size"], device,
-                                    args.skip_bad_images, utils.resolve_amp("auto", str(device)), bit_depth)
+                                    args.skip_bad_images, resolve_amp("auto", str(device)), bit_depth)
     if args.search == "faiss":
-        similarities, indices = faiss_search(args.index, manifest, embeddings, min(args.topk, len(gallery)),
-                                             args.nprobe)
+        similarities, indices = gallery_index.faiss_search(args.index, manifest, embeddings,
+                                                           min(args.topk, len(gallery)), args.nprobe)
     else:
         similarities, indices = search(embeddings, torch.from_numpy(gallery).to(device), args.topk)
     if detector is not None:
@@ -209,7 +219,7 @@ def query(args):
     if args.explain:
         cam = RetrievalGradCAM(model, default_layers(model))
         transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
-        prototypes = utils.class_prototypes(gallery, gallery_labels, len(classes)).to(device)
+        prototypes = class_prototypes(gallery, gallery_labels, len(classes)).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -234,7 +244,7 @@ def query(args):
             # against the mean features of the images shown: the index keeps no per-branch ones.
             targets = torch.cat([prototypes[classes.index(vote)][None],
                                  embeddings[q].expand(len(neighbours), -1)])
-            maps = [m for _, m in explain.heatmaps(cam, transform, [path] + [n["path"] for n in neighbours],
+            maps = [m for _, m in gradcam.heatmaps(cam, transform, [path] + [n["path"] for n in neighbours],
                                                    targets, device, bit_depth=bit_depth)]
             peak = np.unravel_index(int(maps[0].argmax()), maps[0].shape)
             record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
@@ -250,7 +260,7 @@ def query(args):
     labelled = [r for r in results if "label" in r]
     if labelled:
         summary["labelled"] = {"queries": len(labelled), "correct": sum(r["correct"] for r in labelled)}
-    utils.write_json(out / "results.json", {**summary, "queries": results})
+    write_json(out / "results.json", {**summary, "queries": results})
     print_results(results, summary)
     print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
     return results
@@ -282,13 +292,14 @@ def print_results(results, summary=None):
 # ---------------------------------------------------------------------- command line
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Index a labelled database; query it with radiographs")
-    utils.add_debug_flag(parser)  # run_cli acts on it wherever it stands; here for --help
+    add_debug_flag(parser)  # run_cli acts on it wherever it stands; here for --help
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed a labelled image list into an index folder")
-    index.add_argument("--resume", required=True, help="train.py checkpoint")
+    add_resume_flag(index, "train.py checkpoint")
     index.add_argument("--image-list", help="list of the database images (not needed for --dataset folder)")
-    index.add_argument("--dataset-dir", required=True, help="folder the list's paths are relative to")
-    index.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in train.py")
+    add_dataset_dir_flag(index, "the folder the list's paths are relative to (not train.py's folder of train/ "
+                         "and test/)", required=True)
+    add_dataset_flag(index, "list format, as in train.py", default="covid")
     index.add_argument("--out", required=True, help="index folder (created; re-run to resume)")
     index.add_argument("--append", action="store_true", help="add the list's images the index lacks")
     index.add_argument("--dtype", choices=("float32", "float16"),
@@ -300,18 +311,18 @@ def get_args_parser():
                        help="also build an approximate faiss IVF index with NLIST clusters (needs "
                             "faiss; about sqrt(N) to 4 sqrt(N) clusters for N images)")
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_workers_flag(index, min(4, os.cpu_count() or 1))
     image_cache.add_argument(index)
-    index.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(index)
     ask = commands.add_parser("query", help="rank the index's images for each query image")
     ask.add_argument("images", nargs="*", help="query image files (unlabelled)")
     ask.add_argument("--image-list", help="a labelled list of query images (any --dataset format): "
                      "results and contact sheets show each query's label and whether the vote is right")
-    ask.add_argument("--dataset-dir", help="folder the list's paths are relative to (default: the "
-                     "list's folder; for --dataset folder, the folder per label)")
-    ask.add_argument("--dataset", default="covid", choices=DATASETS, help="list format, as in index")
+    add_dataset_dir_flag(ask, "the folder the list's paths are relative to (default: the list's folder; for "
+                         "--dataset folder, the folder per label)")
+    add_dataset_flag(ask, "list format, as in index", default="covid")
     ask.add_argument("--index", required=True, help="index folder")
-    ask.add_argument("--resume", required=True, help="the checkpoint that built the index")
+    add_resume_flag(ask, "the checkpoint that built the index")
     ask.add_argument("--topk", type=int, default=10, help="neighbours per query")
     ask.add_argument("--out", required=True, help="folder for results.json and the contact sheets")
     ask.add_argument("--search", choices=("exact", "faiss"), default="exact",
@@ -326,9 +337,9 @@ def get_args_parser():
                           "its vote's mean embedding, each neighbour's towards the query")
     ask.add_argument("--ood-detector", help="detector file, required when given (default "
                      "<checkpoint stem>_ood.pth, used when it exists)")
-    ask.add_argument("--ood-score", default="mahalanobis", choices=ood.SCORES, help="score that flags")
+    ask.add_argument("--ood-score", default="mahalanobis", choices=ood_detector.SCORES, help="score that flags")
     ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")
-    ask.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(ask)
     return parser
 
 
@@ -336,9 +347,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         return build_index(args) if args.command == "index" else query(args)
-    except (IndexFileError, DatasetError) as error:
+    except (gallery_index.IndexFileError, DatasetError) as error:
         raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

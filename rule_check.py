@@ -29,9 +29,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-import demo_data
-import ontology as onto
-import regions
+from cxr import ontology as onto
+from cxr import phantom, regions
+from cxr.atomic_files import write_json
+from cxr.cli import add_debug_flag, run_cli
+from cxr.errors import UserError
+from cxr.report_stats import wilson
 
 CLASSES = ("normal", "cardiomegaly")
 RULE_ID = "enlarged_cardiac_silhouette"  # ctr > threshold: supports cardiomegaly
@@ -40,7 +43,7 @@ NORMAL_RULE_ID = "normal_cardiac_silhouette"  # ctr <= 0.5: contradicts cardiome
 # overlapping on 0.51-0.55, so the usual clinical cut-off (CTR > 0.5 on a PA film) lies inside the
 # normal range and the rule's threshold inside both: normal hearts around 0.5, enlarged around 0.55.
 BORDERLINE_RANGES = {"normal": (0.44, 0.55), "cardiomegaly": (0.51, 0.62)}
-STANDARD_RANGES = {"normal": demo_data._CTR_NORMAL, "cardiomegaly": demo_data._CTR_CARDIOMEGALY}
+STANDARD_RANGES = {"normal": phantom._CTR_NORMAL, "cardiomegaly": phantom._CTR_CARDIOMEGALY}
 SETS = {"borderline": BORDERLINE_RANGES, "standard": STANDARD_RANGES}
 # Mask perturbations; boundary and shift magnitudes are fractions of the image side (x size =
 # pixels), the scale error a fraction of the heart's size:
@@ -68,17 +71,6 @@ KINDS = ("boundary", "shift", "shift_all", "scale")  # applied in this order
 BOUNDARY_CORRELATION = 0.03
 
 
-def wilson(k, n, z=1.96):
-    """Wilson score interval of k successes in n trials; (nan, nan) when n is 0."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def rates(flagged, labels, positive="cardiomegaly"):
     """TPR (positives flagged) and FPR (negatives flagged) with Wilson 95% intervals."""
     flagged, positives = np.asarray(flagged, bool), np.asarray(labels) == positive
@@ -96,7 +88,7 @@ def make_set(ranges, per_class, size, seed, set_code=0):
     for class_code, label in enumerate(CLASSES):
         for i in range(per_class):
             rng = np.random.default_rng([seed, 11, set_code, class_code, i])
-            _, masks, info = demo_data.make_phantom_with_info(rng, label, size, ctr_ranges=ranges)
+            _, masks, info = phantom.make_phantom_with_info(rng, label, size, ctr_ranges=ranges)
             cases.append({"label": label, "index": i, "class_code": class_code,
                           "lungs": masks["lungs"], "heart": masks["heart"], "ctr": info["ctr"]})
     return cases
@@ -261,7 +253,7 @@ def markdown(report):
         return f"{100 * x:.1f}"
 
     def ci(lo_hi):
-        return f"[{pct(lo_hi[0])}, {pct(lo_hi[1])}]"
+        return "[n/a]" if lo_hi is None else f"[{pct(lo_hi[0])}, {pct(lo_hi[1])}]"
 
     size = report["params"]["size"]
     lines = [f"Rule `{report['rule']['id']}` (ctr {report['rule']['when']['ctr']}); {report['params']['per_class']} "
@@ -271,11 +263,13 @@ def markdown(report):
         gen = ", ".join(f"{k} {v['min']:.3f}-{v['max']:.3f} ({pct(v['above_threshold'])}% above the threshold)"
                         for k, v in block["generator_ctr"].items())
         lines += [f"**{name}** set (CTR drawn: {ranges}; measured on the generator's masks: {gen})", "",
-                  "| masks | at this size | heart Dice | lung Dice | CTR MAE | TPR % [95% CI] | FPR % [95% CI] | flips % | enlarged called normal-size % |",
+                  "| masks | at this size | heart Dice | lung Dice | CTR MAE | TPR % [95% CI] | FPR % [95% CI] "
+                  "| flips % | enlarged called normal-size % |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in block["results"]:
             lines.append(f"| {r['condition']} | {r['magnitude']} | {r['dice_heart']:.3f} | {r['dice_lungs']:.3f} | "
-                         f"{r['ctr_mae']:.4f} | {pct(r['tpr'])} {ci(r['tpr_ci'])} | {pct(r['fpr'])} {ci(r['fpr_ci'])} | "
+                         f"{r['ctr_mae']:.4f} | {pct(r['tpr'])} {ci(r['tpr_ci'])} | "
+                         f"{pct(r['fpr'])} {ci(r['fpr_ci'])} | "
                          f"{pct(r['flips'])} | {pct(r['cardiomegaly_called_normal_size'])} |")
         lines.append("")
     return "\n".join(lines)
@@ -290,24 +284,22 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ontology", type=Path, default=onto.DEFAULT_ONTOLOGY)
     parser.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS))
-    import utils  # here: the check itself needs no torch
-    return utils.add_debug_flag(parser)
+    return add_debug_flag(parser)
 
 
 def main(args):
-    import utils
 
     if args.per_class < 1:
-        raise utils.UserError(f"--per-class must be at least 1, got {args.per_class}")
+        raise UserError(f"--per-class must be at least 1, got {args.per_class}")
     if args.size < 32:
-        raise utils.UserError(f"--size must be at least 32 pixels, got {args.size}")
+        raise UserError(f"--size must be at least 32 pixels, got {args.size}")
     try:
         report = run(args.per_class, args.size, args.seed, args.ontology, tuple(args.sets))
     except onto.OntologyError as error:
-        raise utils.UserError(str(error)) from error
+        raise UserError(str(error)) from error
     table = markdown(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    utils.write_json(args.out / "rule_check.json", report)
+    write_json(args.out / "rule_check.json", report)
     (args.out / "rule_check.md").write_text(table + "\n")
     print(table)
     print(f"Wrote {args.out / 'rule_check.json'} and {args.out / 'rule_check.md'}")
@@ -315,6 +307,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import utils
 
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 import explain
-import localisation
-import utils
+from cxr import localisation
+from cxr.atomic_files import write_json
+from cxr.cli import add_debug_flag, add_device_flag, add_resume_flag, run_cli
+from cxr.errors import UserError
 
 # name: explain.py flags, every setting spelled out (explain.py's defaults are this choice's
 # outcome, so they must not decide a candidate). The first two are the earlier releases' layer maps.
@@ -45,7 +47,7 @@ def run(args, checkpoint, split, name, key=None):
     print(f"== {Path(checkpoint).stem}, {split}: {name}", flush=True)
     aggregate = explain.main(explain.get_args_parser().parse_args(argv))["aggregate"]
     if (aggregate.get("image_specific_gain") or {}).get("overall") is None:
-        raise utils.UserError(f"the {split} images of {checkpoint} hold fewer than two lesion images of a class "
+        raise UserError(f"the {split} images of {checkpoint} hold fewer than two lesion images of a class "
                               f"with masks under {Path(args.mask_dir) / 'lesion'}: the gain cannot be measured ("
                               + ("a larger validation split: train.py --val-fraction)" if split == "val" else
                                  "a test list with more lesion images)"))
@@ -109,23 +111,23 @@ def table(title, rows, labels):
 
 def main(args):
     if not Path(args.mask_dir).is_dir():
-        raise utils.UserError(f"--mask-dir {args.mask_dir}: no such folder (its lesion/ masks score the maps)")
+        raise UserError(f"--mask-dir {args.mask_dir}: no such folder (its lesion/ masks score the maps)")
     for checkpoint in [args.resume, *args.also]:
         if not Path(checkpoint).is_file():
-            raise utils.UserError(f"{checkpoint}: no such checkpoint")
+            raise UserError(f"{checkpoint}: no such checkpoint")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     validation, test = {}, {}
     for name in CANDIDATES:
         validation[name] = run(args, args.resume, "val", name)
-        utils.write_json(out / "selection.json", {"validation": validation})  # kept if a later run fails
+        write_json(out / "selection.json", {"validation": validation})  # kept if a later run fails
     chosen = choose(validation)
     for checkpoint in [args.resume, *args.also]:
         key = Path(checkpoint).stem
         if key in test:  # two checkpoints of one name (runs in other folders): numbered
             key = f"{key}_{len(test)}"
         test[key] = run(args, checkpoint, "test", chosen, key)
-        utils.write_json(out / "selection.json", {"chosen": chosen, "validation": validation, "test": test})
+        write_json(out / "selection.json", {"chosen": chosen, "validation": validation, "test": test})
     labels = sorted({label for r in [*validation.values(), *test.values()] for label in r["by_label"]})
     gains = [r["gain"] for r in test.values()]
     lines = ["## Saliency chosen on validation, reported on test", "",
@@ -138,7 +140,7 @@ def main(args):
         lines += [f"Test gain over {len(gains)} checkpoints: mean {100 * np.mean(gains):+.1f}, "
                   f"range {100 * min(gains):+.1f} to {100 * max(gains):+.1f} points.", ""]
     (out / "selection.md").write_text("\n".join(lines), encoding="utf-8")
-    utils.write_json(out / "selection.json", {"chosen": chosen, "flags": CANDIDATES[chosen],
+    write_json(out / "selection.json", {"chosen": chosen, "flags": CANDIDATES[chosen],
                                               "validation": validation, "test": test,
                                               "pointing_tolerance": args.pointing_tolerance})
     print("\n".join(lines))
@@ -149,17 +151,17 @@ def main(args):
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Choose explain.py's saliency settings on validation, "
                                      "report the choice on test")
-    parser.add_argument("--resume", required=True, help="checkpoint whose validation split chooses")
+    add_resume_flag(parser, "checkpoint whose validation split chooses")
     parser.add_argument("--also", nargs="*", default=[], metavar="CKPT",
                         help="further checkpoints (other seeds) the chosen settings are reported on")
     parser.add_argument("--mask-dir", required=True, help="folder with lesion/ (and lungs/, heart/) masks")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--pointing-tolerance", type=float, default=localisation.DEFAULT_TOLERANCE,
                         help="as explain.py's: the gain that chooses is at this tolerance")
-    parser.add_argument("--device", default="auto")
-    utils.add_debug_flag(parser)
+    add_device_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

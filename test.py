@@ -35,32 +35,38 @@ import datetime
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import compare_embeddings
-import eval_inputs
-import evaluation
-import image_cache
-import ood_guard
-import run_data
-import splits
-import utils
+from cxr import compare_embeddings, image_cache, ood_guard, report_inputs, report_stats, run_data, splits
+from cxr.atomic_files import write_json
+from cxr.checkpoints import (
+    load_checkpoint,
+    load_model_weights,
+    model_fingerprint,
+    state_dict_of,
+    strip_wrapper_prefixes,
+)
+from cxr.cli import add_dataset_flag, add_debug_flag, add_device_flag, add_resume_flag, add_workers_flag, run_cli
+from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
+from cxr.errors import UserError
+from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
+from cxr.retrieval_metrics import evaluate_retrieval
+from cxr.runtime import AMP_DTYPES, ShardSampler, cleanup_runtime, log, resolve_amp, setup_runtime
 from dataset import ImageListDataset, build_transform
-from metrics import evaluate_retrieval
 from model import MODEL_NAMES, NECKS, build_model, options_from_weights
-from presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
 
-KS = eval_inputs.KS
+KS = report_inputs.KS
 MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name", "neck")
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Evaluate a retrieval checkpoint", add_help=add_help)
-    parser.add_argument("--resume", help="checkpoint (full, or a bare state dict); required unless --compare")
+    add_resume_flag(parser, "checkpoint (full, or a bare state dict); required unless --compare", required=False)
     # Model: read from the checkpoint; give them only for a bare state dict.
     parser.add_argument("--model", choices=MODEL_NAMES, help="architecture (from the checkpoint)")
     parser.add_argument("--embedding-dim", type=int, help="embedding size (from the checkpoint)")
@@ -70,30 +76,28 @@ def get_args_parser(add_help=True):
     parser.add_argument("--neck", choices=NECKS, help="embedding head's neck (from the checkpoint; "
                         "bare state dicts: none unless given)")
     # Data: each defaults to the checkpoint's recorded run, then to the data set's defaults.
-    parser.add_argument("--dataset", choices=DATASETS, help="list format, as in train.py "
-                        "(default: the checkpoint's, else covid)")
+    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's, else covid)")
     parser.add_argument("--test-dataset-dir", help="folder of the test images (default: <the checkpoint's "
                         "--dataset-dir>/test, else ./data/test)")
     parser.add_argument("--test-image-list", help="test list (default: the checkpoint's, else "
                         "./test_COVIDx4.txt)")
-    parser.add_argument("--bit-depth", choices=eval_inputs.BIT_DEPTH_CHOICES,
+    parser.add_argument("--bit-depth", choices=report_inputs.BIT_DEPTH_CHOICES,
                         help="bits of the 16-bit PNGs' data (default: the depth the checkpoint was "
                         "trained at, else auto: scanned from the list)")
     parser.add_argument("--gallery-dataset-dir", help="gallery images: query-gallery protocol")
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--gallery-dataset", choices=DATASETS, help="format of the gallery list when it "
                         "differs from the queries' (--dataset), e.g. a COVIDx query list against a CSV gallery")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="data loading processes")
+    add_workers_flag(parser, min(4, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
     # Speed
-    parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),
+    parser.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
                         help="mixed precision; auto = bf16 on CUDA from compute capability 8, "
                         "fp16 on older GPUs, none on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(parser)
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
     parser.add_argument("--save-dir", help="where the embeddings .npz goes (default: the checkpoint's folder)")
@@ -135,7 +139,7 @@ def get_args_parser(add_help=True):
                         help="paired comparison of two models' embeddings of the same list (files "
                         "written by test.py): differences A - B with patient-bootstrap intervals "
                         "and p-values (--bootstrap, default 1000); no checkpoint needed")
-    utils.add_debug_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
@@ -150,7 +154,7 @@ def model_config_from(checkpoint, args):
         defaults = {key: PAPER_DEFAULTS[key] for key in MODEL_FLAGS if key in PAPER_DEFAULTS}
         config = {"name": given.pop("model"), **defaults, **given}
         # Options no flag names show in the weights (fusion, branch heads, MXA, ViT stem).
-        config.update(options_from_weights(utils.strip_wrapper_prefixes(utils.state_dict_of(checkpoint))))
+        config.update(options_from_weights(strip_wrapper_prefixes(state_dict_of(checkpoint))))
         return config
     stored_flags = {("model" if key == "name" else key): value for key, value in stored.items()}
     clashes = [f"--{key.replace('_', '-')} {value} (checkpoint: {stored_flags[key]})"
@@ -226,11 +230,11 @@ def main(args):
     if not args.resume:
         raise SystemExit("error: give --resume CHECKPOINT to evaluate, or --compare A.npz B.npz to "
                          "compare two saved embeddings")
-    runtime = utils.setup_runtime(args.device)
+    runtime = setup_runtime(args.device)
     try:
         return run(args, runtime)
     finally:
-        utils.cleanup_runtime(runtime)
+        cleanup_runtime(runtime)
 
 
 def training_splits(checkpoint, log):
@@ -300,7 +304,24 @@ def neighbour_records(per_query, query_emb, gallery_emb, query_set, gallery_set,
 
 
 def run(args, runtime):
-    args.amp = utils.resolve_amp(args.amp, str(runtime.device))
+    """The evaluation, phase by phase: model and OOD detector, lists, leakage, embeddings,
+    the report, the files."""
+    check_flags(args, runtime)
+    checkpoint, config, model, detector, detector_path = load_model(args, runtime)
+    inputs, query_set, gallery_set = load_lists(args, runtime, checkpoint, config)
+    checked, trained_on, leakage, vote_ks = check_lists(args, runtime, checkpoint, inputs, query_set, gallery_set)
+    embedded = embed_lists(args, runtime, model, query_set, gallery_set)
+    if not runtime.is_main:  # the metrics and every file are rank 0's
+        return None
+    report, per_query = build_report(args, checkpoint, config, model, inputs, query_set, gallery_set, embedded,
+                                     vote_ks, checked + trained_on, leakage, detector, detector_path)
+    print_report(report)
+    write_outputs(args, checkpoint, config, report, per_query, query_set, gallery_set, embedded)
+    return report
+
+
+def check_flags(args, runtime):
+    args.amp = resolve_amp(args.amp, str(runtime.device))
     if args.channels_last is None:
         args.channels_last = runtime.device.type == "cuda"
     if args.bootstrap < 0 or args.bootstrap == 1:
@@ -308,28 +329,38 @@ def run(args, runtime):
                          "resamples (1000 is usual)")
     if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
         raise SystemExit(f"error: --abstain-below {args.abstain_below} is a vote share between 0 and 1")
-    checkpoint = utils.load_checkpoint(args.resume)
+
+
+def load_model(args, runtime):
+    """(checkpoint, model config, model on the device, OOD detector or None, its path): the
+    detector is looked for before any embedding, so a missing or stale one is found at once."""
+    checkpoint = load_checkpoint(args.resume)
     config = model_config_from(checkpoint, args)
     model = build_model(**config, pretrained=False)
-    utils.load_model_weights(model, utils.state_dict_of(checkpoint), args.resume)
+    load_model_weights(model, state_dict_of(checkpoint), args.resume)
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     detector = detector_path = None
-    if args.ood is not False:  # before any embedding: a missing or stale detector is found at once
-        fingerprint = utils.model_fingerprint(config, model.state_dict())
+    if args.ood is not False:
+        fingerprint = model_fingerprint(config, model.state_dict())
         detector, detector_path = ood_guard.choose(args.ood, args.resume, fingerprint, args.ood_detector,
-                                                   log=lambda line: utils.log(runtime, line))
+                                                   log=lambda line: log(runtime, line))
+    return checkpoint, config, model, detector, detector_path
 
-    # Each data input from its flag, else the checkpoint's recorded run, else the defaults.
-    inputs = eval_inputs.resolve_inputs(args, checkpoint)
-    utils.log(runtime, eval_inputs.describe(inputs))
+
+def load_lists(args, runtime, checkpoint, config):
+    """(inputs, query set, gallery set or None): each data input from its flag, else the
+    checkpoint's recorded run, else the defaults (inputs says which)."""
+    inputs = report_inputs.resolve_inputs(args, checkpoint)
+    log(runtime, report_inputs.describe(inputs))
     args.dataset = inputs["dataset"]["value"]
     test_dir, test_list = inputs["test_dataset_dir"]["value"], inputs["test_image_list"]["value"]
     bit_depth = inputs["bit_depth"]["value"]  # 16-bit files scaled as in training
     classes = checkpoint.get("classes") if isinstance(checkpoint.get("classes"), list) else None
     transform = build_transform(config["img_size"], train=False)
     list_format = LIST_FORMAT[args.dataset]
-    query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth)
-    classes = query_set.classes
+    query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth,
+                                 folder_flag="--test-dataset-dir (the test images' folder; default: the "
+                                 "checkpoint's <dataset-dir>/test)")
     gallery_set = None
     if args.gallery_image_list or args.gallery_dataset_dir:
         gallery_format = LIST_FORMAT[args.gallery_dataset or args.dataset]
@@ -341,64 +372,93 @@ def run(args, runtime):
             raise SystemExit("error: the query-gallery protocol needs --gallery-dataset-dir and "
                              "--gallery-image-list (only the folder for --dataset folder)")
         gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
-                                       gallery_format, classes, transform,
-                                       bit_depth=query_set.bit_depth or bit_depth)  # one depth for both
+                                       gallery_format, query_set.classes, transform,
+                                       bit_depth=query_set.bit_depth or bit_depth,  # one depth for both
+                                       folder_flag="--gallery-dataset-dir (the gallery images' folder)")
     run_data.use_cache([query_set, gallery_set], args.cache_dir, config["img_size"])
+    return inputs, query_set, gallery_set
 
-    # ---------------------------------------------------------------- leakage, before embedding
-    def log(message):
-        utils.log(runtime, message)
+
+def check_lists(args, runtime, checkpoint, inputs, query_set, gallery_set):
+    """Before embedding: the vote sizes the lists allow, and leakage between the test list, the
+    gallery and the checkpoint's training lists. Returns (checked splits, training splits,
+    leakage record, vote ks)."""
+    def note(message):
+        log(runtime, message)
 
     # A small list holds fewer neighbours per query than the default vote sizes ask for.
-    available = eval_inputs.neighbours_available(
+    available = report_inputs.neighbours_available(
         query_set.patients, None if gallery_set is None else gallery_set.patients,
         exclude_same_patient=not args.keep_same_patient)
-    vote_ks, left_out = eval_inputs.choose_vote_ks(args.vote_ks, available, log)
-    args.vote_k = eval_inputs.choose_vote_k(args.vote_k, vote_ks)
+    vote_ks, left_out = report_inputs.choose_vote_ks(args.vote_ks, available, note)
+    args.vote_k = report_inputs.choose_vote_k(args.vote_k, vote_ks)
     inputs["vote_ks"] = {"value": list(vote_ks), "from": "flag" if args.vote_ks else "default",
                          "left_out": left_out}
-
     checked = [splits.Split.from_dataset("test", query_set)]
     if gallery_set is not None:
         checked.append(splits.Split.from_dataset("gallery", gallery_set))
-    trained_on, notes = training_splits(checkpoint, log)
-    leakage = splits.check_splits(checked + trained_on, args.allow_patient_overlap, log, first_only=True)
+    trained_on, notes = training_splits(checkpoint, note)
+    leakage = splits.check_splits(checked + trained_on, args.allow_patient_overlap, note, first_only=True)
     leakage["notes"] = notes
+    return checked, trained_on, leakage, vote_ks
+
+
+@dataclass
+class Embedded:
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    query_features: list  # [{branch: pooled features}] for the hybrid, else []
+    gallery: torch.Tensor | None  # None: leave-one-out
+    gallery_labels: torch.Tensor | None
+    gallery_features: list
+
+    @property
+    def protocol(self):
+        return "leave-one-out" if self.gallery is None else "query-gallery"
+
+    @property
+    def ranked_against(self):
+        return self.query if self.gallery is None else self.gallery
+
+
+def embed_lists(args, runtime, model, query_set, gallery_set):
+    with_branches = has_branches(model)  # the hybrid: each branch's share of the similarity
 
     def embed(dataset):
         # Under torchrun each rank embeds its shard; extract_embeddings gathers them in order.
         loader = DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.workers,
-                            sampler=utils.ShardSampler(len(dataset), runtime),
+                            sampler=ShardSampler(len(dataset), runtime),
                             pin_memory=runtime.device.type == "cuda")
-        return utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
-                                        branch_features=with_branches)
+        return extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
+                                  branch_features=with_branches)
 
-    with_branches = utils.has_branches(model)  # the hybrid: each branch's share of the similarity
     query_emb, query_labels, *query_features = embed(query_set)
-    gallery_features = query_features
-    if gallery_set is not None:
-        gallery_emb, gallery_labels, *gallery_features = embed(gallery_set)
-        protocol, num_gallery = "query-gallery", len(gallery_set)
-    else:
-        gallery_emb = gallery_labels = None
-        protocol, num_gallery = "leave-one-out", len(query_set)
+    if gallery_set is None:
+        return Embedded(query_emb, query_labels, query_features, None, None, query_features)
+    gallery_emb, gallery_labels, *gallery_features = embed(gallery_set)
+    return Embedded(query_emb, query_labels, query_features, gallery_emb, gallery_labels, gallery_features)
 
-    if not runtime.is_main:  # the metrics and every file are rank 0's
-        return None
+
+def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set, embedded, vote_ks, lists,
+                 leakage, detector, detector_path):
+    """(report, per-query results): the retrieval and vote metrics, provenance, per class, branch
+    shares, OOD scores, abstention and the patient-bootstrap intervals."""
+    classes = query_set.classes
     groups = {}
     if not args.keep_same_patient:
         groups["query_groups"] = query_set.patients
         if gallery_set is not None:
             groups["gallery_groups"] = gallery_set.patients
     try:
-        metrics, per_query = evaluate_retrieval(query_emb, query_labels, gallery_emb, gallery_labels,
-                                                ks=KS, vote_ks=vote_ks, num_classes=len(classes),
-                                                return_per_query=True, **groups)
+        metrics, per_query = evaluate_retrieval(embedded.query, embedded.query_labels, embedded.gallery,
+                                                embedded.gallery_labels, ks=KS, vote_ks=vote_ks,
+                                                num_classes=len(classes), return_per_query=True, **groups)
     except ValueError as error:  # e.g. a patient holding nearly the whole list
-        raise utils.UserError(f"{test_list}: {error}") from error
+        raise UserError(f"{inputs['test_image_list']['value']}: {error}") from error
+    num_gallery = len(query_set) if gallery_set is None else len(gallery_set)
     report = {"checkpoint": str(args.resume), "model": config["name"],
               "embedding_dim": config["embedding_dim"], "classes": classes,
-              "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": protocol,
+              "num_queries": len(query_set), "num_gallery": num_gallery, "protocol": embedded.protocol,
               **metrics, "same_patient_excluded": not args.keep_same_patient, "inputs": inputs}
     ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     report["provenance"] = {
@@ -406,17 +466,17 @@ def run(args, runtime):
         "selected_by": checkpoint.get("selection"), "seed": ckpt_args.get("seed"),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "versions": library_versions()}
-    report["lists"] = {split.name: splits.provenance(split) for split in checked + trained_on}
+    report["lists"] = {split.name: splits.provenance(split) for split in lists}
     report["leakage"] = leakage
-    report["per_class"] = evaluation.per_class(per_query, classes, query_set.patients)
-    if with_branches:  # mean over the queries and their top-1 neighbour (the report contract)
-        report["branch_attribution"] = utils.mean_branch_shares(
-            model, query_features[0], per_query["top_indices"][:, 0],
-            query_emb if gallery_emb is None else gallery_emb, gallery_features[0])
+    report["per_class"] = report_stats.per_class(per_query, classes, query_set.patients)
+    if embedded.query_features:  # mean over the queries and their top-1 neighbour (the report contract)
+        report["branch_attribution"] = mean_branch_shares(
+            model, embedded.query_features[0], per_query["top_indices"][:, 0], embedded.ranked_against,
+            embedded.gallery_features[0])
     ood_scores = None
     if detector is not None:
-        scores = detector.scores(query_emb)
-        flags = detector.flags(query_emb, scores)
+        scores = detector.scores(embedded.query)
+        flags = detector.flags(embedded.query, scores)
         ood_scores = {name: np.asarray(value) for name, value in scores.items()}
         report["ood"] = {"detector": str(detector_path),
                          "tpr": detector.tpr,
@@ -426,29 +486,32 @@ def run(args, runtime):
                          "queries": [{"path": str(path), **{name: float(scores[name][i]) for name in scores},
                                       "flagged": {name: bool(flags[name][i]) for name in flags}}
                                      for i, path in enumerate(query_set.paths)]}
-    report["abstention"] = evaluation.abstention(per_query, args.vote_k, args.abstain_below, ood_scores)
+    report["abstention"] = report_stats.abstention(per_query, args.vote_k, args.abstain_below, ood_scores)
     if args.bootstrap:
-        report["confidence_intervals"] = evaluation.bootstrap(per_query, query_set.patients, args.bootstrap,
-                                                              args.bootstrap_seed)
-    print_report(report)
+        report["confidence_intervals"] = report_stats.bootstrap(per_query, query_set.patients, args.bootstrap,
+                                                                args.bootstrap_seed)
+    return report, per_query
 
-    # ---------------------------------------------------------------- files
+
+def write_outputs(args, checkpoint, config, report, per_query, query_set, gallery_set, embedded):
+    """The report, the neighbours file, the figures and the embeddings (.npz)."""
+    classes, protocol = query_set.classes, embedded.protocol
     checkpoint_path = Path(args.resume)
     report_path = Path(args.report or checkpoint_path.with_name(checkpoint_path.stem + "_report.json"))
     report_path.parent.mkdir(parents=True, exist_ok=True)
     written = {"report": report_path}
     if args.neighbours > 0:
         k = min(args.neighbours, per_query["top_indices"].shape[1])
-        neighbours = neighbour_records(per_query, query_emb, query_emb if gallery_emb is None else gallery_emb,
-                                       query_set, gallery_set or query_set, classes, args.vote_k, k)
+        neighbours = neighbour_records(per_query, embedded.query, embedded.ranked_against, query_set,
+                                       gallery_set or query_set, classes, args.vote_k, k)
         for record, scored in zip(neighbours, report.get("ood", {}).get("queries", [])):
             record["ood"] = {name: value for name, value in scored.items() if name != "path"}
         written["neighbours"] = report_path.with_name(report_path.stem + "_neighbours.json")
-        utils.write_json(written["neighbours"], {"protocol": protocol, "k": k, "vote_k": args.vote_k,
-                                                 "same_patient_excluded": not args.keep_same_patient,
-                                                 "queries": neighbours})
+        write_json(written["neighbours"], {"protocol": protocol, "k": k, "vote_k": args.vote_k,
+                                           "same_patient_excluded": not args.keep_same_patient,
+                                           "queries": neighbours})
     if args.plots:
-        import plots  # here: matplotlib is only needed for the pictures
+        from cxr import plots  # here: matplotlib only when figures are asked for
 
         prefix = report_path.with_name(report_path.stem)
         matrix = report["classification"][str(args.vote_k)]["confusion_matrix"]
@@ -456,23 +519,25 @@ def run(args, runtime):
             matrix, classes, f"{prefix}_confusion.png",
             title=f"{config['name']}: majority vote, k = {args.vote_k} ({protocol})")
         written["embedding map"] = plots.embedding_map(
-            query_emb.cpu().numpy(), query_labels.cpu().numpy(), classes, f"{prefix}_embedding_map.png",
-            args.map, title=f"{config['name']}: {len(query_set)} test embeddings "
+            embedded.query.cpu().numpy(), embedded.query_labels.cpu().numpy(), classes,
+            f"{prefix}_embedding_map.png", args.map, title=f"{config['name']}: {len(query_set)} test embeddings "
             f"({'PCA' if args.map == 'pca' else 't-SNE'})")
         written["risk-coverage"] = plots.risk_coverage(report["abstention"], f"{prefix}_risk_coverage.png")
     report["files"] = {name: str(path) for name, path in written.items() if name != "report"}
     npz_path = embeddings_path(args, checkpoint_path, query_set, gallery_set)
     report["files"]["embeddings"] = str(npz_path)
-    utils.write_json(report_path, report)
+    write_json(report_path, report)
     npz_path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"query_embeddings": query_emb.cpu().numpy(), "query_labels": query_labels.cpu().numpy(),
+    epoch = -1 if checkpoint.get("epoch") is None else checkpoint["epoch"]
+    arrays = {"query_embeddings": embedded.query.cpu().numpy(),
+              "query_labels": embedded.query_labels.cpu().numpy(),
               "query_paths": np.array([str(p) for p in query_set.paths]),
               "query_patients": np.array([str(p) for p in query_set.patients]), "classes": np.array(classes),
               "protocol": np.array(protocol), "checkpoint": np.array(str(args.resume)),
-              "model": np.array(config["name"]), "epoch": np.array(-1 if checkpoint.get("epoch") is None else checkpoint["epoch"])}
+              "model": np.array(config["name"]), "epoch": np.array(epoch)}
     if gallery_set is not None:
-        arrays.update(gallery_embeddings=gallery_emb.cpu().numpy(),
-                      gallery_labels=gallery_labels.cpu().numpy(),
+        arrays.update(gallery_embeddings=embedded.gallery.cpu().numpy(),
+                      gallery_labels=embedded.gallery_labels.cpu().numpy(),
                       gallery_paths=np.array([str(p) for p in gallery_set.paths]),
                       gallery_patients=np.array([str(p) for p in gallery_set.patients]))
     np.savez(npz_path, **arrays)
@@ -480,8 +545,7 @@ def run(args, runtime):
     for name, path in written.items():
         if name != "report":
             print(f"{name}: {path}")
-    return report
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()))

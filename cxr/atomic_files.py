@@ -2,8 +2,8 @@
 the new one, never a half-written one."""
 import json
 import os
-import time
 from pathlib import Path
+
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints

@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import bench
-import demo_data
-import image_cache
-import presets
-import train
+from cxr import bench_harness, bench_train, demo_dataset, image_cache, phantom, presets, train_args
+from cxr.image_cache import ImageCache
 from dataset import ImageListDataset, build_transform
-from image_cache import ImageCache
 from sampler import PKSampler
 
 TARGET_CACHE_SPEEDUP = 5.0  # cached / uncached loader images/s per worker, 1024 px 8-bit PNGs
@@ -72,9 +69,9 @@ def fill(dataset):
 
 
 def run_data(args):
-    device_type = bench.torch.device(args.device).type
-    argv, batches = bench.train_argv(args), bench.steps_for(args, "data")
-    config = train.parse_args(argv)
+    device_type = torch.device(args.device).type
+    argv, batches = bench_train.train_argv(args), bench_harness.steps_for(args, "data")
+    config = train_args.parse_args(argv)
     workers = args.workers or [config.workers]
     transform = build_transform(config.img_size, True, config.rand_resize, config.hflip)
     rows = []
@@ -87,10 +84,10 @@ def run_data(args):
         else:
             size = args.phantom_size or (1024 if args.full else presets.DEMO_DATA["size"])
             per_class = config.samples_per_label  # one batch's worth per label; reused across batches
-            root = demo_data.write_demo_dataset(tmp / "phantoms", train_per_class=per_class,
+            root = demo_dataset.write_demo_dataset(tmp / "phantoms", train_per_class=per_class,
                                                 test_per_class=0, size=size)
             wide = sixteen_bit_copy(root, tmp / "phantoms16")
-            count = per_class * len(demo_data.CLASSES)
+            count = per_class * len(phantom.CLASSES)
             sources = [(f"{count} phantoms, {size} px 8-bit PNG", root, root / "train_split.txt"),
                        (f"{count} phantoms, {size} px 16-bit PNG (12-bit data)", wide,
                         wide / "train_split.txt")]
@@ -106,8 +103,8 @@ def run_data(args):
     # The step users get from train.py's default flags on this device.
     default = frozenset({"fused"} | ({"bf16"} if config.amp == "bf16" else set())
                         | ({"channels_last"} if config.channels_last else set()))
-    step = bench.isolated(args.threads, bench.train_case, argv, default, bench.steps_for(args, "train"),
-                          args.warmup)
+    step = bench_harness.isolated(args.threads, bench_train.train_case, argv, default,
+                                  bench_harness.steps_for(args, "train"), args.warmup)
     step_rate = step.get("images_per_s")
     table = []
     for row in rows:
@@ -119,10 +116,10 @@ def run_data(args):
         target = verdict = ""
         if row["cached"] and "8-bit" in row["source"] and "1024 px" in row["source"]:
             target = f">= {TARGET_CACHE_SPEEDUP:g}x uncached"
-            verdict = bench.status(row["speedup"] >= TARGET_CACHE_SPEEDUP)
+            verdict = bench_harness.status(row["speedup"] >= TARGET_CACHE_SPEEDUP)
         table.append([row["source"], "cache" if row["cached"] else "decode", row["workers"],
-                      f"{row['images_per_s']:.1f}", f"{per_worker:.1f}", bench.times(row["speedup"]),
-                      bench.fmt(step_rate), bench.times(ratio), target, verdict])
+                      f"{row['images_per_s']:.1f}", f"{per_worker:.1f}", bench_harness.times(row["speedup"]),
+                      bench_harness.fmt(step_rate), bench_harness.times(ratio), target, verdict])
     header = ["source", "read", "workers", "loader img/s", "per worker", "vs decode", "train step img/s",
               "loader / step", "target", "status"]
     reference = GPU_REFERENCE
@@ -131,12 +128,12 @@ def run_data(args):
              f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers); "
              f"cache: image_cache.py, {image_cache.SCALE} x img size square, filled by one untimed "
              "pass (the first epoch)",
-             f"train step: {bench.config_note(config)}, train.py's default flags on {args.device} "
-             f"({bench.variant_label(default)})" + (f"; failed: {step['error']}" if "error" in step else ""),
+             f"train step: {bench_train.config_note(config)}, train.py's default flags on {args.device} "
+             f"({bench_train.variant_label(default)})" + (f"; failed: {step['error']}" if "error" in step else ""),
              f"paper model on one GPU for scale: {reference['bf16']} img/s with bf16, {reference['all']} "
              f"with every optimisation ({reference['gpu']}, this file's cuda train section); one worker "
              "must deliver that rate / the workers a node can spare"]
     model = "paper" if args.full else "demo"
-    bench.report(args, "data", f"data: input pipeline, decode vs cache, vs training step ({args.device}, "
-                 f"{model} config)", bench.markdown_table(header, table), notes)
+    bench_harness.report(args, "data", f"data: input pipeline, decode vs cache, vs training step ({args.device}, "
+                 f"{model} config)", bench_harness.markdown_table(header, table), notes)
     return [{**row, "train_images_per_s": step_rate} for row in rows]

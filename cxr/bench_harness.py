@@ -1,27 +1,17 @@
 """bench.py's harness: every case in a fresh process (isolated), memory and machine readings,
 the effective command line, and the markdown sections appended to BENCHMARKS.md."""
-import argparse
 import datetime
-import functools
 import multiprocessing
 import os
 import platform
 import resource
 import shlex
-import time
 import traceback
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-import numpy as np
+
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from torch.utils.flop_counter import FlopCounterMode
-import metrics
-import train
-import utils
-from model import build_model
 
 DEFAULT_STEPS = {"embed": 10, "train": 10, "data": 40, "search": 3}
 
@@ -52,7 +42,7 @@ date and the effective command. Numbers from a shared or busy machine say so in 
     python bench.py train --device cuda --full    # paper model, 384 px, P x K = 3 x 16, plus MFU
     python bench.py embed --device cuda --full    # embedding extraction
     python bench.py data --workers 0,2,8          # loader images/s vs the training step rate
-    python bench.py search                        # retrieve.search: 1,000,000 x 256 float16, 100 queries
+    python bench.py search                        # search.search: 1,000,000 x 256 float16, 100 queries
     python bench.py search --ivf 8192 --search-n 10000000   # faiss IVF vs exact, recall@10 per nprobe
     python bench.py all --device cuda --full      # everything; add --compile for torch.compile rows
 
@@ -70,7 +60,7 @@ Columns
   gradient checkpointing (the seed's style); `+x` = plain plus that one optimisation; all = bf16
   autocast + channels-last + fused AdamW + gradient checkpointing (+ `torch.compile` with `--compile`);
   optimised = all on CUDA, and on CPU the optimisations whose own row beat plain by at least 5%.
-  Training steps are `train.train_step` itself (autocast forward, train.py's default loss: identity
+  Training steps are `engine.train_step` itself (autocast forward, train.py's default loss: identity
   + triplet in fp32, backward, `build_optimizer`'s AdamW step, the scheduler step); the input is
   one random P x K batch already on the device. The model, loss and batch are train.py's demo or
   (`--full`) paper defaults.
@@ -81,7 +71,7 @@ Columns
 - **min cos**: smallest per-image cosine similarity between that variant's embeddings and fp32's.
 - **metrics**: seed = the seed's evaluation (one N x N similarity matrix, a full stable argsort, a
   Python loop per query with Counter majority votes, scikit-learn scores); fast =
-  `metrics.evaluate_retrieval`. Leave-one-out on random unit vectors (D = 1024, 3 classes); **max
+  `retrieval_metrics.evaluate_retrieval`. Leave-one-out on random unit vectors (D = 1024, 3 classes); **max
   diff**: the largest difference over every returned number (R@K, mAP, mP@K, every classification
   score, confusion matrices), equal when <= 1e-6 percentage points. **patients**: fast with
   test.py's same-patient exclusion (two images per patient), its seconds and memory.
@@ -90,8 +80,8 @@ Columns
   flags on the same device. The images are in the page cache (no disk reads). On a machine with few
   cores the loader and the training step share them, so there a ratio near 1 is already a bottleneck.
   **read**: decode = the full-size file every time; cache = `--cache-dir`'s pre-resized copy
-  (image_cache.py), filled by one untimed pass first; **per worker**: img/s / workers (worker 0 =
-  the main process); **vs decode**: cached / decoded at the same worker count (bench_data.py).
+  (cxr/image_cache.py), filled by one untimed pass first; **per worker**: img/s / workers (worker 0 =
+  the main process); **vs decode**: cached / decoded at the same worker count (cxr/bench_data.py).
 - **search**: seconds of the fastest of `--steps` top-10 searches in the case's process, **cpu s** its
   process CPU time (all threads); plain = one float32 matmul + `torch.topk` per chunk (the floor, no
   tie rule); previous = the full-stable-sort search retrieve.py had before; extra = the case's peak

@@ -1,28 +1,15 @@
 """bench.py metrics: evaluate_retrieval against the seed's algorithm (one N x N similarity
 matrix, a full stable argsort, a Python loop per query), on random unit vectors."""
-import argparse
-import datetime
 import functools
-import multiprocessing
-import os
-import platform
-import resource
-import shlex
 import time
-import traceback
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from torch.utils.flop_counter import FlopCounterMode
-import metrics
-import train
-import utils
-from model import build_model
-from cxr.bench_harness import *
+
+from cxr import retrieval_metrics
+from cxr.bench_harness import MB, TARGETS, fmt, isolated, markdown_table, peak_memory, report, status, sync, times
 
 # evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see metrics.py);
 # every other number, confusion matrices included, matches to rounding.
@@ -114,10 +101,10 @@ def metrics_case(algorithm, n, dim, classes, device):
     embeddings, labels = (t.to(device) for t in random_embeddings(n, dim, classes))
     if algorithm is None:
         return {}
-    evaluate = seed_evaluate_retrieval if algorithm == "seed" else metrics.evaluate_retrieval
+    evaluate = seed_evaluate_retrieval if algorithm == "seed" else retrieval_metrics.evaluate_retrieval
     if algorithm == "patients":  # the same-patient exclusion test.py applies: two films per patient
         groups = torch.arange(n, device=device) // 2
-        evaluate = functools.partial(metrics.evaluate_retrieval, query_groups=groups)
+        evaluate = functools.partial(retrieval_metrics.evaluate_retrieval, query_groups=groups)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bench
-import retrieve
+from cxr import bench_harness, search
 
 K = 10
 CHUNK = 65536  # retrieve.search's default
@@ -126,13 +125,13 @@ def search_case(variant, n, dim, queries, device, repeats):
         torch.cuda.reset_peak_memory_stats(device)
     # The set-up's own transient peak would hide the search's: measure from here on.
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else reset_peak_rss()
-    run = {"plain": plain_search, "new": retrieve.search, "previous": previous_search}.get(variant)
+    run = {"plain": plain_search, "new": search.search, "previous": previous_search}.get(variant)
     run = run or faiss_flat(gallery)  # its index, a float32 copy of the gallery, counts as extra
     best = None
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         scores, indices = run(query, gallery, K)
-        bench.sync(device)
+        bench_harness.sync(device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         best = min(best or (wall, cpu), (wall, cpu))
     result = {"seconds": best[0], "cpu_seconds": best[1], "gallery_bytes": gallery.numel() * gallery.element_size(),
@@ -159,10 +158,10 @@ def run_search(args):
         return run_ivf(args)
     device = torch.device(args.device)
     n, dim, queries = args.search_n, args.search_dim, args.search_queries
-    repeats = bench.steps_for(args, "search")
+    repeats = bench_harness.steps_for(args, "search")
 
     def measure(variant):
-        return bench.isolated(args.threads, search_case, variant, n, dim, queries, args.device, repeats)
+        return bench_harness.isolated(args.threads, search_case, variant, n, dim, queries, args.device, repeats)
 
     baseline = measure(None)
     variants = ["plain", "new", "previous"]
@@ -180,7 +179,7 @@ def run_search(args):
         if "error" in result or "error" in baseline:
             table.append([label, "", "", "", "", "", "", "", result.get("error", baseline.get("error"))])
             continue
-        extra = result.get("extra_rss", bench.peak_memory(result, baseline, device))
+        extra = result.get("extra_rss", bench_harness.peak_memory(result, baseline, device))
         memory = extra / result["gallery_bytes"] if extra is not None else None
         vs_plain = result["seconds"] / plain["seconds"] if "seconds" in plain else None
         target = verdict = ""
@@ -192,14 +191,14 @@ def run_search(args):
                       (f"extra {memory or 0:.2f}x", memory is not None and memory <= TARGET_MEMORY))
             missed = [what for what, ok in checks if not ok]
             verdict = "met" if not missed else "MISSED: " + ", ".join(missed)
-        table.append([label, f"{result['seconds']:.2f}", f"{result['cpu_seconds']:.2f}", bench.times(vs_plain),
-                      bench.fmt(extra, ".0f", bench.MB), bench.fmt(memory, ".2f"),
+        table.append([label, f"{result['seconds']:.2f}", f"{result['cpu_seconds']:.2f}", bench_harness.times(vs_plain),
+                      bench_harness.fmt(extra, ".0f", bench_harness.MB), bench_harness.fmt(memory, ".2f"),
                       same_as(result, results["previous"]), target, verdict])
         rows.append({"variant": variant, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
                      "vs_plain": vs_plain, "extra_bytes": extra, "memory_ratio": memory})
     header = ["variant", "seconds", "cpu s", "time / plain", "extra MB", "extra / gallery",
               "same as previous", "target", "status"]
-    notes = [f"gallery {n:,} x {dim} float16 ({n * dim * 2 / bench.MB:,.0f} MB) of random unit vectors, "
+    notes = [f"gallery {n:,} x {dim} float16 ({n * dim * 2 / bench_harness.MB:,.0f} MB) of random unit vectors, "
              f"{queries} float32 queries, top-{K}, chunks of {CHUNK:,} rows; seconds: the fastest of {repeats} "
              "searches in the case's process; cpu s: that search's process CPU time (all threads); "
              "extra: the case's peak memory above its resident memory after creating the gallery and "
@@ -213,8 +212,8 @@ def run_search(args):
     if first and last and abs(first - last) > 0.1 * max(first, last):
         notes.append(f"plain took {first:.2f} and {last:.2f} s at the start and the end: the machine's load "
                      "changed during the run; ratios (against the faster) are unreliable")
-    bench.report(args, "search", f"search: retrieve.search, exact top-{K} ({args.device})",
-                 bench.markdown_table(header, table), notes)
+    bench_harness.report(args, "search", f"search: retrieve.search, exact top-{K} ({args.device})",
+                 bench_harness.markdown_table(header, table), notes)
     return rows
 
 
@@ -298,7 +297,7 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
     import faiss
     faiss.omp_set_num_threads(torch.get_num_threads())
     gallery, query, clusters, query_clusters = make_clustered_gallery(n, dim, queries)
-    (exact_seconds, exact_cpu), (_, exact) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
+    (exact_seconds, exact_cpu), (_, exact) = _fastest(repeats, lambda: search.search(query, gallery, K))
     # how local the exact neighbours are: the share of them in the query's own cluster
     in_cluster = float((clusters[exact] == query_clusters[:, None]).double().mean())
     del gallery, clusters
@@ -344,7 +343,7 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
     result["rows"] = rows
     index = quantizer = None  # freed before the gallery is made again
     gallery, query, _, _ = make_clustered_gallery(n, dim, queries)
-    (seconds, cpu), (_, again) = _fastest(repeats, lambda: retrieve.search(query, gallery, K))
+    (seconds, cpu), (_, again) = _fastest(repeats, lambda: search.search(query, gallery, K))
     result["exact"].append({"seconds": seconds, "cpu_seconds": cpu, "same": bool((again.numpy() == exact).all())})
     result["peak_rss_all"] = max(setup_peak, proc_status("VmHWM"))  # the whole case
     return result
@@ -362,8 +361,8 @@ def run_ivf(args):
     if not 1 <= nlist <= n:
         raise SystemExit(f"error: --ivf {nlist}: need 1 <= NLIST <= --search-n {n}")
     nprobes = sorted({min(p, nlist) for p in args.ivf_nprobe})
-    repeats = bench.steps_for(args, "search")
-    result = bench.isolated(args.threads, ivf_case, n, dim, queries, nlist, nprobes, repeats)
+    repeats = bench_harness.steps_for(args, "search")
+    result = bench_harness.isolated(args.threads, ivf_case, n, dim, queries, nlist, nprobes, repeats)
     at_target = (n, dim) == IVF_TARGET_SIZE
     target = f"recall@{K} >= {IVF_TARGET_RECALL:g} at <= {IVF_TARGET_TIME:.0%} of the exact search's time"
     header = ["search", "lists visited", "seconds", "cpu s", "time / exact", "cpu / exact", f"recall@{K}",
@@ -384,16 +383,17 @@ def run_ivf(args):
                       ("met" if ok else "no") if at_target else ""])
     if "error" in result:
         table.append(["exact + IVF", *[""] * (len(header) - 2), result["error"]])
-    text = bench.markdown_table(header, table)
+    text = bench_harness.markdown_table(header, table)
     if "build_seconds" in result:
         build = [[f"{nlist:,}", f"{min(256 * nlist, n):,}", f"{result['train_seconds']:.1f}",
                   f"{result['add_seconds']:.1f}", f"{result['build_seconds']:.1f}",
-                  f"{result['index_bytes'] / bench.MB:,.0f}",
-                  bench.fmt(result["build_extra_rss"], ",.0f", bench.MB), f"{result['peak_rss_all'] / bench.MB:,.0f}"]]
-        text += "\n\n" + bench.markdown_table(
+                  f"{result['index_bytes'] / bench_harness.MB:,.0f}",
+                  bench_harness.fmt(result["build_extra_rss"], ",.0f", bench_harness.MB),
+                  f"{result['peak_rss_all'] / bench_harness.MB:,.0f}"]]
+        text += "\n\n" + bench_harness.markdown_table(
             ["nlist", "training rows", "train s", "add s", "build s", "index MB", "build extra MB",
              "peak RSS MB"], build)
-    notes = [f"gallery {n:,} x {dim} float16 ({n * dim * 2 / bench.MB:,.0f} MB), clustered: {IVF_CENTRES:,} "
+    notes = [f"gallery {n:,} x {dim} float16 ({n * dim * 2 / bench_harness.MB:,.0f} MB), clustered: {IVF_CENTRES:,} "
              "unit centres uniform on the sphere, each row normalize(centre + "
              f"{IVF_SPREAD:g} * g / sqrt({dim})) around a centre picked uniformly, g standard normal "
              "(torch generator seed 0, made in chunks of 65,536 rows); "
@@ -405,7 +405,8 @@ def run_ivf(args):
              f"rows added in float32 chunks of {CHUNK:,}; all in one process: the exact search timed, "
              "the gallery freed, the index built from the same rows made again chunk by chunk (never "
              "the gallery and the index resident together), the IVF searches timed, the index freed, "
-             "the gallery made again and the exact search timed again" + ("" if result.get("exact", [{}])[-1].get("same", True)
+             "the gallery made again and the exact search timed again"
+             + ("" if result.get("exact", [{}])[-1].get("same", True)
                 else " (its neighbours DIFFER from the first run's: the gallery was not made the same)"),
              f"seconds: the fastest of {repeats} searches of all {queries} queries at once, cpu s its process "
              "CPU time (all threads); time / exact, cpu / exact: against the faster exact run; "
@@ -426,7 +427,7 @@ def run_ivf(args):
         notes.append(f"target ({target}): " + (
             f"met at nprobe {', '.join(str(r['nprobe']) for r in met)}" if met else
             "MISSED at every nprobe measured"))
-    bench.report(args, "search", f"search: faiss IVF (nlist {nlist:,}) vs exact top-{K} ({args.device})",
+    bench_harness.report(args, "search", f"search: faiss IVF (nlist {nlist:,}) vs exact top-{K} ({args.device})",
                  text, notes)
     return [{"nprobe": row["nprobe"], "seconds": row["seconds"], "recall": row["recall"],
              "vs_exact": row["vs_exact"]} for row in result.get("rows", [])]

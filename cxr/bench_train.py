@@ -1,28 +1,27 @@
 """bench.py train and embed: training steps and embedding extraction of train.py's demo or
 paper configuration, plain against each optimisation and all of them, and the MFU on CUDA."""
-import argparse
-import datetime
-import functools
-import multiprocessing
-import os
-import platform
-import resource
-import shlex
 import time
-import traceback
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
-import numpy as np
+
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch.utils.flop_counter import FlopCounterMode
-import metrics
-import train
-import utils
+
+from cxr import engine, recipe, train_args
+from cxr.bench_harness import (
+    MB,
+    TARGETS,
+    fmt,
+    isolated,
+    markdown_table,
+    peak_memory,
+    report,
+    status,
+    steps_for,
+    sync,
+    times,
+)
+from cxr.embeddings import extract_embeddings
+from cxr.runtime import Runtime
 from model import build_model
-from cxr.bench_harness import *
 
 OPTIMISATIONS = ("bf16", "channels_last", "fused", "checkpointing", "compile")
 
@@ -148,20 +147,20 @@ def speedup(result, reference):
 # --------------------------------------------------------------------------------------------
 def embed_case(argv, variant, steps, warmup):
     """Embed `steps` synthetic batches with utils.extract_embeddings, after `warmup` untimed ones."""
-    args = train.parse_args(argv + variant_argv(variant))
+    args = train_args.parse_args(argv + variant_argv(variant))
     device = torch.device(args.device)
     model = make_model(args, device)
     if args.compile:
         model = torch.compile(model)
     images = synthetic_images(args.eval_batch_size, args.img_size, device)
     batch = (images, torch.zeros(len(images), dtype=torch.long))
-    runtime = utils.Runtime(device)
+    runtime = Runtime(device)
     if warmup:
-        utils.extract_embeddings(model, [batch] * warmup, runtime, args.amp, args.channels_last,
+        extract_embeddings(model, [batch] * warmup, runtime, args.amp, args.channels_last,
                                  progress=False)
     sync(device)
     start = time.perf_counter()
-    embeddings, _ = utils.extract_embeddings(model, [batch] * steps, runtime, args.amp,
+    embeddings, _ = extract_embeddings(model, [batch] * steps, runtime, args.amp,
                                              args.channels_last, progress=False)
     sync(device)
     seconds = time.perf_counter() - start
@@ -174,7 +173,7 @@ def embed_case(argv, variant, steps, warmup):
 def run_embed(args):
     device = torch.device(args.device)
     argv, steps = train_argv(args), steps_for(args, "embed")
-    config = train.parse_args(argv)
+    config = train_args.parse_args(argv)
     names = ["bf16", "channels_last"] + (["compile"] if args.compile else [])
     runs = ablation(lambda variant: isolated(args.threads, embed_case, argv, variant, steps, args.warmup),
                     names, device)
@@ -219,11 +218,11 @@ def pk_batch(args, device):
 def training_setup(args, device):
     """train.py's model, loss, optimiser, scheduler and scaler for the configuration `args`."""
     model = make_model(args, device)
-    criterion = train.build_criterion(args, args.labels_per_batch).to(device)
-    objective = train.ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
+    criterion = recipe.build_criterion(args, args.labels_per_batch).to(device)
+    objective = recipe.ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
                                     device, args.amp)
-    optimizer = train.build_optimizer(objective, args, device)
-    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=100)
+    optimizer = recipe.build_optimizer(objective, args, device)
+    scheduler = recipe.build_scheduler(optimizer, args, steps_per_epoch=100)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return objective, optimizer, scheduler, scaler
 
@@ -231,7 +230,7 @@ def training_setup(args, device):
 def train_case(argv, variant, steps, warmup):
     """`warmup` untimed, then `steps` timed training steps (train.train_step) of one variant on
     one fixed PK batch. variant None: only create the batch (the baseline of the host memory)."""
-    args = train.parse_args(argv + variant_argv(variant or ()))
+    args = train_args.parse_args(argv + variant_argv(variant or ()))
     device = torch.device(args.device)
     images, labels = pk_batch(args, device)
     if variant is None:
@@ -242,7 +241,7 @@ def train_case(argv, variant, steps, warmup):
     objective.train()
 
     def step():
-        return train.train_step(objective, optimizer, scheduler, scaler, images, labels, args)[0]
+        return engine.train_step(objective, optimizer, scheduler, scaler, images, labels, args)[0]
 
     for _ in range(warmup):
         step()
@@ -261,7 +260,7 @@ def train_case(argv, variant, steps, warmup):
 
 def flops_case(argv):
     """Model FLOPs per training image and the GPU's measured bf16 matmul peak (FLOP/s)."""
-    args = train.parse_args(argv + variant_argv(()))
+    args = train_args.parse_args(argv + variant_argv(()))
     device = torch.device(args.device)
     objective = training_setup(args, device)[0]
     images = synthetic_images(4, args.img_size, device)
@@ -288,7 +287,7 @@ def flops_case(argv):
 def run_train(args):
     device = torch.device(args.device)
     argv, steps = train_argv(args), steps_for(args, "train")
-    config = train.parse_args(argv)
+    config = train_args.parse_args(argv)
     batch = config.labels_per_batch * config.samples_per_label
     names = ["bf16", "channels_last", "fused", "checkpointing"] + (["compile"] if args.compile else [])
     baseline = {}
@@ -326,7 +325,8 @@ def run_train(args):
     header = ["variant", "img/s", "ms/step", "vs plain", "peak MB", "loss", *(["MFU"] if with_mfu else []),
               "target", "status"]
     notes = [f"{config_note(config)}, P x K = {config.labels_per_batch} x {config.samples_per_label} "
-             f"= {batch}, recipe {config.recipe} ({config.mining} triplet, identity loss x {config.id_loss_weight:g}, neck {config.neck}); {steps} timed steps after {args.warmup} warm-up; "
+             f"= {batch}, recipe {config.recipe} ({config.mining} triplet, identity loss x "
+             f"{config.id_loss_weight:g}, neck {config.neck}); {steps} timed steps after {args.warmup} warm-up; "
              "random weights and images", *ablation_notes(runs, device)]
     if with_mfu:
         notes.append(f"model FLOPs per training image: {flops['flops_per_image'] / 1e9:.1f} G; "

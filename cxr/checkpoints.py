@@ -69,7 +69,6 @@ def load_checkpoint(path, flag="--resume"):
         raise UserError(f"{flag} {path}: the file is empty (0 bytes), cut off before anything "
                         f"was written (a full disk or an interrupted copy); {advice}")
     if path.suffix == ".safetensors":  # weights exported by export.py
-        from export import load_safetensors
         return load_safetensors(path, flag)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -95,7 +94,6 @@ def model_fingerprint(config, state_dict):
 def load_trained_model(path, device):
     """(model in eval mode on device, checkpoint dict, fingerprint) from a train.py checkpoint:
     the model is rebuilt from the checkpoint's own config."""
-    from model import build_model  # here: model imports timm, which utils' other users need not
 
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
@@ -180,7 +178,7 @@ def link_best(epoch_file, best_file, state):
     except OSError:
         if tmp.exists():
             tmp.unlink()
-        utils.save_checkpoint(weights_only_state(state), best_file)
+        save_checkpoint(weights_only_state(state), best_file)
 
 
 def detach_best(best_file, epoch_file):
@@ -188,8 +186,8 @@ def detach_best(best_file, epoch_file):
     best_file as a weights-only checkpoint, so the pruned epoch's optimiser state goes with it."""
     best_file = Path(best_file)
     if best_file.exists() and os.path.samefile(best_file, epoch_file):
-        state = utils.load_checkpoint(epoch_file)
-        utils.save_checkpoint(weights_only_state(state), best_file)
+        state = load_checkpoint(epoch_file)
+        save_checkpoint(weights_only_state(state), best_file)
 
 
 def prune_checkpoints(save_dir, args, epoch):
@@ -203,49 +201,46 @@ def prune_checkpoints(save_dir, args, epoch):
     ours = sorted((p for p in save_dir.glob(checkpoint_name(args, "epoch_*")) if epoch_of(p) <= epoch),
                   key=epoch_of)
     for old in ours[: -args.keep_checkpoints]:
-        export.detach_best(save_dir / checkpoint_name(args, "best"), old)
+        detach_best(save_dir / checkpoint_name(args, "best"), old)
         old.unlink()
 
 
 def export_safetensors(checkpoint, out):
     """Write checkpoint's model weights to `out` (.safetensors) and its description to
     out.with_suffix('.json'); returns the two paths. Both are written atomically."""
-    from safetensors.torch import save  # timm's dependency: always installed with it
 
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
-        raise utils.UserError("export.py needs a checkpoint written by train.py (with its model config)")
+        raise UserError("export.py needs a checkpoint written by train.py (with its model config)")
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise utils.UserError(f"--out {out}: name the file *.safetensors")
+        raise UserError(f"--out {out}: name the file *.safetensors")
     sidecar = out.with_suffix(".json")
     if sidecar.name == "args.json":  # a run folder's own record: never overwritten by an export
-        raise utils.UserError(f"--out {out}: its JSON would overwrite the run's args.json; choose another name")
+        raise UserError(f"--out {out}: its JSON would overwrite the run's args.json; choose another name")
     description = {key: checkpoint[key] for key in METADATA_KEYS if key in checkpoint}
     # Numbers from numpy or torch become Python numbers; anything else would be a silent string.
     text = json.dumps(description, default=lambda value: value.item() if hasattr(value, "item") else str(value))
     # safetensors refuses tensors that share memory; a copy of each is the simple way round.
     tensors = {key: value.detach().cpu().contiguous().clone()
-               for key, value in utils.strip_wrapper_prefixes(checkpoint["model"]).items()}
+               for key, value in strip_wrapper_prefixes(checkpoint["model"]).items()}
     blob = save(tensors, metadata={METADATA_KEY: text})
-    utils.atomic_write(out, lambda f: f.write(blob))
-    utils.write_json(sidecar, json.loads(text))
+    atomic_write(out, lambda f: f.write(blob))
+    write_json(sidecar, json.loads(text))
     return out, sidecar
 
 
 def load_safetensors(path, flag="--resume"):
     """The dict utils.load_checkpoint returns for a train.py checkpoint, from an exported file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise utils.UserError(f"{flag} {path}: cannot read the safetensors file ({error}); export "
+        raise UserError(f"{flag} {path}: cannot read the safetensors file ({error}); export "
                               "it again with export.py") from error
     if METADATA_KEY not in metadata:
-        raise utils.UserError(f"{flag} {path}: a safetensors file without this repository's model "
+        raise UserError(f"{flag} {path}: a safetensors file without this repository's model "
                               "description; write it with export.py from a train.py checkpoint")
     checkpoint = json.loads(metadata[METADATA_KEY])
     checkpoint.update(model=weights, weights_only=True)

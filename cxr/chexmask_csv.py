@@ -20,16 +20,17 @@ through that padding and resizing onto the image it belongs to.
     masks = rows["p10/s5/abc.jpg"].masks((height, width), "p10/s5/abc.jpg")
 
 """
-import argparse
 import csv
 import gzip
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
 import numpy as np
-import utils
-from images import IMAGE_SUFFIXES
+
+from cxr.errors import UserError
+from cxr.images import IMAGE_SUFFIXES
 
 # Known image-id columns of the CheXmask CSVs, tried in this order.
 # Collections whose images CheXmask cropped (dark border) before padding to a square.
@@ -52,7 +53,7 @@ PREPROCESSED_SIZE = 1024
 DEFAULT_MIN_DICE = 0.7  # CheXmask's own advice for use: Dice RCA (Mean) >= 0.7
 
 
-class ChexmaskError(utils.UserError):
+class ChexmaskError(UserError):
     """A CheXmask CSV that cannot be used as it is; the message names the file and row."""
 
 
@@ -192,7 +193,7 @@ def _strip(name):
     return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
 
 
-def _parts(path):
+def id_parts(path):
     """Path components, the last one without its image suffix; backslashes as separators."""
     parts = [p for p in PurePosixPath(str(path).replace("\\", "/")).parts if p not in ("/", ".")]
     return tuple(parts[:-1]) + (_strip(parts[-1]),) if parts else ()
@@ -270,15 +271,15 @@ def read_rows(csv_paths, images, id_column=None):
     CSV of 200,000 rows costs one pass, not its size in memory."""
     wanted = {}
     for key, path in images:
-        wanted.setdefault(_parts(path)[-1], []).append((key, _parts(path)))
+        wanted.setdefault(id_parts(path)[-1], []).append((key, id_parts(path)))
     best = {}  # key -> (score, Row, rows that match as well)
     for path in csv_paths:
         for line, image_id, record, column in records(path, id_column):
-            parts = _parts(image_id)
+            parts = id_parts(image_id)
             candidates = wanted.get(parts[-1]) if parts else None
             if not candidates:
                 continue
-            row = _row(path, line, image_id, record, column)
+            row = row_from_record(path, line, image_id, record, column)
             for key, image_parts in candidates:
                 score = _common_suffix(image_parts, parts)
                 held = best.get(key)
@@ -294,7 +295,7 @@ def read_rows(csv_paths, images, id_column=None):
     return {key: row for key, (_, row, _) in best.items()}
 
 
-def _row(path, line, image_id, record, id_column=""):
+def row_from_record(path, line, image_id, record, id_column=""):
     where = f"{path} line {line} ({image_id})"
     size = []
     for name in ("Height", "Width"):

@@ -1,10 +1,12 @@
 """The command-line side every program shares: one `error:` line for a user's mistake
-(run_cli), --debug, the arguments printed one group a line, and the flags several programs take."""
+(run_cli), --debug, the arguments printed at the start of a run, and the flags several programs
+take (one definition each; where a flag means something else in one program, such as
+--dataset-dir, the program passes its own meaning)."""
 import os
 import sys
 
 from cxr.errors import RunStopped, UserError
-from cxr.runtime import log
+
 
 def run_cli(main, *args):
     """main(*args) for a command-line program: a user mistake (UserError, a dataset or
@@ -49,4 +51,33 @@ def add_debug_flag(parser):
 
 
 def print_args(args, runtime):
-    log(runtime, "arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    if runtime.is_main:
+        print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags several programs take
+# --------------------------------------------------------------------------------------------
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
+
+
+def add_workers_flag(parser, default, help="data loading processes"):
+    parser.add_argument("--workers", type=int, default=default, help=help)
+
+
+def add_resume_flag(parser, help, required=True):
+    parser.add_argument("--resume", required=required, help=help)
+
+
+def add_dataset_flag(parser, help, default=None):
+    from cxr.presets import DATASETS  # here: presets imports the models, which a parser need not
+
+    parser.add_argument("--dataset", default=default, choices=DATASETS, help=help)
+
+
+def add_dataset_dir_flag(parser, meaning, required=False):
+    """--dataset-dir is the folder holding train/ and test/ for train.py and ood.py, and the
+    images' own folder for retrieve.py and explain.py: `meaning` is this program's."""
+    parser.add_argument("--dataset-dir", required=required, help=meaning)

@@ -8,27 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
-import eval_inputs
-import evaluation
-import utils
-from metrics import evaluate_retrieval
+from cxr import report_inputs, report_stats
+from cxr.atomic_files import write_json
+from cxr.errors import UserError
+from cxr.retrieval_metrics import evaluate_retrieval
 
-KS = eval_inputs.KS
+KS = report_inputs.KS
 
 
 def load_embeddings(path):
     path = Path(path)
     if not path.is_file():
-        raise utils.UserError(f"--compare {path}: no such file; give the .npz files test.py wrote "
+        raise UserError(f"--compare {path}: no such file; give the .npz files test.py wrote "
                               "(its last lines name them)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError) as error:
-        raise utils.UserError(f"--compare {path}: not an embeddings file of test.py ({error})") from error
+        raise UserError(f"--compare {path}: not an embeddings file of test.py ({error})") from error
     missing = {"query_embeddings", "query_labels", "query_paths", "classes"} - set(arrays)
     if missing:
-        raise utils.UserError(f"--compare {path}: lacks {', '.join(sorted(missing))}; write it with test.py")
+        raise UserError(f"--compare {path}: lacks {', '.join(sorted(missing))}; write it with test.py")
     return arrays
 
 
@@ -39,7 +39,7 @@ def compare(args, versions):
     a, b = (load_embeddings(p) for p in paths)
     for key in ("query_paths", "query_labels", "classes", "gallery_paths", "gallery_labels"):
         if (key in a) != (key in b) or (key in a and not np.array_equal(a[key], b[key])):
-            raise utils.UserError(f"--compare: {paths[0].name} and {paths[1].name} differ in {key}; "
+            raise UserError(f"--compare: {paths[0].name} and {paths[1].name} differ in {key}; "
                                   "compare embeddings of the same list(s), protocol and classes")
     n_resamples = args.bootstrap or 1000
     if n_resamples < 2:
@@ -59,10 +59,10 @@ def compare(args, versions):
     gallery_patients = None
     if "gallery_embeddings" in a:
         gallery_patients = list(groups.get("gallery_groups", range(len(a["gallery_labels"]))))
-    available = eval_inputs.neighbours_available(
+    available = report_inputs.neighbours_available(
         list(patients) if patients is not None else list(range(len(a["query_labels"]))),
         gallery_patients, exclude_same_patient=bool(groups))
-    vote_ks, _ = eval_inputs.choose_vote_ks(args.vote_ks, available)
+    vote_ks, _ = report_inputs.choose_vote_ks(args.vote_ks, available)
     per_query = []
     for data in (a, b):
         _, values = evaluate_retrieval(data["query_embeddings"], data["query_labels"],
@@ -70,12 +70,13 @@ def compare(args, versions):
                                        ks=KS, vote_ks=vote_ks, num_classes=len(classes),
                                        return_per_query=True, **groups)
         per_query.append(values)
-    result = evaluation.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
-    intervals = [evaluation.bootstrap(values, patients, n_resamples, args.bootstrap_seed) for values in per_query]
+    result = report_stats.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
+    intervals = [report_stats.bootstrap(values, patients, n_resamples, args.bootstrap_seed) for values in per_query]
 
     def describe(path, data, ci):
         return {"embeddings": str(path), "checkpoint": str(data.get("checkpoint", "")),
-                "model": str(data.get("model", "")), "epoch": int(data["epoch"]) if int(data.get("epoch", -1)) >= 0 else None,
+                "model": str(data.get("model", "")),
+                "epoch": int(data["epoch"]) if int(data.get("epoch", -1)) >= 0 else None,
                 "confidence_intervals": ci}
 
     report = {"a": describe(paths[0], a, intervals[0]), "b": describe(paths[1], b, intervals[1]),
@@ -87,14 +88,15 @@ def compare(args, versions):
     print_comparison(report)
     report_path = Path(args.report or paths[0].with_name(f"{paths[0].stem}_vs_{paths[1].stem}_compare.json"))
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    utils.write_json(report_path, report)
+    write_json(report_path, report)
     print(f"\ncomparison: {report_path}")
     return report
 
 
 def print_comparison(report):
     c = report["comparison"]
-    print(f"\nA: {report['a']['model'] or report['a']['embeddings']}   B: {report['b']['model'] or report['b']['embeddings']}")
+    a, b = (report[side]["model"] or report[side]["embeddings"] for side in ("a", "b"))
+    print(f"\nA: {a}   B: {b}")
     print(f"{report['protocol']}, {report['num_queries']} queries of {c['patients']} patients; paired "
           f"bootstrap, {c['resamples']} resamples; 95% intervals")
     print(f"  {'metric':<16}{'A':>8}{'B':>8}{'A - B':>8}   {'95% interval':<16}{'p':>7}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-import explain_figures
-from images import load_image
+from cxr import explain_figures
+from cxr.images import load_image
 
 LINE_H = 16  # pixels per caption line at the 14-pixel font
 FRAME = 3  # width of the right/wrong frame of a labelled query's tile

@@ -12,20 +12,21 @@ Layout (COVIDx lists + CheXmask-style masks)::
     out_dir/demo_meta.json                            # parameters + per-image info
 """
 from __future__ import annotations
-import argparse
+
 import functools
 import json
-import math
 import multiprocessing
 import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from cxr import phantoms
-from cxr.phantoms import CLASSES, MASK_NAMES
+
+from cxr import phantom
+from cxr.phantom import CLASSES, MASK_NAMES
 
 SOURCE = "phantom"
 
@@ -66,7 +67,7 @@ def _render_to(root: Path, size: int, seed: int, sixteen_bit: bool, job) -> dict
     """Draw one phantom and write its image and masks under ``root``; returns its info."""
     split, split_code, i, label = job
     rng = np.random.default_rng([seed, split_code, 2, i])  # one generator per image
-    img, masks, info = make_phantom_with_info(rng, label, size)
+    img, masks, info = phantom.make_phantom_with_info(rng, label, size)
     name = f"phantom_{split}_{i:05d}.png"
     _save_image(img, root / split / name, sixteen_bit)
     for key in MASK_NAMES:
@@ -172,7 +173,7 @@ def save_preview(path, per_class: int = 4, size: int = 192, seed: int = 0) -> Pa
         font = ImageFont.load_default()
     for row, label in enumerate(CLASSES):
         for col in range(per_class):
-            img, _ = make_phantom(np.random.default_rng([seed, 3, row, col]), label, size)
+            img, _ = phantom.make_phantom(np.random.default_rng([seed, 3, row, col]), label, size)
             grid.paste(Image.fromarray(np.round(img * 255).astype(np.uint8)), (col * size, row * size))
         ImageDraw.Draw(grid).text((4, row * size + 2), label, fill=255, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,17 @@
 """One training run's inner loop, as train.py calls it: a training step, an epoch over the PK
 sampler, and the per-epoch retrieval evaluation of a split."""
-import math
-import os
 import time
 from contextlib import nullcontext
-from pathlib import Path
+
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
-import export
-import faults
-import memory_check
-import splits
-import utils
-from metrics import evaluate_retrieval
-from model import build_model, check_pretrained
-from recipe import (PARAM_GROUPING, ModelWithLoss, build_criterion, build_optimizer, build_scheduler,
-                    collapse_warning)
-from run_data import build_datasets
-from sampler import PKSampler
-from train_args import LEGACY_CONFIG, get_args_parser, model_config, parse_args  # noqa: F401
+
+from cxr import faults
+from cxr.checkpoints import checkpoint_name
+from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
+from cxr.retrieval_metrics import evaluate_retrieval
+from cxr.runtime import log
+
 
 def train_step(objective, optimizer, scheduler, scaler, images, labels, args,
                accum_steps=1, step_now=True, guard=None, step=0):
@@ -97,8 +87,8 @@ def evaluate(model, loader, args, runtime, split):
     """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
     (main process only); images of the query's own patient are left out, as in test.py. For
     the hybrid also each branch's share of the similarity to the top-1 neighbour."""
-    with_branches = utils.has_branches(model)
-    embeddings, labels, *features = utils.extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
+    with_branches = has_branches(model)
+    embeddings, labels, *features = extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
                                                              branch_features=with_branches)
     if not runtime.is_main:
         return {}
@@ -106,11 +96,11 @@ def evaluate(model, loader, args, runtime, split):
         result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True,
                                                query_groups=loader.dataset.patients)
     except ValueError as error:  # e.g. every class of the split is one patient
-        utils.log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
+        log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
         result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True)
     record = {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
               f"{split}_mP@1": result["precision_at_k"]["1"]}
     if with_branches:
-        shares = utils.mean_branch_shares(model, features[0], per_query["top_indices"][:, 0], embeddings, features[0])
+        shares = mean_branch_shares(model, features[0], per_query["top_indices"][:, 0], embeddings, features[0])
         record.update({f"{split}_{b}_share": share for b, share in (shares or {}).items()})
     return record

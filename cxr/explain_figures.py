@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cxr.gradcam import METHODS  # noqa: E402
+
 TITLES = {"convnext": "ConvNeXt + MXA", "vit": "ViT tokens", "cnn": "CNN", "fused": "fused"}
 
 
@@ -42,9 +44,10 @@ def write_figure(path, image, maps, record, neighbour_maps):
     for i, (branch, saliency) in enumerate(maps.items(), start=1):
         axes[0, i].imshow(overlay(image, saliency))
         caption = TITLES.get(branch, branch)
-        if branch == "fused" and (record.get("saliency") or {}).get("method") == "ig":
+        method = METHODS.get((record.get("saliency") or {}).get("method"))
+        if branch == "fused" and method is not None and method.input_space:
             reference = record["saliency"]["reference_class"]
-            caption = "integrated gradients\n" + (f"from the {reference} mean image" if reference else "whole model")
+            caption = f"{method.title}\n" + (f"from the {reference} mean image" if reference else "whole model")
         if branch in ("convnext", "vit") and share.get(f"{branch}_share") is not None:
             caption += f"\n{share[f'{branch}_share']:.0%} of the similarity"
         axes[0, i].set_title(caption, fontsize=9)

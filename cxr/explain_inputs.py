@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import localisation
-import masks as mask_sources
-import regions
-import run_data
-import utils
+from cxr import localisation, regions, run_data
+from cxr import masks as mask_sources
+from cxr.errors import UserError
+from cxr.gradcam import METHODS
 from dataset import ImageListDataset
 
 REFERENCE_IMAGES = 500  # gallery images averaged into the integrated-gradients reference image
@@ -28,12 +27,12 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
     if not args.split:
         return None, None, None
     if not run.get("dataset_dir"):
-        raise utils.UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
+        raise UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
                               "and --dataset-dir instead")
     train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth)
     if args.split == "val":
         if val_part is None:
-            raise utils.UserError(f"--split val: the run of {args.resume} held out no validation images "
+            raise UserError(f"--split val: the run of {args.resume} held out no validation images "
                                   "(--val-fraction 0); explain --split test or an --image-list")
         gallery = None if args.gallery_image_list else train_part  # another gallery: see check_gallery
         return val_part, train_part, gallery
@@ -54,7 +53,7 @@ def check_gallery(args, gallery, explained):
         return
     shared = shared_images(gallery.paths, explained.paths)
     if shared:
-        raise utils.UserError(f"--gallery-image-list shares {len(shared)} images with the validation images "
+        raise UserError(f"--gallery-image-list shares {len(shared)} images with the validation images "
                               f"explained (e.g. {sorted(shared)[0]}); leave it out (the gallery is then the "
                               "training list less validation) or give a list without them")
 
@@ -65,16 +64,17 @@ def reference_class(args, classes):
     prototype, the IG reference to the mean image of the whole gallery, with a note)."""
     if args.reference_class:
         if args.reference_class not in classes:
-            raise utils.UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
+            raise UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
                                   f"({', '.join(classes)})")
         return args.reference_class
     if "normal" in classes:
         return "normal"
-    if args.method == "ig" or args.target == "contrast":
+    starts_from_reference = METHODS[args.method].needs_reference
+    if starts_from_reference or args.target == "contrast":
         print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class (give one to "
               "choose): " + "; ".join(part for part, used in (
                   ("--target contrast falls back to the predicted class's prototype", args.target == "contrast"),
-                  ("integrated gradients start from the mean gallery image", args.method == "ig")) if used))
+                  (f"{METHODS[args.method].title} start from the mean gallery image", starts_from_reference)) if used))
     return None
 
 
@@ -87,7 +87,7 @@ def reference_image(gallery, class_index, limit=REFERENCE_IMAGES):
         (gallery.targets == class_index).nonzero()[:, 0]
     if len(indices) == 0:
         name = "any class" if class_index is None else f"class '{gallery.classes[class_index]}'"
-        raise utils.UserError(f"the gallery holds no image of {name} to make the integrated-gradients "
+        raise UserError(f"the gallery holds no image of {name} to make the integrated-gradients "
                               "reference image from; give --reference-class a class the gallery has, or "
                               "a gallery (--gallery-image-list) with images of it")
     if len(indices) > limit:
@@ -114,7 +114,7 @@ def fit_location_prior(args, ctx, reporting_paths):
         return None  # no fitting list, or no lesion masks (lungs and heart only): no prior point
     shared = shared_images(fitting.paths, reporting_paths)
     if shared:
-        raise utils.UserError(f"{flag} shares {len(shared)} images with the images explained "
+        raise UserError(f"{flag} shares {len(shared)} images with the images explained "
                               f"(e.g. {sorted(shared)[0]}); fit the prior on other images, e.g. the "
                               "training or validation list")
     names = [str(p.relative_to(fitting.image_root)) for p in fitting.paths]
@@ -131,7 +131,7 @@ def fit_location_prior(args, ctx, reporting_paths):
 
     prior = localisation.fit_prior(samples(), ctx["tolerances"])
     if not prior["num_images"]:
-        raise utils.UserError(f"no image of {fitted_on} has a lesion mask under {Path(args.mask_dir) / 'lesion'}")
+        raise UserError(f"no image of {fitted_on} has a lesion mask under {Path(args.mask_dir) / 'lesion'}")
     prior["fitted_on"] = fitted_on
     return prior
 

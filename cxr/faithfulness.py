@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from localisation import paired_difference
+from cxr.localisation import paired_difference
 
 SMOOTH_RANDOM_SIGMA = 0.05  # of the map's width: blobs about the size of a lesion
 BLOB_SIGMA = 0.25  # of the map's width: the centred Gaussian, when no class mean exists

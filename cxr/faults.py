@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import utils
+from cxr.atomic_files import atomic_write
+from cxr.checkpoints import load_checkpoint
+from cxr.errors import RunStopped, UserError
+from cxr.runtime import log
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def report_stop(stop, save_dir, pattern, runtime):
         where = "no epoch was completed, so there is no checkpoint yet"
     else:
         where = f"the last completed epoch, {newest[1]}, is saved in {newest[0]}"
-    utils.log(runtime, f"stopped by {stop}: {where}. Continue with:\n  {resume_command()}")
+    log(runtime, f"stopped by {stop}: {where}. Continue with:\n  {resume_command()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,33 +147,33 @@ def resolve_resume(args, pattern, runtime):
     it; with none (a first start, or a run killed before its first checkpoint) it starts a new
     run, clearing the metrics.jsonl of that start."""
     if args.resume != "auto":
-        return utils.load_checkpoint(args.resume) if args.resume else None
+        return load_checkpoint(args.resume) if args.resume else None
     save_dir = Path(args.save_dir)
     unreadable = []
     for path, _ in epoch_checkpoints(save_dir, pattern):
         try:
-            checkpoint = utils.load_checkpoint(path)
-        except utils.UserError as error:
+            checkpoint = load_checkpoint(path)
+        except UserError as error:
             unreadable.append(str(error))
             continue
         for problem in unreadable:
-            utils.log(runtime, f"warning: --resume auto passes over {problem}")
+            log(runtime, f"warning: --resume auto passes over {problem}")
         args.resume = str(path)
-        utils.log(runtime, f"--resume auto: continuing from {path}")
+        log(runtime, f"--resume auto: continuing from {path}")
         return checkpoint
     if unreadable:
-        raise utils.UserError(f"--resume auto: none of the {len(unreadable)} checkpoints in {save_dir} "
+        raise UserError(f"--resume auto: none of the {len(unreadable)} checkpoints in {save_dir} "
                               f"can be read: {unreadable[0]}. Delete them to start again, or pass --overwrite")
     metrics_log = save_dir / "metrics.jsonl"
     # A run that never saved a checkpoint has logged epoch 0, at most epoch 1 too (a kill between
     # its metrics line and its save); more is another run (another seed or model): keep it.
     finished = [r["epoch"] for r in _read_records(metrics_log) if isinstance(r.get("epoch"), int)]
     if finished and max(finished) > 1:
-        raise utils.UserError(f"--resume auto: {save_dir} holds a run (metrics.jsonl up to epoch "
+        raise UserError(f"--resume auto: {save_dir} holds a run (metrics.jsonl up to epoch "
                               f"{max(finished)}) but no checkpoint named like {pattern}; check "
                               "--dataset, --model, --embedding-dim and --seed, choose another "
                               "--save-dir, or pass --overwrite")
-    utils.log(runtime, f"--resume auto: no checkpoint in {save_dir} yet; starting a new run")
+    log(runtime, f"--resume auto: no checkpoint in {save_dir} yet; starting a new run")
     args.resume = None
     if runtime.is_main and metrics_log.exists():
         metrics_log.unlink()  # the lines of a start that never saved a checkpoint
@@ -204,7 +207,7 @@ def trim_metrics(path, epoch, record=None):
         by_epoch[epoch] = record
     lines = "".join(json.dumps(by_epoch[e]) + "\n" for e in sorted(by_epoch))
     if lines != path.read_text(encoding="utf-8"):
-        utils.atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
+        atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
 
 
 def remove_stale_temporaries(save_dir):
@@ -230,7 +233,7 @@ def check_save_dir(save_dir):
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as error:
-        raise utils.UserError(f"--save-dir {save_dir} cannot be written ({error}); choose a "
+        raise UserError(f"--save-dir {save_dir} cannot be written ({error}); choose a "
                               "writable folder") from error
 
 
@@ -240,7 +243,7 @@ def check_free_space(save_dir, checkpoint_bytes):
     needed = 2 * checkpoint_bytes + 64 * 2 ** 20
     free = shutil.disk_usage(save_dir).free
     if free < needed:
-        raise utils.UserError(f"--save-dir {save_dir} has {free / 2 ** 30:.2f} GiB free, but a "
+        raise UserError(f"--save-dir {save_dir} has {free / 2 ** 30:.2f} GiB free, but a "
                               f"checkpoint of this run takes about {checkpoint_bytes / 2 ** 30:.2f} GiB "
                               f"and saving needs about {needed / 2 ** 30:.2f} GiB; free space or choose "
                               "another folder")
@@ -276,14 +279,14 @@ def check_images(datasets, args, runtime):
         for dataset in datasets:
             dataset.bit_depth = max(depths)
     if dropped:
-        utils.log(runtime, f"warning: --skip-bad-images dropped {len(dropped)} unreadable images "
+        log(runtime, f"warning: --skip-bad-images dropped {len(dropped)} unreadable images "
                            f"(listed in {Path(args.save_dir) / 'bad_images.txt'}), e.g. {dropped[0][0]}: "
                            f"{dropped[0][2]}")
         if runtime.is_main:
             text = "".join(f"{path}\t{line}\t{problem}\n" for path, line, problem in dropped)
-            utils.atomic_write(Path(args.save_dir) / "bad_images.txt", lambda f: f.write(text.encode("utf-8")))
+            atomic_write(Path(args.save_dir) / "bad_images.txt", lambda f: f.write(text.encode("utf-8")))
     if any(isinstance(d.bit_depth, int) and d.bit_depth > 8 for d in datasets):
-        utils.log(runtime, f"16-bit images are scaled as {datasets[0].bit_depth}-bit data "
+        log(runtime, f"16-bit images are scaled as {datasets[0].bit_depth}-bit data "
                            "(--bit-depth to change)")
     return dropped
 
@@ -291,7 +294,7 @@ def check_images(datasets, args, runtime):
 # --------------------------------------------------------------------------------------------
 # Non-finite losses and gradients
 # --------------------------------------------------------------------------------------------
-class NonFiniteError(utils.RunStopped, FloatingPointError):
+class NonFiniteError(RunStopped, FloatingPointError):
     """The loss or a gradient became NaN or Inf; the checkpoints on disk are from before."""
 
 

@@ -1,26 +1,16 @@
 """The retrieval index on disk (retrieve.py index writes it, query reads it): a folder of
 embedding chunks (.npz) and manifest.json, tied to one model by its fingerprint; and the optional
 faiss inverted-file index over it for galleries of many millions."""
-import argparse
 import json
 import os
 import sys
 import zipfile
 from pathlib import Path
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-import contact_sheet
-import explain
-import image_cache
-import ood
-import ood_guard
-import run_data
-import utils
-from dataset import DatasetError, ImageListDataset, build_transform, load_image
-from gradcam import RetrievalGradCAM, default_layers
-from presets import DATASETS, LIST_FORMAT
-from search import search  # retrieve.search: the exact scan lives in search.py
+
+from cxr.errors import UserError
 
 INDEX_FORMAT = "hybrid-retrieval-index"
 
@@ -34,7 +24,7 @@ FAISS_FILE = "faiss_ivf.index"
 MANIFEST = "manifest.json"
 
 
-class IndexFileError(utils.UserError):
+class IndexFileError(UserError):
     """An index folder that is missing, truncated, of another format or of another model."""
 
 
@@ -86,7 +76,7 @@ def load_index(index_dir):
     return manifest, embeddings, labels, paths
 
 
-def _write_npz(path, **arrays):
+def write_npz(path, **arrays):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -97,7 +87,7 @@ def import_faiss():
     try:
         import faiss
     except ImportError as error:
-        raise utils.UserError("faiss is not installed: `pip install faiss-cpu` (or faiss-gpu), or "
+        raise UserError("faiss is not installed: `pip install faiss-cpu` (or faiss-gpu), or "
                               "use the exact search (the default)") from error
     return faiss
 
@@ -112,7 +102,7 @@ def build_faiss_index(index_dir, nlist):
     faiss = import_faiss()
     _, embeddings, _, _ = load_index(index_dir)
     if nlist > len(embeddings):
-        raise utils.UserError(f"--faiss-ivf {nlist}: more clusters than the {len(embeddings)} images")
+        raise UserError(f"--faiss-ivf {nlist}: more clusters than the {len(embeddings)} images")
     dim = embeddings.shape[1]
     quantizer = faiss.IndexFlatIP(dim)  # kept referenced until the index is written
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -133,7 +123,7 @@ def faiss_search(index_dir, manifest, queries, k, nprobe):
     entry = manifest.get("faiss")
     total = sum(chunk["count"] for chunk in manifest["chunks"])
     if not entry or entry["count"] != total:
-        raise utils.UserError(f"{index_dir} has no up-to-date faiss index; build one with "
+        raise UserError(f"{index_dir} has no up-to-date faiss index; build one with "
                               "`retrieve.py index ... --faiss-ivf NLIST`, or drop --search faiss")
     index = faiss.read_index(str(Path(index_dir) / entry["file"]))
     index.nprobe = nprobe
@@ -144,7 +134,7 @@ def faiss_search(index_dir, manifest, queries, k, nprobe):
     return torch.from_numpy(scores), torch.from_numpy(indices)
 
 
-def _chunk_paths(path):
+def chunk_paths(path):
     try:
         with np.load(path) as data:
             return data["paths"].tolist()

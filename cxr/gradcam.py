@@ -9,8 +9,8 @@ neighbour, or a class's mean gallery embedding); one forward and one backward pa
 activations A and gradients dS/dA of the chosen layers. Three ways to turn them into a map, and
 one map of the input pixels:
 
-- "gradnorm" (the class's default; retrieve.py --explain uses it): the norm over channels of dS/dA at each location: how strongly the
-  similarity depends on the features there.
+- "gradnorm" (the class's default; retrieve.py --explain uses it): the norm over channels of dS/dA
+  at each location: how strongly the similarity depends on the features there.
 - "gradcam": Selvaraju et al. (2017): channels weighted by their spatially averaged gradient,
   summed, rectified.
 - "hirescam": Draelos & Carin (2020): element-wise gradient x activation, summed, rectified.
@@ -42,10 +42,30 @@ Layers (`layers=` overrides; names of `model.named_modules()`):
   so their gradient is zero.
 - ResNet-50 / DenseNet-121 baselines: their stride-16 stage (`layer3`, `features.denseblock3`).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-METHODS = ("gradnorm", "gradcam", "hirescam", "ig")
+from cxr.embeddings import has_branches
+from dataset import load_image
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a saliency method is, as explain.py and the figures need to know it."""
+    title: str
+    input_space: bool  # a map of the input pixels through the whole model (it becomes "fused"),
+    #                    not a layer map per branch; --ig-steps and --smooth apply to it
+    needs_reference: bool  # integrates from a reference image (the `baseline` of RetrievalGradCAM)
+
+
+METHODS = {
+    "gradnorm": Method("gradient norm", input_space=False, needs_reference=False),
+    "gradcam": Method("Grad-CAM", input_space=False, needs_reference=False),
+    "hirescam": Method("HiResCAM", input_space=False, needs_reference=False),
+    "ig": Method("integrated gradients", input_space=True, needs_reference=True),
+}
 
 # Candidate layers per branch, first match wins: the hybrid's branches, or a baseline's one.
 CANDIDATES = {
@@ -77,8 +97,8 @@ class RetrievalGradCAM:
                  steps=8, smooth=1.0):
         if method not in METHODS:
             raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
-        if method == "ig" and baseline is None:
-            raise ValueError("method 'ig' needs a baseline image (3, H, W): the reference it integrates from")
+        if METHODS[method].needs_reference and baseline is None:
+            raise ValueError(f"method '{method}' needs a baseline image (3, H, W): the reference it integrates from")
         self.model = model
         self.method = method
         self.baseline, self.steps, self.smooth = baseline, steps, smooth
@@ -122,7 +142,7 @@ class RetrievalGradCAM:
                 handle.remove()
             handles = []
             attribution = None
-            if self.method == "ig":  # the model still in eval mode
+            if METHODS[self.method].input_space:  # the model still in eval mode
                 attribution = integrated_gradients(self.model, images.detach(), targets, self.baseline,
                                                    self.steps, amp_dtype)
         finally:
@@ -202,19 +222,34 @@ def _unit(maps):
     return maps / peak.view(-1, *([1] * (maps.dim() - 1)))
 
 
+@torch.inference_mode()
+def branch_attribution(model, images, targets, branch_means, features=None):
+    """Per image: the similarity to its target and how much of it each branch carries
+    (model.branch_attribution: the drop when that branch's pooled features are replaced by
+    their gallery mean). None for single-backbone models. `features`: the images' pooled
+    branch features when the caller has them already."""
+    if not branch_means or not has_branches(model):
+        return None
+    if features is None:
+        features, _ = model.branch_features(images)
+    out = {k: v.tolist() for k, v in model.branch_attribution(features, targets, branch_means).items()}
+    return [{k: (None if v[i] != v[i] else v[i]) for k, v in out.items()}  # NaN share -> None
+            for i in range(len(images))]
+
+
 def fusion_weights(model, images, targets, branch_means=None):
     """{branch: (B,) shares} for the fused map of the hybrid, None for other models."""
-    if not utils.has_branches(model):
+    if not has_branches(model):
         return None
     features = None
     if branch_means is None:  # these images' own mean, from the one forward pass
         with torch.inference_mode():
             features, _ = model.branch_features(images)
             branch_means = {b: f.float().mean(0) for b, f in features.items()}
-    return _weights(branch_attribution(model, images, targets, branch_means, features))
+    return branch_weights(branch_attribution(model, images, targets, branch_means, features))
 
 
-def _weights(attribution):
+def branch_weights(attribution):
     if not attribution or any(a["convnext_share"] is None for a in attribution):
         return None  # equal weights
     return {b: [a[f"{b}_share"] for a in attribution] for b in ("convnext", "vit")}
@@ -229,7 +264,7 @@ def heatmaps(cam, transform, paths, targets, device, branch_means=None, bit_dept
     originals = [load_image(p, bit_depth) for p in paths]
     images = torch.stack([transform(img) for img in originals]).to(device)
     targets = targets.to(device)
-    weights = None if cam.method == "ig" else fusion_weights(cam.model, images, targets, branch_means)
+    weights = None if METHODS[cam.method].input_space else fusion_weights(cam.model, images, targets, branch_means)
     fused = cam(images, targets, branch_weights=weights)["fused"]
     return [(img, F.interpolate(fused[i][None, None], size=(img.height, img.width), mode="bilinear",
                                 align_corners=False)[0, 0].cpu().numpy()) for i, img in enumerate(originals)]

@@ -7,9 +7,9 @@ Decoding and resizing a 1024 px radiograph costs 20-35 ms per core (BENCHMARKS.m
 transform then throws most of those pixels away. The cache stores each image once, after
 images.load_image (so bit depth, DICOM windowing and inversion are exactly today's) and a
 resize to `SCALE` x img_size square (the transform squashes the film to a square anyway; never
-enlarged), as a .npy file (memory-mappable; read whole, it is small). The transform (resize to img_size, random crop, flip) then runs on that small
-copy: the same pixels as the uncached pipeline up to one extra bicubic resampling
-(tests/test_image_cache.py bounds the difference).
+enlarged), as a .npy file (memory-mappable; read whole, it is small). The transform (resize to
+img_size, random crop, flip) then runs on that small copy: the same pixels as the uncached
+pipeline up to one extra bicubic resampling (tests/test_image_cache.py bounds the difference).
 
 Entries are keyed by the file's resolved path, size and modification time and by the settings
 (cache size, bit depth, format version), so a changed source file or another --img-size gets a
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import utils
-from images import load_image
+from cxr.errors import UserError
+from cxr.images import load_image
 
 VERSION = 1  # bump when what an entry holds changes, so old entries are not read
 SCALE = 1.125  # stored side / --img-size: room for the random resized crop
@@ -63,7 +63,7 @@ class ImageCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise utils.UserError(f"--cache-dir {folder}: cannot create the cache folder ({error}); "
+            raise UserError(f"--cache-dir {folder}: cannot create the cache folder ({error}); "
                                   "give a writable folder") from error
         self._warned = False
         if int(os.environ.get("RANK", 0)) == 0:  # one process lists the folder, not every rank

@@ -29,29 +29,17 @@ from collections import Counter
 import numpy as np
 from scipy import ndimage, stats
 
-import regions
+from cxr import regions
+from cxr.report_stats import wilson
 
 DEFAULT_TOLERANCE = 0.05  # fraction of the image width (--pointing-tolerance)
 COMPARISON_TOLERANCE = 0.10  # the wider target reported beside it
 PRIOR_GRID = 256  # candidate fixed points: the centres of a PRIOR_GRID^2 grid over the image
-Z95 = 1.959963984540054
 
 
 def tolerances(primary=DEFAULT_TOLERANCE):
     """{aggregate/record key: tolerance as a fraction of the image width}."""
     return {"pointing_game": primary, "pointing_game_at_10pct": COMPARISON_TOLERANCE}
-
-
-# ---------------------------------------------------------------------- intervals
-def wilson(successes, n, z=Z95):
-    """95% Wilson score interval [low, high] of successes / n (successes may be fractional)."""
-    if n == 0:
-        return None
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denominator
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def rate(values):
@@ -193,7 +181,7 @@ def fit_prior(samples, tolerance_keys, grid=PRIOR_GRID):
             row, col = np.unravel_index(int(count.argmax()), count.shape)
             points[key][label] = [float(centres[col]), float(centres[row])]
             fit_rate[key][label] = float(count[row, col] / numbers[label])
-    return {"points": points, "fit_hit_rate": fit_rate, "zones": {l: most_frequent(c) for l, c in zones.items()},
+    return {"points": points, "fit_hit_rate": fit_rate, "zones": {k: most_frequent(c) for k, c in zones.items()},
             "num_images": dict(numbers)}
 
 
@@ -277,6 +265,6 @@ def lesion_aggregate(records, branches, tolerance_keys, prior=None, zones_from=N
         "fit_hit_rate": prior["fit_hit_rate"] if prior else None,
         "num_fitting_images": prior["num_images"] if prior else None,
         "zones": prior["zones"] if prior else None, "zones_from": zones_from,
-        "note": None if prior else "prior point not computed: no --prior-image-list, and no --split with lesion masks (it is never fitted "
-                                   "on the images that report)"}
+        "note": None if prior else ("prior point not computed: no --prior-image-list, and no --split with "
+                                    "lesion masks (it is never fitted on the images that report)")}
     return out

@@ -7,9 +7,8 @@ lungs/, heart/ and lesion/ as demo_data.py and `chexmask.py to-png` write them),
 """
 from pathlib import Path
 
-import chexmask
-import regions
-import utils
+from cxr import chexmask_csv, regions
+from cxr.errors import UserError
 
 
 def mask_file(mask_dir, kind, name):
@@ -34,7 +33,7 @@ def read_masks(mask_dir, name, lung_mask=None, heart_mask=None):
     out = {}
     for kind, path in files.items():
         if path is not None and not Path(path).is_file():
-            raise utils.UserError(f"--{kind.rstrip('s')}-mask {path}: no such file")
+            raise UserError(f"--{kind.rstrip('s')}-mask {path}: no such file")
         out[kind] = regions.load_mask(path) if path is not None else None
     return out
 
@@ -51,9 +50,9 @@ class MaskReader:
         self.rows = None
         self.counts = {"with_masks": 0, "below_min_dice": 0, "without_row": 0, "sides_swapped": 0}
         if args.chexmask:
-            self.rows = chexmask.read_rows(args.chexmask, [(n, n) for n in names], args.chexmask_id_column)
+            self.rows = chexmask_csv.read_rows(args.chexmask, [(n, n) for n in names], args.chexmask_id_column)
             if not self.rows:
-                raise utils.UserError(
+                raise UserError(
                     f"no row of --chexmask {', '.join(args.chexmask)} matches any of the {len(names)} "
                     f"images (first: {names[0]}); check the CSV is the images' collection, or name "
                     "its image-id column with --chexmask-id-column")

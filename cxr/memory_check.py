@@ -20,7 +20,8 @@ import os
 
 import torch
 
-import utils
+from cxr.errors import UserError
+from cxr.runtime import autocast
 
 TEMPORARIES = 1.25  # backward-pass temporaries on top of the saved activations
 WARN_SHARE = 0.85
@@ -58,7 +59,7 @@ def saved_activation_bytes(model, img_size, device, amp, images=2):
     model.eval()  # no BatchNorm statistics updated by this probe (and BN works on 2 images)
     try:
         x = torch.zeros(images, 3, img_size, img_size, device=device)
-        with torch.enable_grad(), utils.autocast(device, amp), \
+        with torch.enable_grad(), autocast(device, amp), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = model(x)
         del output
@@ -95,7 +96,7 @@ def check(model, args, device, log=print, runtime=None):
         verdict = torch.tensor([0.0 if fits else 1.0], device=device)
         torch.distributed.all_reduce(verdict)
         if verdict.item() and fits:
-            raise utils.UserError("another training process's memory estimate does not fit its device "
+            raise UserError("another training process's memory estimate does not fit its device "
                                   "(see its log); --no-memory-check skips the estimate")
     if numbers["available"] is None:
         return numbers
@@ -106,7 +107,7 @@ def check(model, args, device, log=print, runtime=None):
             f"activations of {args.batch_size} images at {args.img_size} px {numbers['activations'] / GB:.1f})")
     log(line)
     if numbers["total"] > numbers["available"]:
-        raise utils.UserError(
+        raise UserError(
             f"this run would need about {numbers['total'] / GB:.1f} GB but {numbers['available'] / GB:.1f} GB "
             f"of {where} is available ({line.split('(', 1)[1].rstrip(')')}). Use --setup small "
             "(the demo's small backbones at 64 px, for CPUs), or lower --img-size or -k, or add "

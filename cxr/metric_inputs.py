@@ -1,14 +1,11 @@
 """Checks of what evaluate_retrieval and rank_topk are given (shapes, dtypes, ks, patient
 groups), each failing with a message that says what to give instead; and the patient codes the
 same-patient exclusion ranks by."""
-from concurrent.futures import ThreadPoolExecutor
-import functools
 import operator
-import sys
-from typing import NamedTuple
+
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
 
 def as_embeddings(x, name, device=None):
     """(N, D) float32 tensor on `device` (default: x's own, CPU for numpy)."""

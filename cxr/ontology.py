@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-import regions
+from cxr import regions
 
 DEFAULT_ONTOLOGY = Path(__file__).with_name("ontology.json")
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,

@@ -2,19 +2,16 @@
 over class prototypes, energy, Mahalanobis distance (class means, shared Ledoit-Wolf covariance)
 and k-NN distance, every score "higher = more out of distribution", with thresholds calibrated
 on held-out in-distribution images; its file, and the rates that judge it."""
-import argparse
-import os
 from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
-import image_cache
-import run_data
-import utils
-from dataset import ImageListDataset, build_transform
-from metrics import rank_topk
-from presets import DATASETS, LIST_FORMAT, setup_defaults
+
+from cxr.checkpoints import load_checkpoint, save_checkpoint
+from cxr.errors import UserError
+from cxr.retrieval_metrics import rank_topk
 
 SCORES = ("msp", "energy", "mahalanobis", "knn")
 
@@ -104,13 +101,13 @@ class OODDetector:
                    for key in ("means", "prototypes", "precision", "fitted")}}
 
     def save(self, path):
-        utils.save_checkpoint(self.state_dict(), path)
+        save_checkpoint(self.state_dict(), path)
 
     @classmethod
     def load(cls, path):
-        state = utils.load_checkpoint(path, flag="OOD detector")
+        state = load_checkpoint(path, flag="OOD detector")
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-            raise utils.UserError(f"{path} is not an OOD detector written by ood.py "
+            raise UserError(f"{path} is not an OOD detector written by ood.py "
                                f"(format {FORMAT_VERSION}); fit one with python ood.py ...")
         detector = cls(state["temperature"], state["k"], state.get("fingerprint"))
         detector.classes, detector.tpr = state["classes"], state["tpr"]
@@ -126,11 +123,11 @@ def load_for_model(checkpoint, fingerprint, path=None):
     later run replaced)."""
     path = Path(path or default_detector_path(checkpoint))
     if not path.is_file():
-        raise utils.UserError(f"no OOD detector {path}; fit it with python ood.py --resume {checkpoint} "
+        raise UserError(f"no OOD detector {path}; fit it with python ood.py --resume {checkpoint} "
                               "(or give its file)")
     detector = OODDetector.load(path)
     if detector.fingerprint != fingerprint:
-        raise utils.UserError(f"the OOD detector {path} was fitted on another model's embeddings "
+        raise UserError(f"the OOD detector {path} was fitted on another model's embeddings "
                               f"than {checkpoint}'s; fit it again with python ood.py --resume {checkpoint}")
     return detector
 

@@ -13,8 +13,8 @@ replaced) or an unreadable one is a warning, not an error, since the user did no
 """
 from pathlib import Path
 
-import ood
-import utils
+from cxr import ood_detector
+from cxr.errors import UserError
 
 
 def choose(requested, checkpoint, fingerprint, path=None, log=print):
@@ -23,16 +23,16 @@ def choose(requested, checkpoint, fingerprint, path=None, log=print):
     if requested is False:
         return None, None
     named = path is not None
-    path = Path(path or ood.default_detector_path(checkpoint))
+    path = Path(path or ood_detector.default_detector_path(checkpoint))
     if requested or named:
-        return ood.load_for_model(checkpoint, fingerprint, path), path
+        return ood_detector.load_for_model(checkpoint, fingerprint, path), path
     if not path.is_file():
         log(f"note: no OOD detector found ({path}), so the queries are not checked for being unlike "
             f"the training data; fit one with python ood.py --resume {checkpoint} (--no-ood silences this)")
         return None, None
     try:
-        detector = ood.load_for_model(checkpoint, fingerprint, path)
-    except utils.UserError as error:
+        detector = ood_detector.load_for_model(checkpoint, fingerprint, path)
+    except UserError as error:
         log(f"warning: {error}. Going on without the OOD guard (--ood makes this an error, "
             "--no-ood silences it)")
         return None, None

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-import utils
+from cxr.runtime import autocast
 from loss import CosineSoftmaxLoss, RetrievalLoss, TripletMarginLoss
 
 
@@ -24,7 +24,7 @@ class ModelWithLoss(nn.Module):
         self.branch_weight = branch_weight
 
     def forward(self, images, labels):
-        with utils.autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             if self.branch_criteria is None:
                 embeddings = self.model(images)
             else:

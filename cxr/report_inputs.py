@@ -16,10 +16,11 @@ sizes that cannot be met are left out with one line saying so; a size asked for 
 from collections import Counter
 from pathlib import Path
 
-import run_data
-import utils
-from images import BIT_DEPTHS
-from presets import LIST_FORMAT, setup_defaults
+from cxr import run_data
+from cxr.checkpoints import data_bit_depth
+from cxr.errors import UserError
+from cxr.images import BIT_DEPTHS
+from cxr.presets import LIST_FORMAT, setup_defaults
 
 KS = (1, 5, 10)  # R@K and mP@K, the report's keys
 VOTE_KS = (1, 5, 10, 15, 20)
@@ -54,7 +55,7 @@ def resolve_inputs(args, checkpoint):
 
     if LIST_FORMAT[dataset] == "folder":  # the folder is read, no list: name none
         if args.test_image_list is not None:
-            raise utils.UserError("--dataset folder reads <test-dataset-dir>/<label>/ files, no list; "
+            raise UserError("--dataset folder reads <test-dataset-dir>/<label>/ files, no list; "
                                   "drop --test-image-list or give the list's format with --dataset")
         inputs["test_image_list"] = _entry(None, "not used (folder layout)")
     elif args.test_image_list is not None:
@@ -66,7 +67,7 @@ def resolve_inputs(args, checkpoint):
     else:
         inputs["test_image_list"] = _entry(defaults["test_image_list"], "default")
 
-    depth = utils.data_bit_depth(checkpoint)
+    depth = data_bit_depth(checkpoint)
     if args.bit_depth is not None:
         inputs["bit_depth"] = _entry("auto" if args.bit_depth == "auto" else int(args.bit_depth), "flag")
     elif depth is not None:
@@ -87,7 +88,7 @@ def _check_recorded_paths(inputs, dataset):
             continue
         if key == "test_image_list" and LIST_FORMAT[dataset] == "folder":
             continue
-        raise utils.UserError(f"the checkpoint's {key.replace('_', ' ')} {entry['value']} (recorded when it "
+        raise UserError(f"the checkpoint's {key.replace('_', ' ')} {entry['value']} (recorded when it "
                               f"was trained) is not here; give {flag}")
 
 
@@ -123,17 +124,17 @@ def choose_vote_ks(requested, available, log=print, what="each query"):
         kept = tuple(k for k in VOTE_KS if k <= available)
         left_out = [k for k in VOTE_KS if k > available]
         if not kept:
-            raise utils.UserError(f"{what} has no neighbour to vote ({available} available); "
+            raise UserError(f"{what} has no neighbour to vote ({available} available); "
                                   "evaluate a larger list")
         if left_out:
             log(f"note: majority votes of {', '.join(map(str, left_out))} neighbours left out: "
                 f"{what} has only {available} (give --vote-ks to choose the sizes)")
         return kept, left_out
     if any(k < 1 for k in requested):
-        raise utils.UserError(f"--vote-ks {' '.join(map(str, requested))}: sizes are positive integers")
+        raise UserError(f"--vote-ks {' '.join(map(str, requested))}: sizes are positive integers")
     too_big = sorted(k for k in set(requested) if k > available)
     if too_big:
-        raise utils.UserError(f"--vote-ks {', '.join(map(str, too_big))}: {what} has only {available} "
+        raise UserError(f"--vote-ks {', '.join(map(str, too_big))}: {what} has only {available} "
                               f"neighbours; choose sizes up to {available}")
     return tuple(sorted(set(requested))), []
 
@@ -144,7 +145,7 @@ def choose_vote_k(vote_k, vote_ks):
     if vote_k is None:
         return DEFAULT_VOTE_K if DEFAULT_VOTE_K in vote_ks else max(vote_ks)
     if vote_k not in vote_ks:
-        raise utils.UserError(f"--vote-k {vote_k} is not among the vote sizes evaluated "
+        raise UserError(f"--vote-k {vote_k} is not among the vote sizes evaluated "
                               f"({', '.join(map(str, vote_ks))}); choose one of them or add it to --vote-ks")
     return vote_k
 

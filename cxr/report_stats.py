@@ -287,3 +287,21 @@ def abstention(per_query, vote_k, abstain_below=None, ood_scores=None):
         result["ood"] = {name: risk_coverage(correct, -np.asarray(score, dtype=np.float64))
                          for name, score in ood_scores.items()}
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Binomial rates
+# --------------------------------------------------------------------------------------------
+Z95 = 1.959963984540054
+
+
+# ---------------------------------------------------------------------- intervals
+def wilson(successes, n, z=Z95):
+    """95% Wilson score interval [low, high] of successes / n (successes may be fractional)."""
+    if n == 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denominator
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]

@@ -54,18 +54,24 @@ thread on blocks of this size. On other devices the same code runs on torch
 tensors, a whole chunk at a time.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 import functools
-import operator
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from cxr.metric_inputs import (as_embeddings, as_gallery, as_group_array, as_labels, check_chunk_size, check_ks,
-                               exclusion_codes, group_name)
+from cxr.metric_inputs import (
+    as_embeddings,
+    as_gallery,
+    as_labels,
+    check_chunk_size,
+    check_ks,
+    exclusion_codes,
+    group_name,
+)
 
 __all__ = ["evaluate_retrieval", "rank_topk", "majority_vote"]
 

@@ -9,12 +9,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import demo_data
-import faults
-import utils
+from cxr import demo_dataset, faults
+from cxr.image_cache import ImageCache
+from cxr.presets import DEMO_DATA, LIST_FORMAT
+from cxr.runtime import barrier
 from dataset import ImageListDataset, build_transform, split_by_patient
-from image_cache import ImageCache
-from presets import DEMO_DATA, LIST_FORMAT
+
+# The folder flags as train.py means them, named in the errors of a list that does not fit.
+DATASET_DIR_FLAG = "--dataset-dir (train.py reads images from <dataset-dir>/train and <dataset-dir>/test)"
 
 
 def build_datasets(args, runtime):
@@ -23,24 +25,26 @@ def build_datasets(args, runtime):
     through the pre-resized image cache (image_cache.py)."""
     if args.dataset == "demo":
         if runtime.is_main:
-            demo_data.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
-        utils.barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
+            demo_dataset.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
+        barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
     root = Path(args.dataset_dir)
     list_format = LIST_FORMAT[args.dataset]
     train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
     eval_transform = build_transform(args.img_size, False)
     bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
     train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
-                                 transform=train_transform, bit_depth=bit_depth)
+                                 transform=train_transform, bit_depth=bit_depth, folder_flag=DATASET_DIR_FLAG)
     classes = train_set.classes
     bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
     if separate_validation(vars(args)):
         val_format = LIST_FORMAT[getattr(args, "val_dataset", None) or args.dataset]
         val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, val_format,
-                                   classes=classes, transform=eval_transform, bit_depth=bit_depth)
+                                   classes=classes, transform=eval_transform, bit_depth=bit_depth,
+                                   folder_flag="--val-dataset-dir (the validation images' folder)")
     test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
-                                classes=classes, transform=eval_transform, bit_depth=bit_depth)
+                                classes=classes, transform=eval_transform, bit_depth=bit_depth,
+                                folder_flag=DATASET_DIR_FLAG)
     faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
     use_cache([train_set, val_set, test_set], getattr(args, "cache_dir", None), args.img_size)
     if val_set is None and args.val_fraction > 0:

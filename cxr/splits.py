@@ -16,8 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr.errors import UserError
 from dataset import read_entries
-from utils import UserError
 
 MAX_NAMED = 5
 

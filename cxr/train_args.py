@@ -5,11 +5,19 @@ from pathlib import Path
 
 import torch
 
-import image_cache
-import utils
+from cxr import image_cache
+from cxr.cli import (
+    add_dataset_dir_flag,
+    add_dataset_flag,
+    add_debug_flag,
+    add_device_flag,
+    add_resume_flag,
+    add_workers_flag,
+)
+from cxr.presets import DATASETS, LIST_FORMAT, RECIPES, SETUPS, document_defaults, setup_defaults
+from cxr.runtime import AMP_DTYPES, resolve_amp
 from loss import MININGS
 from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS
-from presets import DATASETS, LIST_FORMAT, RECIPES, SETUPS, document_defaults, setup_defaults
 
 
 def get_args_parser(add_help=True):
@@ -49,10 +57,9 @@ def get_args_parser(add_help=True):
                         help="hybrid: each branch's own embedding head trained with the same loss, "
                         "this weight each, beside the fused embedding's (0: off)")
     # Data
-    parser.add_argument("--dataset", default="covid", choices=DATASETS,
-                        help="covid: COVIDx lists; csv: filename,label lists; folder: "
-                        "<dir>/<split>/<label>/*; demo: synthetic phantoms, generated if absent")
-    parser.add_argument("--dataset-dir", help="images under <dir>/train and <dir>/test")
+    add_dataset_flag(parser, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
+                     "demo: synthetic phantoms, generated if absent", default="covid")
+    add_dataset_dir_flag(parser, "the folder holding train/ and test/ (the lists name images under them)")
     parser.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
     parser.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
                         "epoch for the log; it never selects the checkpoint")
@@ -71,7 +78,7 @@ def get_args_parser(add_help=True):
                         help="random crops of 70-100%% of the image for training")
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                         help="random horizontal flips (note: a flip moves the heart to the right)")
-    parser.add_argument("--workers", type=int, help="data loading processes per rank")
+    add_workers_flag(parser, None, help="data loading processes per rank (default: the setup's)")
     image_cache.add_argument(parser)
     parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
                         help="bits of the data in 16-bit images (12 for most scanners); auto: the "
@@ -116,7 +123,7 @@ def get_args_parser(add_help=True):
                         help="PK batches per optimiser step; their gradients are averaged")
     parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
     # Speed
-    parser.add_argument("--amp", default="auto", choices=("auto", *utils.AMP_DTYPES),
+    parser.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
                         help="mixed precision; auto = bf16 on CUDA from compute capability 8 "
                         "(A100, H100), fp16 with loss scaling on older GPUs, none on CPU")
     parser.add_argument("--grad-checkpointing", action="store_true",
@@ -126,7 +133,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
                         help="fused Adam(W) kernels (one launch for all parameters)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(parser)
     # Evaluation, logging, checkpoints
     parser.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
     parser.add_argument("--eval-freq", type=int, default=1, help="evaluate every N epochs")
@@ -139,14 +146,14 @@ def get_args_parser(add_help=True):
     parser.add_argument("--allow-patient-overlap", action="store_true",
                         help="go on when the train, validation and test lists share patients or "
                         "files (an error otherwise: it inflates validation and test numbers)")
-    parser.add_argument("--resume", help="checkpoint to continue from (full training state); "
-                        "auto: the newest readable one in --save-dir, or a new run if there is none")
+    add_resume_flag(parser, "checkpoint to continue from (full training state); auto: the newest readable "
+                    "one in --save-dir, or a new run if there is none", required=False)
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip an optimiser step whose loss or gradient is NaN/Inf (counted in "
                         "metrics.jsonl) instead of stopping the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
-    utils.add_debug_flag(parser)
+    add_debug_flag(parser)
     return parser
 
 
@@ -204,7 +211,7 @@ def resolve_args(args):
                          "(--no-pretrained) or keep the ViT's own stem (--vit-stem patch)")
     if args.backbone_lr_mult is None:
         args.backbone_lr_mult = 0.1 if args.pretrained else 1.0
-    args.amp = utils.resolve_amp(args.amp, args.device)
+    args.amp = resolve_amp(args.amp, args.device)
     if args.channels_last is None:
         args.channels_last = args.device != "cpu" and torch.cuda.is_available()
     return args

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bench
-import metrics
+from cxr import bench_metrics, bench_train, retrieval_metrics
 
 SMALL = ["--device", "cpu", "--img-size", "32", "-p", "3", "-k", "2", "--batch-size", "6"]
 OPTIMISED = frozenset({"bf16", "channels_last", "fused", "checkpointing"})
@@ -21,7 +21,7 @@ def _one_thread():
 
 
 def small_argv(suite):
-    return bench.train_argv(bench.get_args_parser().parse_args([suite, *SMALL]))
+    return bench_train.train_argv(bench.get_args_parser().parse_args([suite, *SMALL]))
 
 
 def tied_embeddings(n, dim, classes, seed):
@@ -40,8 +40,8 @@ def test_seed_algorithm_equals_evaluate_retrieval(seed, dim, classes):
     embeddings, labels = tied_embeddings(200, dim, classes, seed)
     similarities = embeddings @ embeddings.T
     assert len(torch.unique(similarities)) < 100  # ties everywhere: the tie rule matters
-    reference = dict(bench._flatten(bench.seed_evaluate_retrieval(embeddings, labels)))
-    fast = dict(bench._flatten(metrics.evaluate_retrieval(embeddings, labels)))
+    reference = dict(bench_metrics._flatten(bench_metrics.seed_evaluate_retrieval(embeddings, labels)))
+    fast = dict(bench_metrics._flatten(retrieval_metrics.evaluate_retrieval(embeddings, labels)))
     assert reference.keys() == fast.keys()
     for key, value in reference.items():
         if key == "/map":  # AP terms are summed in float32-rounded fixed point (metrics.py)
@@ -50,24 +50,24 @@ def test_seed_algorithm_equals_evaluate_retrieval(seed, dim, classes):
             assert fast[key] == value, key
         else:
             assert fast[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
-    assert bench.max_difference(reference, fast) <= bench.EQUAL_TOL
+    assert bench_metrics.max_difference(reference, fast) <= bench_metrics.EQUAL_TOL
 
 
 def test_max_difference_flags_any_mismatch():
     embeddings, labels = tied_embeddings(60, 4, 3, 0)
-    result = metrics.evaluate_retrieval(embeddings, labels)
-    changed = metrics.evaluate_retrieval(embeddings, labels)
+    result = retrieval_metrics.evaluate_retrieval(embeddings, labels)
+    changed = retrieval_metrics.evaluate_retrieval(embeddings, labels)
     changed["classification"]["5"]["confusion_matrix"][0][0] += 1
-    assert bench.max_difference(result, result) == 0.0
-    assert bench.max_difference(result, changed) == 1.0
+    assert bench_metrics.max_difference(result, result) == 0.0
+    assert bench_metrics.max_difference(result, changed) == 1.0
     del changed["recall_at_k"]["1"]
-    assert bench.max_difference(result, changed) == float("inf")
+    assert bench_metrics.max_difference(result, changed) == float("inf")
 
 
 def test_optimised_embeddings_match_fp32():
     argv = small_argv("embed")
-    plain = bench.embed_case(argv, frozenset(), 1, 0)["embeddings"]
-    optimised = bench.embed_case(argv, frozenset({"bf16", "channels_last"}), 1, 0)["embeddings"]
+    plain = bench_train.embed_case(argv, frozenset(), 1, 0)["embeddings"]
+    optimised = bench_train.embed_case(argv, frozenset({"bf16", "channels_last"}), 1, 0)["embeddings"]
     assert plain.shape == optimised.shape == (6, 128)
     cosine = (plain * optimised).sum(1)  # both unit vectors
     assert np.all(cosine > 0.99), cosine
@@ -77,18 +77,19 @@ def test_optimised_embeddings_match_fp32():
 def test_optimised_train_steps_match_plain():
     # P x K = 3 x 4 and a small learning rate: the second loss follows the first update without
     # the chaos of a tiny random batch at the demo rate.
-    argv = bench.train_argv(bench.get_args_parser().parse_args(
-        ["train", "--device", "cpu", "--img-size", "32", "-p", "3", "-k", "4"])) + ["--lr", "1e-4", "--warmup-epochs", "0"]
-    plain = bench.train_case(argv, frozenset(), 2, 0)["losses"]
+    argv = bench_train.train_argv(bench.get_args_parser().parse_args(
+        ["train", "--device", "cpu", "--img-size", "32", "-p", "3", "-k", "4"]))
+    argv += ["--lr", "1e-4", "--warmup-epochs", "0"]
+    plain = bench_train.train_case(argv, frozenset(), 2, 0)["losses"]
     assert plain[0] > 0.05 and plain[1] < plain[0] - 0.01  # losses that can disagree
     # fp32 with the other three optimisations: the same arithmetic up to summation order.
-    exact = bench.train_case(argv, frozenset({"channels_last", "fused", "checkpointing"}), 2, 0)["losses"]
+    exact = bench_train.train_case(argv, frozenset({"channels_last", "fused", "checkpointing"}), 2, 0)["losses"]
     assert exact == pytest.approx(plain, abs=1e-4)
     # bf16 autocast on top: the first loss sees the same weights, so only the forward's
     # precision differs (the identity loss scales cosines by 16). The update then differs more
     # than rounding: Adam's first step is about lr * sign(gradient), and bf16 flips the sign of
     # the small gradient entries; so the second loss must fall, not match.
-    optimised = bench.train_case(argv, OPTIMISED, 2, 0)["losses"]
+    optimised = bench_train.train_case(argv, OPTIMISED, 2, 0)["losses"]
     assert optimised[0] == pytest.approx(plain[0], rel=1e-2)
     assert optimised[1] < optimised[0] - 0.01
 
@@ -115,7 +116,7 @@ def test_cli_metrics_suite_appends_a_section(tmp_path):
         ["metrics", "--device", "cpu", "--sizes", "120", "--big", "150", "--dim", "16",
          "--threads", "1", "--output", str(output)])
     rows = bench.main(args)["metrics"]
-    assert rows[0]["max_diff"] <= bench.EQUAL_TOL and rows[0]["speedup"] > 0
+    assert rows[0]["max_diff"] <= bench_metrics.EQUAL_TOL and rows[0]["speedup"] > 0
     assert rows[1]["n"] == 150 and rows[1]["fast"]["seconds"] > 0
     text = output.read_text()
     assert text.startswith("# Benchmarks") and "| 120 |" in text and "| 150 |" in text

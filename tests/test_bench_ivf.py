@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import bench
-import bench_search
+from cxr import bench_search
 
 faiss = pytest.importorskip("faiss")
 

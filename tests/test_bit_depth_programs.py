@@ -10,7 +10,8 @@ from PIL import Image
 import explain
 import retrieve
 import train
-import utils
+from cxr import gallery_index, search, train_args
+from cxr.checkpoints import data_bit_depth, load_trained_model
 from dataset import build_transform, load_image
 from test_train import TINY, ckpt, phantoms  # noqa: F401  (the phantoms fixture)
 
@@ -28,13 +29,13 @@ def test_every_program_scales_by_the_training_depth(phantoms, tmp_path):  # noqa
     shutil.copytree(phantoms, data)
     as_12_bit(data / "train", 4095)  # the training films use the full 12 bits
     as_12_bit(data / "test", 1000)  # dim test films of the same scanner: a scan alone says 10 bits
-    train.main(train.parse_args([*TINY, "--dataset-dir", str(data), "--save-dir", str(tmp_path / "run"),
+    train.main(train_args.parse_args([*TINY, "--dataset-dir", str(data), "--save-dir", str(tmp_path / "run"),
                                  "--train-image-list", str(data / "train_split.txt"),
                                  "--test-image-list", str(data / "test_split.txt"), "--epochs", "1",
                                  "--val-fraction", "0"]))
     checkpoint_path = ckpt(tmp_path / "run", "best")
-    model, checkpoint, _ = utils.load_trained_model(checkpoint_path, torch.device("cpu"))
-    assert utils.data_bit_depth(checkpoint) == 12
+    model, checkpoint, _ = load_trained_model(checkpoint_path, torch.device("cpu"))
+    assert data_bit_depth(checkpoint) == 12
     image = data / "test" / "phantom_test_00000.png"
     transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
     with torch.inference_mode():
@@ -53,12 +54,12 @@ def test_every_program_scales_by_the_training_depth(phantoms, tmp_path):  # noqa
                    "--dataset-dir", str(data / "train"), "--out", str(tmp_path / "idx"), "--workers", "0",
                    "--device", "cpu"])
     embeddings, _ = retrieve.embed_images(model, [image], checkpoint["model_config"]["img_size"],
-                                          torch.device("cpu"), False, bit_depth=utils.data_bit_depth(checkpoint))
+                                          torch.device("cpu"), False, bit_depth=data_bit_depth(checkpoint))
     np.testing.assert_allclose(embeddings[0].numpy(), expected, atol=1e-5)
     record = explain.main(explain.get_args_parser().parse_args([
         "--resume", str(checkpoint_path), "--image", str(image), "--out", str(tmp_path / "x"),
         "--gallery-image-list", str(data / "train_split.txt"), "--gallery-dataset-dir", str(data / "train"),
         "--device", "cpu", "--workers", "0", "--faithfulness-steps", "0", "--topk", "3"]))
     # explain.py embeds the query and its gallery at the training depth too
-    direct = retrieve.search(torch.from_numpy(expected)[None], retrieve.load_index(tmp_path / "idx")[1], 3)[0]
+    direct = search.search(torch.from_numpy(expected)[None], gallery_index.load_index(tmp_path / "idx")[1], 3)[0]
     np.testing.assert_allclose([n["similarity"] for n in record["neighbours"]], direct[0].numpy(), atol=1e-4)

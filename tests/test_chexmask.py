@@ -11,11 +11,10 @@ from PIL import Image
 from scipy import ndimage
 
 import chexmask
-import demo_data
 import explain
-import regions
-import utils
 from conftest import SMALL_MODEL
+from cxr import chexmask_csv, demo_dataset, phantom, regions
+from cxr.errors import UserError
 from model import build_model
 
 HEADER = ["Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung", "Heart", "Height", "Width"]
@@ -85,10 +84,10 @@ def chexmask_row(image_id, lungs, heart, dice=0.9, preprocessed=False):
 # ---------------------------------------------------------------- run-length encoding
 def test_decoding_a_hand_made_encoding():
     # 2 x 3 image, pixels numbered 1..6 row by row: "2 2" = row 0, columns 1-2; "6 1" = row 1, column 2
-    mask = chexmask.decode_rle("2 2 6 1", 2, 3)
+    mask = chexmask_csv.decode_rle("2 2 6 1", 2, 3)
     assert mask.tolist() == [[False, True, True], [False, False, True]]
-    assert chexmask.decode_rle("", 2, 3).sum() == 0
-    assert chexmask.decode_rle("3 2", 2, 3).tolist() == [[False, False, True], [True, False, False]]  # wraps a row
+    assert chexmask_csv.decode_rle("", 2, 3).sum() == 0
+    assert chexmask_csv.decode_rle("3 2", 2, 3).tolist() == [[False, False, True], [True, False, False]]  # wraps a row
 
 
 def test_encoding_round_trips_and_matches_the_reference():
@@ -97,9 +96,9 @@ def test_encoding_round_trips_and_matches_the_reference():
         for density in (0.1, 0.5, 0.9):
             mask = rng.random(shape) < density
             mask[0, 0], mask[-1, -1] = True, True  # runs at both ends of the image
-            assert chexmask.encode_rle(mask) == reference_encode(mask)
-            np.testing.assert_array_equal(chexmask.decode_rle(reference_encode(mask), *shape), mask)
-    assert chexmask.encode_rle(np.zeros((3, 3), bool)) == ""
+            assert chexmask_csv.encode_rle(mask) == reference_encode(mask)
+            np.testing.assert_array_equal(chexmask_csv.decode_rle(reference_encode(mask), *shape), mask)
+    assert chexmask_csv.encode_rle(np.zeros((3, 3), bool)) == ""
 
 
 @pytest.mark.parametrize("rle, message", [
@@ -113,8 +112,8 @@ def test_encoding_round_trips_and_matches_the_reference():
 def test_malformed_encodings_name_the_row(tmp_path, rle, message):
     path = write_csv(tmp_path / "bad.csv", [["a", 0.9, 0.9, "[]", "", "", "", 2, 3],
                                             ["b", 0.9, 0.9, "[]", rle, "", "", 2, 3]])
-    rows = chexmask.read_rows([path], [("b.png", "b.png")])
-    with pytest.raises(chexmask.ChexmaskError, match=rf"bad.csv line 3 \(b\), column 'Left Lung': .*{message}"):
+    rows = chexmask_csv.read_rows([path], [("b.png", "b.png")])
+    with pytest.raises(chexmask_csv.ChexmaskError, match=rf"bad.csv line 3 \(b\), column 'Left Lung': .*{message}"):
         rows["b.png"].masks((2, 3))
 
 
@@ -122,7 +121,7 @@ def test_preprocessed_rows_map_back_through_the_padding():
     rng = np.random.default_rng(1)
     for shape in ((90, 60), (60, 90), (77, 77), (1100, 900)):
         mask = ndimage.binary_opening(rng.random(shape) < 0.6, iterations=2)
-        back = chexmask.from_preprocessed(to_preprocessed(mask), shape)
+        back = chexmask_csv.from_preprocessed(to_preprocessed(mask), shape)
         if max(shape) <= 1024:  # upsampled to 1024 and back: exact
             np.testing.assert_array_equal(back, mask)
         else:  # a film larger than 1024 lost detail on the way down: edges only
@@ -140,34 +139,35 @@ def test_rows_match_images_by_file_name_stem_and_folders(tmp_path):
     ], id_column="Path", gz=True)
     images = [("train/patient2/study1/view1_frontal.png", "train/patient2/study1/view1_frontal.png"),
               ("p10/abc-def.jpg", "p10/abc-def.jpg"), ("missing.png", "missing.png")]
-    rows = chexmask.read_rows([path], images)
+    rows = chexmask_csv.read_rows([path], images)
     assert rows["train/patient2/study1/view1_frontal.png"].image_id.split("/")[2] == "patient2"
     assert rows["p10/abc-def.jpg"].line == 4 and "missing.png" not in rows
     # the same file name and no folders to tell the rows apart: an error, never a guess
-    with pytest.raises(chexmask.ChexmaskError, match="view1_frontal.jpg: several CheXmask rows"):
-        chexmask.read_rows([path], [("view1_frontal.jpg", "view1_frontal.jpg")])
+    with pytest.raises(chexmask_csv.ChexmaskError, match="view1_frontal.jpg: several CheXmask rows"):
+        chexmask_csv.read_rows([path], [("view1_frontal.jpg", "view1_frontal.jpg")])
 
 
 def test_id_columns_known_named_and_missing(tmp_path):
     row = ["x.png", "0.9", "0.9", "[]", "", "", "", 4, 4]
     for column in ("dicom_id", "ImageID", "Image Index", "Path", "image_id"):
-        assert chexmask.read_rows([write_csv(tmp_path / "a.csv", [row], column)], [("x.png", "x.png")])
+        assert chexmask_csv.read_rows([write_csv(tmp_path / "a.csv", [row], column)], [("x.png", "x.png")])
     path = write_csv(tmp_path / "b.csv", [row], "my_id")
-    with pytest.raises(chexmask.ChexmaskError, match="--chexmask-id-column"):
-        chexmask.read_rows([path], [("x.png", "x.png")])
-    assert chexmask.read_rows([path], [("x.png", "x.png")], id_column="my_id")
-    with pytest.raises(chexmask.ChexmaskError, match="'other' is not a column"):
-        chexmask.read_rows([path], [("x.png", "x.png")], id_column="other")
-    with pytest.raises(chexmask.ChexmaskError, match="no 'Heart' column"):
-        chexmask.read_rows([write_csv(tmp_path / "c.csv", [row[:-3]], header=HEADER[:5])], [("x.png", "x.png")])
+    with pytest.raises(chexmask_csv.ChexmaskError, match="--chexmask-id-column"):
+        chexmask_csv.read_rows([path], [("x.png", "x.png")])
+    assert chexmask_csv.read_rows([path], [("x.png", "x.png")], id_column="my_id")
+    with pytest.raises(chexmask_csv.ChexmaskError, match="'other' is not a column"):
+        chexmask_csv.read_rows([path], [("x.png", "x.png")], id_column="other")
+    with pytest.raises(chexmask_csv.ChexmaskError, match="no 'Heart' column"):
+        chexmask_csv.read_rows([write_csv(tmp_path / "c.csv", [row[:-3]], header=HEADER[:5])], [("x.png", "x.png")])
 
 
 def test_quality_filter_and_size_check():
-    row = chexmask.Row(csv="m.csv", line=2, image_id="x", dice_mean=0.65, dice_max=0.8, height=30,
+    row = chexmask_csv.Row(csv="m.csv", line=2, image_id="x", dice_mean=0.65, dice_max=0.8, height=30,
                        width=20, rles={"right_lung": "", "left_lung": "", "heart": ""})
     assert "0.650 < --min-mask-dice 0.7" in row.quality(0.7) and row.quality(0.6) is None
     assert row.quality(0) is None
-    with pytest.raises(chexmask.ChexmaskError, match=r"m.csv line 2 \(x\): the masks cover 30 x 20 .* image is 40 x 20"):
+    with pytest.raises(chexmask_csv.ChexmaskError,
+                       match=r"m.csv line 2 \(x\): the masks cover 30 x 20 .* image is 40 x 20"):
         row.masks((40, 20))
     assert row.masks((30, 20))[1]["variant"] == "original"
 
@@ -178,7 +178,7 @@ def films(tmp_path_factory):
     """Phantoms made non-square (padded unevenly: a centring mistake shows), their PNG masks,
     and CheXmask CSVs of the original and of the Preprocessed variant written from them."""
     root = tmp_path_factory.mktemp("chexmask")
-    source = demo_data.write_demo_dataset(root / "demo", train_per_class=1, test_per_class=2, size=128, seed=4)
+    source = demo_dataset.write_demo_dataset(root / "demo", train_per_class=1, test_per_class=2, size=128, seed=4)
     lines = (source / "test_split.txt").read_text().splitlines()
     images, masks = root / "images", root / "masks"
     for folder in (images, masks / "lungs", masks / "heart"):
@@ -211,7 +211,7 @@ def smooth_map(shape, seed):
 @pytest.mark.parametrize("variant", ["original.csv", "preprocessed.csv.gz"])
 def test_chexmask_gives_the_png_masks_statistics(films, variant):
     root, _, names = films
-    rows = chexmask.read_rows([root / variant], [(n, n) for n in names])
+    rows = chexmask_csv.read_rows([root / variant], [(n, n) for n in names])
     assert sorted(rows) == sorted(names)
     for i, name in enumerate(names):
         lungs = regions.load_mask(root / "masks" / "lungs" / name)
@@ -238,7 +238,7 @@ def untrained(films, tmp_path_factory):
     model = build_model(**config, pretrained=False)
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pth"
     torch.save({"model": model.state_dict(), "model_config": config,
-                "classes": sorted(demo_data.CLASSES), "args": {"dataset": "demo"}}, path)
+                "classes": sorted(phantom.CLASSES), "args": {"dataset": "demo"}}, path)
     return path
 
 
@@ -293,12 +293,12 @@ def test_explain_chexmask_errors(films, untrained, tmp_path):
         rows = list(csv.reader(f))
     rows[2][-2] = str(int(rows[2][-2]) + 1)  # Height of the second image off by one
     write_csv(tmp_path / "wrong.csv", rows[1:], header=rows[0][1:])
-    with pytest.raises(utils.UserError, match=rf"wrong.csv line 3 .*the masks cover .* but the image is"):
+    with pytest.raises(UserError, match=r"wrong.csv line 3 .*the masks cover .* but the image is"):
         run_explain(films, untrained, tmp_path / "a", "--chexmask", tmp_path / "wrong.csv")
     write_csv(tmp_path / "other.csv", [["nothing_like_these", *rows[1][1:]]])
-    with pytest.raises(utils.UserError, match="no row of --chexmask .* matches any"):
+    with pytest.raises(UserError, match="no row of --chexmask .* matches any"):
         run_explain(films, untrained, tmp_path / "b", "--chexmask", tmp_path / "other.csv")
-    with pytest.raises(utils.UserError, match="--min-mask-dice 1.5"):
+    with pytest.raises(UserError, match="--min-mask-dice 1.5"):
         run_explain(films, untrained, tmp_path / "c", "--chexmask", root / "original.csv", "--min-mask-dice", "1.5")
 
 
@@ -353,7 +353,7 @@ def test_preprocessed_rows_of_collections_cropped_before_padding_are_refused(tmp
     heart[8:16, 12:18] = True
     row = chexmask_row("abc", lungs, heart, preprocessed=True)
     for column, name in (("dicom_id", "MIMIC-CXR-JPG"), ("ImageID", "PadChest")):
-        rows = chexmask.read_rows([write_csv(tmp_path / f"{column}.csv", [row], id_column=column)],
+        rows = chexmask_csv.read_rows([write_csv(tmp_path / f"{column}.csv", [row], id_column=column)],
                                   [("abc.png", "abc.png")])
-        with pytest.raises(chexmask.ChexmaskError, match=f"{name}.*OriginalResolution"):
+        with pytest.raises(chexmask_csv.ChexmaskError, match=f"{name}.*OriginalResolution"):
             rows["abc.png"].masks((20, 30))

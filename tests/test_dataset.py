@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import images
+from cxr import demo_dataset, images, train_args
 from dataset import DatasetError, ImageListDataset, build_transform, load_image, read_covidx_list, scan_bit_depth
 
 
@@ -256,10 +256,9 @@ def test_skip_bad_images_decodes_everything_and_drops_the_bad_ones(hostile):
 
 
 def test_skip_bad_images_in_train_writes_the_list_and_trains(tmp_path):
-    import demo_data
     import train
     root = tmp_path / "demo"
-    demo_data.write_demo_dataset(root, train_per_class=6, test_per_class=3, size=64, seed=0)
+    demo_dataset.write_demo_dataset(root, train_per_class=6, test_per_class=3, size=64, seed=0)
     lines = (root / "train_split.txt").read_text().splitlines()
     broken = lines[3].split()[1]
     (root / "train" / broken).write_bytes((root / "train" / broken).read_bytes()[:200])  # truncated
@@ -269,9 +268,9 @@ def test_skip_bad_images_in_train_writes_the_list_and_trains(tmp_path):
             "--train-image-list", str(root / "train_split.txt"), "--test-image-list",
             str(root / "test_split.txt"), "--epochs", "1"]
     with pytest.raises(DatasetError, match=f"{broken} \\(line 4 of"):  # without the flag: at its first load
-        train.main(train.parse_args([*args, "--save-dir", str(tmp_path / "a"), "--batches-per-epoch", "6",
+        train.main(train_args.parse_args([*args, "--save-dir", str(tmp_path / "a"), "--batches-per-epoch", "6",
                                      "--val-fraction", "0"]))
-    train.main(train.parse_args([*args, "--save-dir", str(tmp_path / "b"), "--skip-bad-images"]))
+    train.main(train_args.parse_args([*args, "--save-dir", str(tmp_path / "b"), "--skip-bad-images"]))
     listed = (tmp_path / "b" / "bad_images.txt").read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith(str(root / "train" / broken) + "\t4\t")
 
@@ -290,7 +289,8 @@ def test_bit_depth_is_decided_per_data_set_not_per_image(tmp_path):
     rows = [("P1", "bright.png", "normal"), ("P2", "dark.png", "normal")]
     dataset = ImageListDataset(tmp_path / "img", write_list(tmp_path / "l.txt", rows))
     assert dataset.bit_depth == 12 and scan_bit_depth(dataset.paths) == 12
-    to_pixels = lambda i: np.asarray(load_image(dataset.paths[i], dataset.bit_depth))[..., 0].astype(int)
+    def to_pixels(i):
+        return np.asarray(load_image(dataset.paths[i], dataset.bit_depth))[..., 0].astype(int)
     assert to_pixels(0)[5, 5] == round(2000 / 4095 * 255) and to_pixels(1)[5, 5] == round(500 / 4095 * 255)
     assert np.asarray(load_image(dataset.paths[1]))[5, 5, 0] == round(500 / 1023 * 255)  # per image: 10-bit
     # a fixed depth (--bit-depth 16) and the 0..65535 range
@@ -313,7 +313,7 @@ def test_labels_that_differ_only_by_case_or_spacing_are_an_error(tmp_path):
     write_images(tmp_path / "train", ["a.png", "b.png", "c.png"])
     rows = [("P1", "a.png", "normal"), ("P2", "b.png", "Normal"), ("P3", "c.png", "COVID-19")]
     with pytest.raises(DatasetError, match=r"l.txt: labels that differ only by case or spacing .*"
-                                           r"'normal' \(1 images, first on line 1\) vs 'Normal' \(1 images, first on line 2\)"):
+                       r"'normal' \(1 images, first on line 1\) vs 'Normal' \(1 images, first on line 2\)"):
         ImageListDataset(tmp_path / "train", write_list(tmp_path / "l.txt", rows))
     (tmp_path / "t.csv").write_text("filename,label\na.png,Normal_\n")
     with pytest.raises(DatasetError, match=r"unknown label 'Normal_' \(did you mean 'normal'\?\)"):

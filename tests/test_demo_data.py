@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # flat repo: make `import demo_data` work from any cwd
-    sys.path.insert(0, str(REPO))
-
-import demo_data  # noqa: E402
-from demo_data import CLASSES, ZONES  # noqa: E402
+import demo_data
+from conftest import ROOT as REPO
+from cxr import demo_dataset, phantom, regions
+from cxr.phantom import CLASSES, ZONES
 
 SMALL = dict(train_per_class=3, test_per_class=2, size=64, seed=0)
 
 
 def phantoms(label, n=6, size=128, seed=0):
     """n phantoms of one class with their info, from independent seeded generators."""
-    return [demo_data.make_phantom_with_info(np.random.default_rng([seed, i]), label, size) for i in range(n)]
+    return [phantom.make_phantom_with_info(np.random.default_rng([seed, i]), label, size) for i in range(n)]
 
 
 def lung_midline(lungs):
@@ -39,7 +37,7 @@ def all_files(root):
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    return demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo") / "ds", **SMALL)
+    return demo_dataset.write_demo_dataset(tmp_path_factory.mktemp("demo") / "ds", **SMALL)
 
 
 # ---------------------------------------------------------------- phantoms
@@ -49,7 +47,7 @@ def test_classes_in_documented_order():
 
 @pytest.mark.parametrize("label", CLASSES)
 def test_phantom_types_ranges_and_masks(label):
-    img, masks = demo_data.make_phantom(np.random.default_rng(1), label, 96)
+    img, masks = phantom.make_phantom(np.random.default_rng(1), label, 96)
     assert img.shape == (96, 96) and img.dtype == np.float32
     assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.05
     assert set(masks) == {"lungs", "heart", "lesion"}
@@ -61,9 +59,9 @@ def test_phantom_types_ranges_and_masks(label):
 
 
 def test_phantom_is_deterministic_per_seed():
-    a_img, a_masks, a_info = demo_data.make_phantom_with_info(np.random.default_rng(7), "effusion", 80)
-    b_img, b_masks, b_info = demo_data.make_phantom_with_info(np.random.default_rng(7), "effusion", 80)
-    c_img, _ = demo_data.make_phantom(np.random.default_rng(8), "effusion", 80)
+    a_img, a_masks, a_info = phantom.make_phantom_with_info(np.random.default_rng(7), "effusion", 80)
+    b_img, b_masks, b_info = phantom.make_phantom_with_info(np.random.default_rng(7), "effusion", 80)
+    c_img, _ = phantom.make_phantom(np.random.default_rng(8), "effusion", 80)
     assert np.array_equal(a_img, b_img) and a_info == b_info
     assert all(np.array_equal(a_masks[k], b_masks[k]) for k in a_masks)
     assert not np.array_equal(a_img, c_img)
@@ -71,13 +69,13 @@ def test_phantom_is_deterministic_per_seed():
 
 def test_unknown_label_raises():
     with pytest.raises(ValueError, match="unknown label"):
-        demo_data.make_phantom(np.random.default_rng(0), "fracture", 64)
+        phantom.make_phantom(np.random.default_rng(0), "fracture", 64)
 
 
 def test_ctr_separates_normal_from_cardiomegaly():
     for label, lo, hi in (("normal", 0.33, 0.5), ("cardiomegaly", 0.55, 0.75)):
         for _, masks, info in phantoms(label):
-            ctr = demo_data.cardiothoracic_ratio(masks["lungs"], masks["heart"])
+            ctr = regions.cardiothoracic_ratio(masks["lungs"], masks["heart"])
             assert info["ctr"] == pytest.approx(ctr)
             assert lo < ctr < hi, (label, ctr)
 
@@ -163,22 +161,22 @@ def test_images_and_masks_on_disk(small_dataset):
             assert entry["label"] == label and entry["split"] == split
             assert masks["lesion"].any() == (label not in ("normal", "cardiomegaly"))
             assert entry["ctr"] == pytest.approx(
-                demo_data.cardiothoracic_ratio(masks["lungs"] > 0, masks["heart"] > 0), abs=1e-3
+                regions.cardiothoracic_ratio(masks["lungs"] > 0, masks["heart"] > 0), abs=1e-3
             )
             assert len(entry["lesion_sides"]) == len(entry["lesion_zones"])
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, small_dataset):
-    again = demo_data.write_demo_dataset(tmp_path / "again", **SMALL)
+    again = demo_dataset.write_demo_dataset(tmp_path / "again", **SMALL)
     assert all_files(again) == all_files(small_dataset)
-    other = demo_data.write_demo_dataset(tmp_path / "other", **{**SMALL, "seed": 1})
+    other = demo_dataset.write_demo_dataset(tmp_path / "other", **{**SMALL, "seed": 1})
     a, b = all_files(small_dataset), all_files(other)
     assert sorted(a) == sorted(b)
     assert a["train/phantom_train_00000.png"] != b["train/phantom_train_00000.png"]
 
 
 def test_sixteen_bit_pngs_hold_12_bit_values(tmp_path):
-    out = demo_data.write_demo_dataset(tmp_path / "ds16", 1, 1, size=64, seed=0, sixteen_bit=True)
+    out = demo_dataset.write_demo_dataset(tmp_path / "ds16", 1, 1, size=64, seed=0, sixteen_bit=True)
     for split in ("train", "test"):
         for _, name, _, _ in read_list(out / f"{split}_split.txt"):
             with Image.open(out / split / name) as im:
@@ -194,16 +192,16 @@ def test_refuses_non_empty_out_dir_but_accepts_empty(tmp_path):
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        demo_data.write_demo_dataset(busy, 1, 1, size=64)
+        demo_dataset.write_demo_dataset(busy, 1, 1, size=64)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (demo_data.write_demo_dataset(empty, 1, 1, size=64) / "demo_meta.json").is_file()
+    assert (demo_dataset.write_demo_dataset(empty, 1, 1, size=64) / "demo_meta.json").is_file()
 
 
 def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     calls = []
-    real = demo_data.make_phantom_with_info
+    real = phantom.make_phantom_with_info
 
     def flaky(rng, label, size):
         calls.append(label)
@@ -211,33 +209,33 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(rng, label, size)
 
-    monkeypatch.setattr(demo_data, "make_phantom_with_info", flaky)
+    monkeypatch.setattr(phantom, "make_phantom_with_info", flaky)
     with pytest.raises(KeyboardInterrupt):
-        demo_data.write_demo_dataset(tmp_path / "ds", 2, 1, size=64)
+        demo_dataset.write_demo_dataset(tmp_path / "ds", 2, 1, size=64)
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor its temporary folder
 
 
 def test_ensure_generates_then_reuses_then_rejects_other_params(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    assert demo_data.ensure_demo_dataset(out, **SMALL) == out
+    assert demo_dataset.ensure_demo_dataset(out, **SMALL) == out
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and str(out) in printed[0] and "15 train" in printed[0]
 
     def must_not_generate(*args, **kwargs):
         raise AssertionError("ensure_demo_dataset regenerated an up-to-date dataset")
 
-    monkeypatch.setattr(demo_data, "write_demo_dataset", must_not_generate)
-    assert demo_data.ensure_demo_dataset(out, **SMALL) == out
+    monkeypatch.setattr(demo_dataset, "write_demo_dataset", must_not_generate)
+    assert demo_dataset.ensure_demo_dataset(out, **SMALL) == out
     assert capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="--dataset-dir") as err:
-        demo_data.ensure_demo_dataset(out, **{**SMALL, "size": 128})
+        demo_dataset.ensure_demo_dataset(out, **{**SMALL, "size": 128})
     assert "'size': 64" in str(err.value) and "'size': 128" in str(err.value)
 
 
 def test_ensure_refuses_foreign_non_empty_folder(tmp_path):
     (tmp_path / "stuff.txt").write_text("x")
     with pytest.raises(FileExistsError, match="demo_meta.json"):
-        demo_data.ensure_demo_dataset(tmp_path, **SMALL)
+        demo_dataset.ensure_demo_dataset(tmp_path, **SMALL)
 
 
 # ---------------------------------------------------------------- CLI

@@ -4,11 +4,10 @@ import json
 
 import pytest
 
-import eval_inputs
-import run_data
 import train
+from cxr import report_inputs, run_data, train_args
+from cxr.errors import UserError
 from dataset import DatasetError
-from utils import UserError
 
 
 def flags(**given):
@@ -21,49 +20,49 @@ def test_each_input_from_flag_checkpoint_or_default(tmp_path):
     (tmp_path / "data" / "list.txt").write_text("")
     checkpoint = {"args": {"dataset": "demo", "dataset_dir": str(tmp_path / "data"),
                            "test_image_list": str(tmp_path / "data" / "list.txt")}, "bit_depth": 12}
-    inputs = eval_inputs.resolve_inputs(flags(), checkpoint)
+    inputs = report_inputs.resolve_inputs(flags(), checkpoint)
     assert inputs == {"dataset": {"value": "demo", "from": "checkpoint"},
                       "test_dataset_dir": {"value": str(tmp_path / "data" / "test"), "from": "checkpoint"},
                       "test_image_list": {"value": str(tmp_path / "data" / "list.txt"), "from": "checkpoint"},
                       "bit_depth": {"value": 12, "from": "checkpoint"}}
     # flags win, one by one
-    inputs = eval_inputs.resolve_inputs(flags(test_image_list="other.txt", bit_depth="16"), checkpoint)
+    inputs = report_inputs.resolve_inputs(flags(test_image_list="other.txt", bit_depth="16"), checkpoint)
     assert inputs["test_image_list"] == {"value": "other.txt", "from": "flag"}
     assert inputs["bit_depth"] == {"value": 16, "from": "flag"}
     assert inputs["test_dataset_dir"]["from"] == "checkpoint"
     # another data set than the recorded one: the recorded paths are not its paths
-    inputs = eval_inputs.resolve_inputs(flags(dataset="covid"), checkpoint)
+    inputs = report_inputs.resolve_inputs(flags(dataset="covid"), checkpoint)
     assert inputs["test_dataset_dir"] == {"value": "data/test", "from": "default"}
     assert inputs["test_image_list"] == {"value": "./test_COVIDx4.txt", "from": "default"}
     # bare weights record nothing: the seed's defaults
-    inputs = eval_inputs.resolve_inputs(flags(), {"state_dict": {}})
+    inputs = report_inputs.resolve_inputs(flags(), {"state_dict": {}})
     assert [e["from"] for e in inputs.values()] == ["default"] * 4
     assert inputs["dataset"]["value"] == "covid" and inputs["bit_depth"]["value"] == "auto"
     # a recorded path that is not on this machine is named, with the flag to give
     moved = {"args": {**checkpoint["args"], "dataset_dir": str(tmp_path / "elsewhere")}}
     with pytest.raises(UserError, match=r"checkpoint's test dataset dir .*elsewhere/test .* --test-dataset-dir"):
-        eval_inputs.resolve_inputs(flags(), moved)
-    assert eval_inputs.resolve_inputs(flags(test_dataset_dir="here"), moved)["test_dataset_dir"]["from"] == "flag"
+        report_inputs.resolve_inputs(flags(), moved)
+    assert report_inputs.resolve_inputs(flags(test_dataset_dir="here"), moved)["test_dataset_dir"]["from"] == "flag"
 
 
 def test_neighbours_available_and_vote_sizes():
     patients = [f"P{i}" for i in range(15)] + ["P0"]  # 16 films, two of one patient
-    assert eval_inputs.neighbours_available(patients) == 14
-    assert eval_inputs.neighbours_available(patients, exclude_same_patient=False) == 15
-    assert eval_inputs.neighbours_available(["A", "B"], ["A", "C", "C", "B", "A"]) == 3
-    assert eval_inputs.neighbours_available(["A", "B"], ["A", "C"], exclude_same_patient=False) == 2
+    assert report_inputs.neighbours_available(patients) == 14
+    assert report_inputs.neighbours_available(patients, exclude_same_patient=False) == 15
+    assert report_inputs.neighbours_available(["A", "B"], ["A", "C", "C", "B", "A"]) == 3
+    assert report_inputs.neighbours_available(["A", "B"], ["A", "C"], exclude_same_patient=False) == 2
     lines = []
-    assert eval_inputs.choose_vote_ks(None, 14, lines.append) == ((1, 5, 10), [15, 20])
+    assert report_inputs.choose_vote_ks(None, 14, lines.append) == ((1, 5, 10), [15, 20])
     assert len(lines) == 1 and "15, 20" in lines[0] and "only 14" in lines[0]
-    assert eval_inputs.choose_vote_ks(None, 100, lines.append) == ((1, 5, 10, 15, 20), []) and len(lines) == 1
-    assert eval_inputs.choose_vote_ks([7, 3, 3], 14) == ((3, 7), [])
+    assert report_inputs.choose_vote_ks(None, 100, lines.append) == ((1, 5, 10, 15, 20), []) and len(lines) == 1
+    assert report_inputs.choose_vote_ks([7, 3, 3], 14) == ((3, 7), [])
     with pytest.raises(UserError, match="--vote-ks 15: each query has only 14"):
-        eval_inputs.choose_vote_ks([1, 15], 14)
+        report_inputs.choose_vote_ks([1, 15], 14)
     with pytest.raises(UserError, match="positive"):
-        eval_inputs.choose_vote_ks([0, 3], 14)
-    assert eval_inputs.choose_vote_k(None, (1, 5, 10)) == 10 and eval_inputs.choose_vote_k(None, (1, 3)) == 3
+        report_inputs.choose_vote_ks([0, 3], 14)
+    assert report_inputs.choose_vote_k(None, (1, 5, 10)) == 10 and report_inputs.choose_vote_k(None, (1, 3)) == 3
     with pytest.raises(UserError, match="--vote-k 5 is not among"):
-        eval_inputs.choose_vote_k(5, (1, 3))
+        report_inputs.choose_vote_k(5, (1, 3))
 
 
 # ---------------------------------------------------------------- test.py on a tiny demo run
@@ -74,7 +73,7 @@ def demo_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(run_data, "DEMO_DATA", dict(train_per_class=6, test_per_class=4, size=64, seed=0))
     try:
-        train.main(train.parse_args([
+        train.main(train_args.parse_args([
             "--dataset", "demo", "--dataset-dir", str(root / "demo"), "--save-dir", str(root / "run"),
             "--epochs", "1", "--img-size", "32", "--embedding-dim", "16", "-p", "5", "-k", "2",
             "--batches-per-epoch", "2", "--workers", "0", "--eval-batch-size", "16", "--device", "cpu"]))

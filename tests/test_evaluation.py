@@ -1,19 +1,16 @@
 """Tests for evaluation.py (bootstrap, paired comparison, per-class, abstention), splits.py
 (leakage checks, provenance) and test.py's outputs built on them."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import demo_data
-import evaluation
-import splits
 from conftest import SMALL_MODEL
-from metrics import evaluate_retrieval
-from utils import UserError
+from cxr import demo_dataset, phantom, report_stats, splits, train_args
+from cxr.errors import UserError
+from cxr.retrieval_metrics import evaluate_retrieval
 
 KS, VOTE_KS = (1, 5, 10), (1, 5, 10)
 
@@ -40,7 +37,7 @@ def per_query_of(x, y, groups, **kwargs):
 def test_point_estimates_are_the_reported_metrics():
     x, y, groups = clustered(40)
     report, per_query = per_query_of(x, y, groups)
-    estimates = evaluation.point_estimates(per_query)
+    estimates = report_stats.point_estimates(per_query)
     for k in KS:
         assert estimates[("recall_at_k", str(k))] == pytest.approx(report["recall_at_k"][str(k)], abs=1e-9)
         assert estimates[("precision_at_k", str(k))] == pytest.approx(report["precision_at_k"][str(k)], abs=1e-9)
@@ -63,7 +60,7 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_patients
     for n_patients in (30, 480):
         x, y, groups = clustered(n_patients, seed=1)
         _, per_query = per_query_of(x, y, groups)
-        result = evaluation.bootstrap(per_query, groups, n_resamples=400, seed=0)
+        result = report_stats.bootstrap(per_query, groups, n_resamples=400, seed=0)
         assert result["patients"] == n_patients and result["resamples"] == 400
         entries = interval_widths(result)
         for name, entry in entries.items():
@@ -77,24 +74,25 @@ def test_bootstrap_resamples_patients_not_images():
     # Three near-identical films per patient: resampling films pretends to have 3x the data.
     x, y, groups = clustered(60, images_per_patient=3, seed=2)
     _, per_query = per_query_of(x, y, groups)
-    by_patient = evaluation.bootstrap(per_query, groups, 600, seed=0)
-    by_image = evaluation.bootstrap(per_query, None, 600, seed=0)
+    by_patient = report_stats.bootstrap(per_query, groups, 600, seed=0)
+    by_image = report_stats.bootstrap(per_query, None, 600, seed=0)
     assert by_image["patients"] == len(y)
-    width = lambda r: r["classification"]["5"]["accuracy"]["high"] - r["classification"]["5"]["accuracy"]["low"]
+    def width(r):
+        return r["classification"]["5"]["accuracy"]["high"] - r["classification"]["5"]["accuracy"]["low"]
     assert width(by_patient) > 1.2 * width(by_image)
 
 
 def test_bootstrap_is_seeded_and_blocked(monkeypatch):
     x, y, groups = clustered(20, seed=3)
     _, per_query = per_query_of(x, y, groups)
-    first = evaluation.bootstrap(per_query, groups, 50, seed=7)
-    assert evaluation.bootstrap(per_query, groups, 50, seed=7) == first
-    monkeypatch.setattr(evaluation, "_WEIGHTS_PER_BLOCK", 100)  # one or two resamples per block
-    blocked = evaluation.bootstrap(per_query, groups, 50, seed=7)
+    first = report_stats.bootstrap(per_query, groups, 50, seed=7)
+    assert report_stats.bootstrap(per_query, groups, 50, seed=7) == first
+    monkeypatch.setattr(report_stats, "_WEIGHTS_PER_BLOCK", 100)  # one or two resamples per block
+    blocked = report_stats.bootstrap(per_query, groups, 50, seed=7)
     assert blocked["map"]["estimate"] == first["map"]["estimate"]
-    assert evaluation.bootstrap(per_query, groups, 50, seed=8) != first
+    assert report_stats.bootstrap(per_query, groups, 50, seed=8) != first
     with pytest.raises(ValueError, match="at least 2"):
-        evaluation.bootstrap(per_query, groups, 1)
+        report_stats.bootstrap(per_query, groups, 1)
 
 
 # ---------------------------------------------------------------- paired comparison
@@ -102,7 +100,7 @@ def test_bootstrap_is_seeded_and_blocked(monkeypatch):
 def test_comparing_a_model_with_itself_gives_zero_and_p_one():
     x, y, groups = clustered(30, seed=4)
     _, per_query = per_query_of(x, y, groups)
-    result = evaluation.paired_comparison(per_query, per_query, groups, 300, seed=0)
+    result = report_stats.paired_comparison(per_query, per_query, groups, 300, seed=0)
     rows = [result["map"], *result["recall_at_k"].values(), *result["precision_at_k"].values()]
     rows += [v for row in result["classification"].values() for v in row.values()]
     for row in rows:
@@ -117,13 +115,13 @@ def test_a_clearly_better_model_gets_a_small_p_value():
     worse /= np.linalg.norm(worse, axis=1, keepdims=True)
     _, good = per_query_of(x, y, groups)
     _, bad = per_query_of(worse, y, groups)
-    result = evaluation.paired_comparison(good, bad, groups, 500, seed=0)
+    result = report_stats.paired_comparison(good, bad, groups, 500, seed=0)
     assert result["map"]["difference"] > 5 and result["map"]["low"] > 0
     assert result["map"]["p_value"] < 0.01
-    flipped = evaluation.paired_comparison(bad, good, groups, 500, seed=0)
+    flipped = report_stats.paired_comparison(bad, good, groups, 500, seed=0)
     assert flipped["map"]["difference"] == pytest.approx(-result["map"]["difference"])
     with pytest.raises(ValueError, match="different queries"):
-        evaluation.paired_comparison(good, per_query_of(*clustered(10, seed=6))[1], None, 10)
+        report_stats.paired_comparison(good, per_query_of(*clustered(10, seed=6))[1], None, 10)
 
 
 # ---------------------------------------------------------------- per class
@@ -133,7 +131,7 @@ def test_per_class_numbers_average_to_the_macro_numbers():
     report, per_query = evaluate_retrieval(x, y, query_groups=groups, ks=KS, vote_ks=VOTE_KS,
                                            num_classes=6, return_per_query=True)  # 2 classes absent
     names = ["a", "b", "c", "d", "absent1", "absent2"]
-    result = evaluation.per_class(per_query, names, groups)
+    result = report_stats.per_class(per_query, names, groups)
     rows = result["classes"]
     assert set(rows) == {"a", "b", "c", "d"}  # only the classes with queries
     assert sum(row["queries"] for row in rows.values()) == len(y)
@@ -154,7 +152,7 @@ def test_per_class_numbers_average_to_the_macro_numbers():
 def test_risk_coverage_by_hand():
     correct = np.array([True, True, False, True, False])
     confidence = np.array([0.9, 0.9, 0.5, 0.7, 0.1])
-    curve = evaluation.risk_coverage(correct, confidence)
+    curve = report_stats.risk_coverage(correct, confidence)
     # thresholds 0.9 (2 answered, 0 wrong), 0.7 (3, 0), 0.5 (4, 1), 0.1 (5, 2)
     assert curve["threshold"] == [0.9, 0.7, 0.5, 0.1]
     assert curve["coverage"] == pytest.approx([40, 60, 80, 100])
@@ -164,7 +162,7 @@ def test_risk_coverage_by_hand():
 
 def test_expected_calibration_error_by_hand():
     # vote shares 0.3 (bin (0.2, 0.3]) twice, one right; 1.0 three times, all right
-    ece, bins = evaluation.expected_calibration_error([True, False, True, True, True], [0.3, 0.3, 1, 1, 1])
+    ece, bins = report_stats.expected_calibration_error([True, False, True, True, True], [0.3, 0.3, 1, 1, 1])
     assert ece == pytest.approx(100 * (2 / 5) * abs(0.5 - 0.3))
     assert [(b["low"], b["high"], b["count"]) for b in bins] == [(0.2, 0.3, 2), (0.9, 1.0, 3)]
 
@@ -172,7 +170,7 @@ def test_expected_calibration_error_by_hand():
 def test_abstention_report():
     x, y, groups = clustered(40, seed=8)
     _, per_query = per_query_of(x, y, groups)
-    result = evaluation.abstention(per_query, 10, abstain_below=0.6, ood_scores={"knn": -x[:, 0]})
+    result = report_stats.abstention(per_query, 10, abstain_below=0.6, ood_scores={"knn": -x[:, 0]})
     share, correct = per_query["vote_share"][10], per_query["votes"][10] == y
     assert result["operating_point"]["coverage"] == pytest.approx(100 * (share >= 0.6).mean())
     assert result["operating_point"]["accuracy_answered"] == pytest.approx(100 * correct[share >= 0.6].mean())
@@ -180,7 +178,7 @@ def test_abstention_report():
     assert result["risk_coverage"]["risk"][-1] == pytest.approx(100 * (1 - correct.mean()))
     assert set(result["ood"]) == {"knn"}
     with pytest.raises(ValueError, match="not evaluated"):
-        evaluation.abstention(per_query, 7)
+        report_stats.abstention(per_query, 7)
 
 
 # ---------------------------------------------------------------- leakage
@@ -272,20 +270,19 @@ def test_provenance_records_hash_and_counts(tmp_path):
 def evaluated(tmp_path_factory):
     """A small phantom set whose test list has several images per patient, and a checkpoint of
     an untrained small model (test.py needs no trained one)."""
-    import train
     from model import build_model
 
     root = tmp_path_factory.mktemp("eval")
     data = root / "demo"
-    demo_data.write_demo_dataset(data, train_per_class=5, test_per_class=6, size=64, seed=0)
+    demo_dataset.write_demo_dataset(data, train_per_class=5, test_per_class=6, size=64, seed=0)
     # Patients with two films each: consecutive test lines share a patient id.
     lines = (data / "test_split.txt").read_text().splitlines()
     (data / "test_patients.txt").write_text("".join(
         f"T{i // 2} {' '.join(line.split()[1:])}\n" for i, line in enumerate(lines)))
     config = dict(name="hybrid_convnext_vit", embedding_dim=16, neck="bn", **SMALL_MODEL)
     model = build_model(**config, pretrained=False)
-    args = vars(train.parse_args(["--dataset", "demo", "--dataset-dir", str(data), "--seed", "3"]))
-    state = {"model": model.state_dict(), "model_config": config, "classes": sorted(demo_data.CLASSES),
+    args = vars(train_args.parse_args(["--dataset", "demo", "--dataset-dir", str(data), "--seed", "3"]))
+    state = {"model": model.state_dict(), "model_config": config, "classes": sorted(phantom.CLASSES),
              "epoch": 4, "best_epoch": 4, "selection": "val_mAP", "args": args}
     checkpoint = root / "ckpt.pth"
     torch.save(state, checkpoint)
@@ -311,7 +308,7 @@ def test_test_py_report_files_and_compare(evaluated, capsys):
     assert on_disk["leakage"]["overlap"] == [] and on_disk["leakage"]["compared"] == ["test", "train"]
     intervals = on_disk["confidence_intervals"]
     assert intervals["patients"] == 15 and intervals["map"]["estimate"] == pytest.approx(report["map"])
-    assert set(on_disk["per_class"]["classes"]) == set(demo_data.CLASSES)
+    assert set(on_disk["per_class"]["classes"]) == set(phantom.CLASSES)
     assert on_disk["abstention"]["operating_point"]["abstain_below"] == 0.5
     neighbours = json.loads((root / "loo_neighbours.json").read_text())
     first = neighbours["queries"][0]

@@ -9,7 +9,9 @@ import torch
 import export
 import test as test_program
 import train
-import utils
+from cxr import checkpoints, engine
+from cxr.checkpoints import load_checkpoint, load_trained_model
+from cxr.errors import UserError
 from test_train import ckpt, phantoms, read_metrics, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -21,7 +23,7 @@ def scripted_validation(monkeypatch, values):
         value = values[calls[split]] if split == "val" else 1.0
         calls[split] += 1
         return {f"{split}_R@1": value, f"{split}_mAP": value, f"{split}_mP@1": value}
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
 
 
 def full_states(folder):
@@ -40,7 +42,7 @@ def test_best_is_a_link_to_its_epoch_then_weights_only_once_that_epoch_is_pruned
     best = torch.load(ckpt(tmp_path, "best"), weights_only=True)
     assert best["epoch"] == 2 and best["weights_only"] and "optimizer" not in best
     assert best["selection"] == "val_mAP" and best["model_config"] and best["classes"]
-    model, _, _ = utils.load_trained_model(ckpt(tmp_path, "best"), "cpu")  # evaluable as before
+    model, _, _ = load_trained_model(ckpt(tmp_path, "best"), "cpu")  # evaluable as before
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -66,8 +68,8 @@ def test_export_writes_safetensors_that_embed_as_the_checkpoint(trained, tmp_pat
     assert description["model_config"]["name"] == "hybrid_convnext_vit" and description["classes"]
     full_size, weights_size = ckpt(trained, "best").stat().st_size, out.stat().st_size
     assert weights_size < 0.5 * full_size  # no optimiser state
-    original, checkpoint, fingerprint = utils.load_trained_model(ckpt(trained, "best"), "cpu")
-    exported, described, exported_fingerprint = utils.load_trained_model(out, "cpu")
+    original, checkpoint, fingerprint = load_trained_model(ckpt(trained, "best"), "cpu")
+    exported, described, exported_fingerprint = load_trained_model(out, "cpu")
     assert exported_fingerprint == fingerprint  # the OOD detector and the index accept it
     assert described["bit_depth"] == checkpoint["bit_depth"] and described["args"] == checkpoint["args"]
     images = torch.randn(4, 3, 32, 32)
@@ -77,7 +79,7 @@ def test_export_writes_safetensors_that_embed_as_the_checkpoint(trained, tmp_pat
 
 def test_test_py_evaluates_the_exported_file_with_the_checkpoints_numbers(trained, tmp_path):
     out = tmp_path / "model.safetensors"
-    export.export_safetensors(utils.load_checkpoint(ckpt(trained, "best")), out)
+    checkpoints.export_safetensors(load_checkpoint(ckpt(trained, "best")), out)
 
     def report(path, name):
         args = test_program.get_args_parser().parse_args([
@@ -91,7 +93,7 @@ def test_test_py_evaluates_the_exported_file_with_the_checkpoints_numbers(traine
 
 def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
-    export.export_safetensors(utils.load_checkpoint(ckpt(trained, "best")), out)
+    checkpoints.export_safetensors(load_checkpoint(ckpt(trained, "best")), out)
     train.main(tiny_args(phantoms, tmp_path / "warm", "--epochs", "1", "--resume", str(out)))
     assert "warm start" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics(tmp_path / "warm")] == [0, 1]  # a new run from epoch 1
@@ -105,9 +107,9 @@ def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, c
 def test_export_refuses_a_file_without_a_model_config(tmp_path):
     bare = tmp_path / "bare.pth"
     torch.save({"weight": torch.zeros(2)}, bare)
-    with pytest.raises(utils.UserError, match="needs a checkpoint written by train.py"):
+    with pytest.raises(UserError, match="needs a checkpoint written by train.py"):
         export.main(export.get_args_parser().parse_args([str(bare), "--out", str(tmp_path / "x.safetensors")]))
-    with pytest.raises(utils.UserError, match="without this repository's model description"):
+    with pytest.raises(UserError, match="without this repository's model description"):
         from safetensors.torch import save_file
         save_file({"weight": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
-        utils.load_checkpoint(tmp_path / "foreign.safetensors")
+        load_checkpoint(tmp_path / "foreign.safetensors")

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import faults
 import train
-from loss import TripletMarginLoss
-import utils
 from conftest import ROOT
+from cxr import faults, train_args
+from cxr.cli import run_cli
+from cxr.errors import RunStopped, UserError
+from loss import TripletMarginLoss
 from test_train import TINY, ckpt, phantoms, read_metrics, tiny_args  # noqa: F401 (fixture)
 
 KILLS = 20
@@ -193,10 +194,10 @@ def test_corrupt_checkpoints_are_named_and_resume_auto_passes_over_them(phantoms
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "cut.pth").write_bytes(good[: len(good) // 3])
     for name, message in (("empty.pth", "empty \\(0 bytes\\)"), ("cut.pth", "truncated, corrupt")):
-        with pytest.raises(utils.UserError, match=f"--resume .*{name}: .*{message}.*--resume auto"):
+        with pytest.raises(UserError, match=f"--resume .*{name}: .*{message}.*--resume auto"):
             train.main(tiny_args(phantoms, tmp_path / "other", "--epochs", "3", "--resume", str(tmp_path / name)))
         import test as evaluate_cli
-        with pytest.raises(utils.UserError, match=f"{name}: .*{message}"):
+        with pytest.raises(UserError, match=f"{name}: .*{message}"):
             evaluate_cli.main(evaluate_cli.get_args_parser().parse_args(
                 ["--resume", str(tmp_path / name), "--device", "cpu"]))
     # the newest checkpoint of the run is cut off (a disk that filled up under a copy)
@@ -212,7 +213,7 @@ def test_corrupt_checkpoints_are_named_and_resume_auto_passes_over_them(phantoms
     # every checkpoint unreadable: an error, nothing deleted
     for path in tmp_path.glob("*_epoch_*_ckpt.pth"):
         path.write_bytes(b"")
-    with pytest.raises(utils.UserError, match="none of the 3 checkpoints"):
+    with pytest.raises(UserError, match="none of the 3 checkpoints"):
         train.main(tiny_args(phantoms, tmp_path, "--epochs", "4", "--resume", "auto"))
     assert len(read_metrics(tmp_path)) == 4
 
@@ -282,11 +283,11 @@ def test_skip_nonfinite_skips_and_counts_the_step(phantoms, tmp_path, monkeypatc
 
 def test_unwritable_or_full_save_folder_fails_before_training(phantoms, tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(utils.UserError, match="--save-dir .*a_file/run cannot be written"):
+    with pytest.raises(UserError, match="--save-dir .*a_file/run cannot be written"):
         train.main(tiny_args(phantoms, tmp_path / "a_file" / "run", "--epochs", "1"))
     real = faults.shutil.disk_usage
     monkeypatch.setattr(faults.shutil, "disk_usage", lambda p: real(p)._replace(free=50 * 2 ** 20))
-    with pytest.raises(utils.UserError, match="GiB free, but a checkpoint of this run takes about"):
+    with pytest.raises(UserError, match="GiB free, but a checkpoint of this run takes about"):
         train.main(tiny_args(phantoms, tmp_path / "full", "--epochs", "1"))
     assert not list((tmp_path / "full").glob("*_ckpt.pth"))
 
@@ -301,10 +302,10 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_so(phantoms, tmp_pat
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(utils.torch, "save", save)
-    with pytest.raises(utils.RunStopped, match=r"could not write checkpoint .*No space left.*are intact"):
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(RunStopped, match=r"could not write checkpoint .*No space left.*are intact"):
         train.main(tiny_args(phantoms, tmp_path, "--epochs", "3"))
-    monkeypatch.setattr(utils.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)["epoch"] == 1
     assert torch.load(ckpt(tmp_path, "best"), weights_only=True)["epoch"] == 1
     assert not list(tmp_path.glob(".*.tmp*"))
@@ -348,10 +349,10 @@ def test_user_mistakes_end_in_one_error_line_and_debug_shows_the_traceback(phant
                 *flags]
         monkeypatch.setattr(sys, "argv", ["train.py", *args])
         with pytest.raises(SystemExit) as exit_:
-            utils.run_cli(lambda: train.main(train.parse_args()))
+            run_cli(lambda: train.main(train_args.parse_args()))
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: ") and message in err, (name, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 9, (name, err)
     monkeypatch.setattr(sys, "argv", ["train.py", *args, "--debug"])
     with pytest.raises(Exception, match="pretrained weights are missing"):  # the exception itself
-        utils.run_cli(lambda: train.main(train.parse_args()))
+        run_cli(lambda: train.main(train_args.parse_args()))

@@ -4,18 +4,16 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import image_cache
-import images
 import train
+from cxr import image_cache, images
+from cxr.image_cache import ImageCache
 from dataset import ImageListDataset, build_transform
-from image_cache import ImageCache
 from test_train import phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
 

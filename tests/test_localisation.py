@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import explain
-import faithfulness
-import localisation as loc
-import regions
+from cxr import faithfulness, regions, report_stats
+from cxr import localisation as loc
 
 TOL = loc.tolerances()  # 5% of the width, and 10%
 BRANCHES = ["convnext", "fused"]
@@ -73,9 +72,9 @@ def fit(images):
 
 # ---------------------------------------------------------------------- intervals
 def test_wilson_interval_and_rates():
-    assert loc.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)  # textbook values
-    assert loc.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    assert loc.wilson(10, 10)[1] == pytest.approx(1.0) and loc.wilson(0, 0) is None
+    assert report_stats.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)  # textbook values
+    assert report_stats.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert report_stats.wilson(10, 10)[1] == pytest.approx(1.0) and report_stats.wilson(0, 0) is None
     r = loc.rate([True, False, None, 1.0])  # None: no measure for that image, left out
     assert r["rate"] == pytest.approx(2 / 3) and r["n"] == 3 and r["ci95"][0] < 2 / 3 < r["ci95"][1]
     assert loc.rate([None]) is None

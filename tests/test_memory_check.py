@@ -6,10 +6,9 @@ import shutil
 import pytest
 import torch
 
-import demo_data
-import memory_check
 import train
-import utils
+from cxr import demo_dataset, memory_check, train_args
+from cxr.errors import UserError
 from model import build_model
 
 
@@ -42,14 +41,14 @@ def test_the_activation_estimate_is_per_image_and_leaves_the_model_as_it_was(sma
 def test_a_run_that_does_not_fit_names_the_flags(small_model, monkeypatch):
     monkeypatch.setattr(memory_check, "available_bytes", lambda device: (1e6, 0))
     args = argparse.Namespace(img_size=32, batch_size=8, amp="none")
-    with pytest.raises(utils.UserError, match="--setup small.*--img-size.*--no-memory-check"):
+    with pytest.raises(UserError, match="--setup small.*--img-size.*--no-memory-check"):
         memory_check.check(small_model, args, torch.device("cpu"), log=lambda line: None)
 
 
 @pytest.fixture(scope="module")
 def own_folder(tmp_path_factory):
     """16 films in the folder layout, as a new user brings them: 8 normal, 8 pneumonia."""
-    phantoms = demo_data.write_demo_dataset(tmp_path_factory.mktemp("src") / "p", train_per_class=8,
+    phantoms = demo_dataset.write_demo_dataset(tmp_path_factory.mktemp("src") / "p", train_per_class=8,
                                             test_per_class=0, size=64, seed=1)
     root = tmp_path_factory.mktemp("own")
     for label in ("normal", "pneumonia"):
@@ -65,7 +64,7 @@ def own_folder(tmp_path_factory):
 @pytest.mark.slow
 def test_setup_small_trains_a_16_image_folder_without_other_flags(own_folder, monkeypatch, capsys):
     monkeypatch.chdir(own_folder)  # the defaults: ./data, ./checkpoints
-    train.main(train.parse_args(["--dataset", "folder", "--setup", "small", "--device", "cpu"]))
+    train.main(train_args.parse_args(["--dataset", "folder", "--setup", "small", "--device", "cpu"]))
     out = capsys.readouterr().out
     assert "memory estimate:" in out
     assert list((own_folder / "checkpoints").glob("*_best_ckpt.pth"))
@@ -75,8 +74,8 @@ def test_the_paper_setup_stops_with_the_estimate_on_a_24_gb_machine(own_folder, 
     real = memory_check.available_bytes
     monkeypatch.setattr(memory_check, "available_bytes", lambda device: (24e9, real(device)[1]))
     monkeypatch.chdir(own_folder)
-    with pytest.raises(utils.UserError, match="would need about .* GB .*--setup small"):
-        train.main(train.parse_args(["--dataset", "folder", "--no-pretrained", "--device", "cpu",
+    with pytest.raises(UserError, match="would need about .* GB .*--setup small"):
+        train.main(train_args.parse_args(["--dataset", "folder", "--no-pretrained", "--device", "cpu",
                                      "-p", "2", "--save-dir", str(tmp_path)]))
 
 

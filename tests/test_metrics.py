@@ -13,8 +13,8 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics  # noqa: E402
-from metrics import evaluate_retrieval, majority_vote, rank_topk  # noqa: E402
+from cxr import retrieval_metrics
+from cxr.retrieval_metrics import evaluate_retrieval, majority_vote, rank_topk
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "retrieval_metrics_golden.json").read_text())
 GROUPS_GOLDEN_PATH = Path(__file__).parent / "data" / "retrieval_groups_golden.json"
@@ -192,7 +192,7 @@ def case(request):
 def backend(request, monkeypatch):
     """Rank with numpy in threads (the CPU path) or with torch ops (the GPU path, run on CPU)."""
     if request.param == "torch":
-        monkeypatch.setattr(metrics, "_on_cpu", lambda device: False)
+        monkeypatch.setattr(retrieval_metrics, "_on_cpu", lambda device: False)
     return request.param
 
 
@@ -235,10 +235,10 @@ def test_chunk_and_block_sizes_do_not_change_results(case, monkeypatch):
     expected = evaluate_retrieval(**case)
     for chunk_size in (1, 3, 7, None):
         assert evaluate_retrieval(**case, chunk_size=chunk_size) == expected
-    monkeypatch.setattr(metrics, "_ELEMENTS_PER_BLOCK", 100)  # blocks of one or two rows
-    monkeypatch.setattr(metrics, "_ELEMENTS_PER_CHUNK", 500)
+    monkeypatch.setattr(retrieval_metrics, "_ELEMENTS_PER_BLOCK", 100)  # blocks of one or two rows
+    monkeypatch.setattr(retrieval_metrics, "_ELEMENTS_PER_CHUNK", 500)
     assert evaluate_retrieval(**case) == expected
-    monkeypatch.setattr(metrics, "_on_cpu", lambda device: False)  # the torch path
+    monkeypatch.setattr(retrieval_metrics, "_on_cpu", lambda device: False)  # the torch path
     assert evaluate_retrieval(**case) == expected
 
 
@@ -310,12 +310,12 @@ def test_ties_and_signed_zeros_rank_by_index(backend):
     # Hand-made similarity rows through the ranking core: -0.0 and +0.0 are
     # equal, so they tie and go by gallery index, as do equal values.
     sims = np.array([[-0.0, 0.0, -0.0, 1e-45, -1e-45, -1.0, 1.0, 0.25, 0.25]], np.float32)
-    job = metrics._Job(9, False, np.arange(9, dtype=np.int32) << 1)
+    job = retrieval_metrics._Job(9, False, np.arange(9, dtype=np.int32) << 1)
     top = np.empty((1, 9), np.int64)
     if backend == "torch":
         sims, job, top = torch.from_numpy(sims), job._replace(index_bits=torch.from_numpy(job.index_bits)), \
             torch.from_numpy(top)
-    metrics._rank_rows(sims, 0, job, top, None)
+    retrieval_metrics._rank_rows(sims, 0, job, top, None)
     assert ((np.asarray(top) & 0xFFFFFFFF) >> 1).tolist() == [[6, 7, 8, 3, 0, 1, 2, 4, 5]]
 
 
@@ -338,7 +338,7 @@ def test_majority_vote_ties_go_to_first_in_ranking():
 def test_majority_vote_in_row_chunks(monkeypatch):
     labels = torch.as_tensor(np.random.default_rng(7).integers(0, 3, size=(50, 5)))
     expected = majority_vote(labels, 3)
-    monkeypatch.setattr(metrics, "_VOTE_TABLE_ELEMENTS", 10)  # 3 rows per chunk
+    monkeypatch.setattr(retrieval_metrics, "_VOTE_TABLE_ELEMENTS", 10)  # 3 rows per chunk
     assert torch.equal(majority_vote(labels, 3), expected)
 
 

@@ -2,9 +2,19 @@ import pytest
 import torch
 
 from conftest import SMALL_MODEL
-from model import (MODEL_NAMES, ChannelAttention, ConvStem, InputAdapter, MXABlock, PretrainedWeightsError,
-                   SpatialAttention, ViTBranch, build_model, create_backbone)
-from utils import load_model_weights
+from cxr.checkpoints import load_model_weights
+from model import (
+    MODEL_NAMES,
+    ChannelAttention,
+    ConvStem,
+    InputAdapter,
+    MXABlock,
+    PretrainedWeightsError,
+    SpatialAttention,
+    ViTBranch,
+    build_model,
+    create_backbone,
+)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -65,7 +75,8 @@ def test_input_adapter_renormalises_for_branches_pretrained_with_other_statistic
     assert imagenet.identity
     half = InputAdapter((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     raw = torch.rand(1, 3, 4, 4)
-    x = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (raw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     torch.testing.assert_close(half(x), (raw - 0.5) / 0.5)
 
 

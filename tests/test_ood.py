@@ -10,8 +10,9 @@ from sklearn.covariance import LedoitWolf
 
 import ood
 import ood_probes
-import run_data
 import train
+from cxr import ood_detector, run_data
+from cxr.errors import UserError
 from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -26,7 +27,7 @@ def clusters(n_per_class=40, dim=8, classes=3, seed=0):
 
 def test_mahalanobis_matches_a_direct_numpy_computation():
     x, y = clusters()
-    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    detector = ood_detector.OODDetector().fit(x, y, ["a", "b", "c"])
     queries, _ = clusters(5, seed=1)
     means = np.stack([x[y == c].mean(0) for c in range(3)])
     covariance = LedoitWolf(assume_centered=True).fit(x - means[y]).covariance_
@@ -36,7 +37,7 @@ def test_mahalanobis_matches_a_direct_numpy_computation():
 
 
 def test_confidence_and_energy_match_hand_computed_values():
-    detector = ood.OODDetector(temperature=0.5, k=1)
+    detector = ood_detector.OODDetector(temperature=0.5, k=1)
     detector.prototypes = np.eye(2, dtype=np.float32)  # two classes along the axes
     detector.means = np.eye(2, dtype=np.float32)
     detector.precision = np.eye(2, dtype=np.float32)
@@ -56,7 +57,7 @@ def test_confidence_and_energy_match_hand_computed_values():
 def test_thresholds_give_the_stated_tpr_and_separate_far_ood():
     x, y = clusters(100)
     held_out, _ = clusters(200, seed=2)
-    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    detector = ood_detector.OODDetector().fit(x, y, ["a", "b", "c"])
     thresholds = detector.calibrate(held_out, tpr=0.9)
     for name, values in detector.scores(held_out).items():
         accepted = np.mean(values <= thresholds[name])
@@ -64,7 +65,7 @@ def test_thresholds_give_the_stated_tpr_and_separate_far_ood():
     far = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
     far /= np.linalg.norm(far, axis=1, keepdims=True)
     for name in ("mahalanobis", "knn"):
-        metrics = ood.detection_metrics(detector.scores(held_out)[name], detector.scores(far)[name], 0.9,
+        metrics = ood_detector.detection_metrics(detector.scores(held_out)[name], detector.scores(far)[name], 0.9,
                                         threshold=thresholds[name])
         assert metrics["auroc"] > 0.9, name
     flags = detector.flags(far)
@@ -76,7 +77,7 @@ def test_deployed_rates_use_the_saved_threshold_and_refit_rates_the_test_one():
     images than the re-fitted one (9), so the deployed and re-fitted rates differ."""
     in_scores = np.arange(1.0, 11.0)  # 1..10; the 80% quantile ("higher") is 9
     ood_scores = np.array([2.5, 6.5, 8.5, 9.5, 12, 13, 14, 15, 16, 17])
-    metrics = ood.detection_metrics(in_scores, ood_scores, 0.8, threshold=6.0)
+    metrics = ood_detector.detection_metrics(in_scores, ood_scores, 0.8, threshold=6.0)
     assert metrics["refit_tpr"] == pytest.approx(0.9)  # 1..9 accepted
     assert metrics["refit_fpr"] == pytest.approx(0.3)  # 2.5, 6.5, 8.5
     assert metrics["deployed_tpr"] == pytest.approx(0.6)  # 1..6: a score equal to it is accepted
@@ -86,39 +87,39 @@ def test_deployed_rates_use_the_saved_threshold_and_refit_rates_the_test_one():
     assert metrics["auroc"] == pytest.approx((2 + 6 + 8 + 9 + 60) / 100)
     assert "fpr95" not in metrics  # no unqualified name left to read as the deployed rate
     # deployed_tpr is what the guard itself does at that threshold: 1 - the share flags() flags
-    detector = ood.OODDetector()
+    detector = ood_detector.OODDetector()
     detector.thresholds = {"knn": 6.0}
     assert metrics["deployed_tpr"] == pytest.approx(1 - detector.flags(None, {"knn": in_scores})["knn"].mean())
     assert metrics["deployed_fpr"] == pytest.approx(1 - detector.flags(None, {"knn": ood_scores})["knn"].mean())
     with pytest.raises(TypeError, match="threshold"):  # never silently the re-fitted one
-        ood.detection_metrics(in_scores, ood_scores, 0.8)
+        ood_detector.detection_metrics(in_scores, ood_scores, 0.8)
 
 
 def test_save_load_roundtrip(tmp_path):
     x, y = clusters()
-    detector = ood.OODDetector().fit(x, y, ["a", "b", "c"])
+    detector = ood_detector.OODDetector().fit(x, y, ["a", "b", "c"])
     detector.calibrate(x)
     detector.save(tmp_path / "d.pth")
-    loaded = ood.OODDetector.load(tmp_path / "d.pth")
+    loaded = ood_detector.OODDetector.load(tmp_path / "d.pth")
     for name, values in detector.scores(x[:7]).items():
         np.testing.assert_allclose(loaded.scores(x[:7])[name], values, rtol=1e-6)
     assert loaded.thresholds == detector.thresholds and loaded.classes == ["a", "b", "c"]
     torch.save({"model": {}}, tmp_path / "other.pth")
     with pytest.raises(RuntimeError, match="not an OOD detector"):
-        ood.OODDetector.load(tmp_path / "other.pth")
+        ood_detector.OODDetector.load(tmp_path / "other.pth")
 
 
 def test_bad_fits_are_clear_errors():
     x, y = clusters()
     with pytest.raises(ValueError, match="at least 2 classes"):
-        ood.OODDetector().fit(x[y == 0], y[y == 0], ["a", "b", "c"])
+        ood_detector.OODDetector().fit(x[y == 0], y[y == 0], ["a", "b", "c"])
     with pytest.raises(ValueError, match="more images than classes"):
-        ood.OODDetector(k=1).fit(x[[0, 40]], y[[0, 40]], ["a", "b", "c"])
+        ood_detector.OODDetector(k=1).fit(x[[0, 40]], y[[0, 40]], ["a", "b", "c"])
     with pytest.raises(RuntimeError, match="calibrate"):
-        ood.OODDetector().fit(x, y, ["a", "b", "c"]).flags(x)
+        ood_detector.OODDetector().fit(x, y, ["a", "b", "c"]).flags(x)
     # fewer images than dimensions: the shrunk covariance still inverts
     wide = np.random.default_rng(0).normal(size=(12, 64)).astype(np.float32)
-    scores = ood.OODDetector(k=3).fit(wide, np.arange(12) % 3, ["a", "b", "c"]).scores(wide)
+    scores = ood_detector.OODDetector(k=3).fit(wide, np.arange(12) % 3, ["a", "b", "c"]).scores(wide)
     assert np.isfinite(scores["mahalanobis"]).all()
 
 
@@ -136,9 +137,9 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     on_disk = json.loads((tmp_path / "ood.json").read_text())
     assert set(on_disk) >= {"results", "thresholds"}
     assert {(r["score"], r["ood_set"]) for r in on_disk["results"]} == {
-        (s, n) for s in ood.SCORES for n in ("noise", "inverted", "mass")}
-    assert set(on_disk["thresholds"]) == set(ood.SCORES)
-    saved = ood.OODDetector.load(ood.default_detector_path(checkpoint))
+        (s, n) for s in ood_detector.SCORES for n in ("noise", "inverted", "mass")}
+    assert set(on_disk["thresholds"]) == set(ood_detector.SCORES)
+    saved = ood_detector.OODDetector.load(ood_detector.default_detector_path(checkpoint))
     assert saved.thresholds == on_disk["thresholds"]
     for r in on_disk["results"]:  # both kinds of rates, each in [0, 1]
         rates = ("auroc", "refit_tpr", "refit_fpr", "deployed_tpr", "deployed_fpr")
@@ -152,7 +153,7 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
         "--resume", str(checkpoint), "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
         str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu", "--ood",
         "--report", str(tmp_path / "r.json")]))
-    assert len(result["ood"]["queries"]) == 25 and set(result["ood"]["flagged_share"]) == set(ood.SCORES)
+    assert len(result["ood"]["queries"]) == 25 and set(result["ood"]["flagged_share"]) == set(ood_detector.SCORES)
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_text("not an image")
@@ -160,7 +161,7 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     with pytest.raises(Exception, match="x.png"):
         ood.main(ood.get_args_parser().parse_args([*common, "--ood-image-list", str(tmp_path / "bad.txt"),
                                                    "--ood-dataset-dir", str(tmp_path / "bad")]))
-    with pytest.raises(train.utils.UserError, match="no OOD detector"):
+    with pytest.raises(UserError, match="no OOD detector"):
         evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
             "--resume", str(checkpoint), "--ood", "--ood-detector", str(tmp_path / "none.pth"),
             "--test-dataset-dir", str(phantoms / "test"), "--test-image-list", str(phantoms / "test_split.txt")]))
@@ -168,8 +169,9 @@ def test_cli_on_phantoms_and_test_py_ood(phantoms, tmp_path):  # noqa: F811
     state = torch.load(checkpoint, weights_only=True)
     state["model"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save(state, tmp_path / "replaced.pth")
-    shutil.copy(ood.default_detector_path(checkpoint), ood.default_detector_path(tmp_path / "replaced.pth"))
-    with pytest.raises(train.utils.UserError, match="another model"):
+    shutil.copy(ood_detector.default_detector_path(checkpoint),
+                ood_detector.default_detector_path(tmp_path / "replaced.pth"))
+    with pytest.raises(UserError, match="another model"):
         evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
             "--resume", str(tmp_path / "replaced.pth"), "--ood", "--test-dataset-dir", str(phantoms / "test"),
             "--test-image-list", str(phantoms / "test_split.txt"), "--device", "cpu"]))

@@ -5,16 +5,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
+from PIL import Image
 
-import contact_sheet
-import ood
 import retrieve
 import train
-import utils
-from metrics import rank_topk
+from cxr import contact_sheet, gallery_index, ood_detector, search
+from cxr.checkpoints import load_trained_model
+from cxr.errors import UserError
+from cxr.retrieval_metrics import rank_topk
 from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -35,11 +35,11 @@ def test_search_is_exact_with_index_ties():
     generator = torch.Generator().manual_seed(0)
     gallery = torch.randint(-2, 3, (300, 4), generator=generator).float()  # many exact ties
     queries = torch.randint(-2, 3, (20, 4), generator=generator).float()
-    scores, indices = retrieve.search(queries, gallery, k=7, chunk_size=64)
+    scores, indices = search.search(queries, gallery, k=7, chunk_size=64)
     ref_scores, ref_indices = rank_topk(queries, gallery, 7)
     torch.testing.assert_close(scores, ref_scores)
     assert torch.equal(indices, ref_indices)  # the same tie rule as test.py's metrics
-    half_scores, _ = retrieve.search(queries, gallery.half(), k=7, chunk_size=50)
+    half_scores, _ = search.search(queries, gallery.half(), k=7, chunk_size=50)
     torch.testing.assert_close(half_scores, ref_scores)  # small integers are exact in float16
 
 
@@ -75,7 +75,7 @@ def test_search_equals_a_full_stable_sort(kind, dtype, chunk_size):
     if kind == "quantised":
         queries = queries.round()  # -1, 0 or 1: fewer distinct scores, more ties
     for k in (1, 10, 12, 65, n, n + 5):  # past a chunk's candidates, the whole gallery
-        scores, indices = retrieve.search(queries, gallery, k, chunk_size=chunk_size)
+        scores, indices = search.search(queries, gallery, k, chunk_size=chunk_size)
         ref_scores, ref_indices = reference_search(queries, gallery, min(k, n), chunk_size)
         assert scores.dtype == torch.float32 and indices.dtype == torch.int64
         assert torch.equal(indices, ref_indices), f"k={k}"
@@ -88,14 +88,14 @@ def test_search_equals_a_full_stable_sort(kind, dtype, chunk_size):
 def test_search_ties_everywhere_and_nan_rank_as_a_stable_sort():
     gallery = torch.ones(500, 4, dtype=torch.float16)  # every score equal: the k lowest indices
     queries = torch.ones(3, 4)
-    scores, indices = retrieve.search(queries, gallery, 10, chunk_size=128)
+    scores, indices = search.search(queries, gallery, 10, chunk_size=128)
     assert torch.equal(indices, torch.arange(10).expand(3, 10)) and torch.equal(scores, torch.full((3, 10), 4.0))
     gallery = torch.randn(400, 4, generator=torch.Generator().manual_seed(1))
     gallery[[3, 150, 151, 390]] = float("nan")  # NaN sorts first in torch.sort, in index order
     gallery[200:260] = gallery[20]  # and a run of equal scores
     for chunk_size in (50, 128):
         for k in (2, 4, 6, 30):
-            scores, indices = retrieve.search(queries, gallery, k, chunk_size=chunk_size)
+            scores, indices = search.search(queries, gallery, k, chunk_size=chunk_size)
             ref_scores, ref_indices = reference_search(queries, gallery, k, chunk_size)
             assert torch.equal(indices, ref_indices)
             torch.testing.assert_close(scores, ref_scores, equal_nan=True, rtol=0, atol=0)
@@ -104,26 +104,26 @@ def test_search_ties_everywhere_and_nan_rank_as_a_stable_sort():
 def test_search_edge_cases():
     gallery = torch.randn(50, 4, generator=torch.Generator().manual_seed(2))
     queries = gallery[:5]
-    scores, indices = retrieve.search(queries, gallery, 0)
+    scores, indices = search.search(queries, gallery, 0)
     assert scores.shape == indices.shape == (5, 0)
-    scores, indices = retrieve.search(queries, gallery[:0], 3)
+    scores, indices = search.search(queries, gallery[:0], 3)
     assert scores.shape == indices.shape == (5, 0)
     with pytest.raises(ValueError):
-        retrieve.search(queries, gallery, -1)
+        search.search(queries, gallery, -1)
     with pytest.raises(ValueError):
-        retrieve.search(queries, gallery, 3, chunk_size=0)
+        search.search(queries, gallery, 3, chunk_size=0)
     # the numbers are the same as the reference's whatever the (gallery) dtype, e.g. float64
-    scores, indices = retrieve.search(queries, gallery.double(), 3, chunk_size=16)
+    scores, indices = search.search(queries, gallery.double(), 3, chunk_size=16)
     ref_scores, ref_indices = reference_search(queries, gallery, 3, 16)
     assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
-    scores, indices = retrieve.search(queries.clone().requires_grad_(), gallery, 3, chunk_size=16)
+    scores, indices = search.search(queries.clone().requires_grad_(), gallery, 3, chunk_size=16)
     assert torch.equal(indices, ref_indices) and not scores.requires_grad
 
 
 def test_index_query_and_test_py_agree(trained, phantoms, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "gallery.index"
     retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "7"))
-    manifest, embeddings, labels, paths = retrieve.load_index(out)
+    manifest, embeddings, labels, paths = gallery_index.load_index(out)
     assert len(paths) == 30 and embeddings.shape == (30, 16) and len(manifest["chunks"]) == 5
     test_list = [line.split() for line in (phantoms / "test_split.txt").read_text().splitlines()]
     images = [str(phantoms / "test" / fields[1]) for fields in test_list]
@@ -151,7 +151,7 @@ def test_index_query_and_test_py_agree(trained, phantoms, tmp_path, capsys):  # 
 
 def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phantoms, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "idx"
-    real_write = retrieve._write_npz
+    real_write = gallery_index.write_npz
     calls = {"n": 0}
 
     def dies_on_third_chunk(path, **arrays):
@@ -160,15 +160,15 @@ def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phan
             raise KeyboardInterrupt  # a kill during the third chunk
         real_write(path, **arrays)
 
-    monkeypatch.setattr(retrieve, "_write_npz", dies_on_third_chunk)
+    monkeypatch.setattr(gallery_index, "write_npz", dies_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "8"))
-    assert len(retrieve.read_manifest(out)["chunks"]) == 2  # the two finished chunks survive
-    monkeypatch.setattr(retrieve, "_write_npz", real_write)
+    assert len(gallery_index.read_manifest(out)["chunks"]) == 2  # the two finished chunks survive
+    monkeypatch.setattr(gallery_index, "write_npz", real_write)
     retrieve.main(index_argv(trained, phantoms, out, "--chunk-size", "8"))
-    _, resumed, _, paths = retrieve.load_index(out)
+    _, resumed, _, paths = gallery_index.load_index(out)
     retrieve.main(index_argv(trained, phantoms, tmp_path / "straight", "--chunk-size", "8"))
-    _, straight, _, straight_paths = retrieve.load_index(tmp_path / "straight")
+    _, straight, _, straight_paths = gallery_index.load_index(tmp_path / "straight")
     assert paths == straight_paths and len(paths) == 30  # no image twice, none missing
     np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
 
@@ -179,7 +179,7 @@ def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phan
         retrieve.main(append)
     retrieve.main([*append, "--append"])
     retrieve.main([*append, "--append"])
-    paths = retrieve.load_index(out)[3]
+    paths = gallery_index.load_index(out)[3]
     assert len(paths) == 55 and all(Path(p).is_file() for p in paths)  # each from its own folder
     assert sum("/test/" in p for p in paths) == 25
     with pytest.raises(SystemExit, match="stores float32"):
@@ -189,7 +189,7 @@ def test_interrupted_index_resumes_and_append_adds_only_new_images(trained, phan
 def test_fingerprint_truncation_and_format_errors(trained, phantoms, tmp_path):  # noqa: F811
     out = tmp_path / "idx"
     retrieve.main(index_argv(trained, phantoms, out, "--dtype", "float16"))
-    assert retrieve.load_index(out)[1].dtype == np.float16
+    assert gallery_index.load_index(out)[1].dtype == np.float16
     other = tmp_path / "other.pth"
     state = torch.load(trained, weights_only=True)
     state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
@@ -200,7 +200,7 @@ def test_fingerprint_truncation_and_format_errors(trained, phantoms, tmp_path): 
     with pytest.raises(SystemExit, match="another model"):
         retrieve.main(index_argv(other, phantoms, out, "--append"))
 
-    chunk = out / retrieve.read_manifest(out)["chunks"][0]["file"]
+    chunk = out / gallery_index.read_manifest(out)["chunks"][0]["file"]
     chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
     with pytest.raises(SystemExit, match="truncated or unreadable"):
         retrieve.main(["query", "--index", str(out), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
@@ -210,7 +210,8 @@ def test_fingerprint_truncation_and_format_errors(trained, phantoms, tmp_path): 
     with pytest.raises(SystemExit, match="is not a version 1"):
         retrieve.main(["query", "--index", str(out), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
     with pytest.raises(SystemExit, match="not a retrieval index"):
-        retrieve.main(["query", "--index", str(tmp_path), "--resume", str(trained), image, "--out", str(tmp_path / "q")])
+        retrieve.main(["query", "--index", str(tmp_path), "--resume", str(trained), image,
+                       "--out", str(tmp_path / "q")])
 
 
 def test_unreadable_query_images_need_the_flag(trained, phantoms, tmp_path):  # noqa: F811
@@ -237,9 +238,9 @@ def test_index_built_with_relative_paths_answers_from_another_folder(trained, ph
     retrieve.main(argv)
     dotted = [a.replace(str(relative / "train"), f"./{relative}/train") for a in argv]
     retrieve.main(dotted)  # the same folder spelt another way: nothing to embed, no error
-    assert len(retrieve.load_index(tmp_path / "idx")[3]) == 30
+    assert len(gallery_index.load_index(tmp_path / "idx")[3]) == 30
     monkeypatch.chdir(tmp_path)
-    paths = retrieve.load_index(tmp_path / "idx")[3]
+    paths = gallery_index.load_index(tmp_path / "idx")[3]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
 
 
@@ -262,15 +263,16 @@ def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa
     images = [str(phantoms / "test" / f"phantom_test_{i:05d}.png") for i in range(6)]
     query = ["query", "--index", str(out), "--resume", str(trained), *images, "--topk", "5", "--device", "cpu"]
     pytest.importorskip("faiss")  # an optional dependency; requirements_hybrid.txt installs it
-    monkeypatch.setattr(retrieve, "FAISS_ADD_CHUNK", 7)  # rows added in 5 float32 chunks, in order
+    monkeypatch.setattr(gallery_index, "FAISS_ADD_CHUNK", 7)  # rows added in 5 float32 chunks, in order
     retrieve.main(index_argv(trained, phantoms, out, "--faiss-ivf", "4", "--chunk-size", "8"))
-    assert retrieve.read_manifest(out)["faiss"]["count"] == 30
+    assert gallery_index.read_manifest(out)["faiss"]["count"] == 30
     exact = retrieve.main([*query, "--out", str(tmp_path / "e")])
     # visiting every cluster is an exhaustive search: the same neighbours as the exact scan
     approximate = retrieve.main([*query, "--search", "faiss", "--nprobe", "4", "--out", str(tmp_path / "f")])
     for e, f in zip(exact, approximate):
         assert [n["path"] for n in e["neighbours"]] == [n["path"] for n in f["neighbours"]]
-        assert [n["similarity"] for n in e["neighbours"]] == pytest.approx([n["similarity"] for n in f["neighbours"]], abs=1e-5)
+        assert [n["similarity"] for n in e["neighbours"]] == pytest.approx(
+            [n["similarity"] for n in f["neighbours"]], abs=1e-5)
     # one cluster of four holds fewer than 30 images: faiss pads with -1, which must not become
     # the last gallery image
     few = retrieve.main([*query[:-4], "--topk", "30", "--device", "cpu", "--search", "faiss", "--nprobe", "1",
@@ -281,14 +283,15 @@ def test_optional_faiss_index(trained, phantoms, tmp_path, monkeypatch):  # noqa
         assert sum(record["votes"].values()) == len(paths)
     # appending without rebuilding drops the stale faiss index, and --search faiss says so
     append = ["index", "--resume", str(trained), "--image-list", str(phantoms / "test_split.txt"),
-              "--dataset-dir", str(phantoms / "test"), "--out", str(out), "--workers", "0", "--device", "cpu", "--append"]
+              "--dataset-dir", str(phantoms / "test"), "--out", str(out), "--workers", "0", "--device", "cpu",
+              "--append"]
     retrieve.main(append)
-    with pytest.raises(train.utils.UserError, match="no up-to-date faiss index"):
+    with pytest.raises(UserError, match="no up-to-date faiss index"):
         retrieve.main([*query, "--search", "faiss", "--out", str(tmp_path / "g")])
-    with pytest.raises(train.utils.UserError, match="more clusters"):
+    with pytest.raises(UserError, match="more clusters"):
         retrieve.main(index_argv(trained, phantoms, tmp_path / "small", "--faiss-ivf", "100"))
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if not installed
-    with pytest.raises(train.utils.UserError, match="pip install faiss-cpu"):
+    with pytest.raises(UserError, match="pip install faiss-cpu"):
         retrieve.main([*query, "--search", "faiss", "--out", str(tmp_path / "h")])
 
 
@@ -298,9 +301,9 @@ def save_detector(checkpoint, fingerprint, threshold):
     are >= 0, the energy >= -(1 + log 5 / 16)), 1e9 none. Fitted on random 16-d unit vectors:
     only the count of flags is tested, not the detector's quality (ood.py's tests do that)."""
     x = torch.nn.functional.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    detector = ood.OODDetector(k=3, fingerprint=fingerprint).fit(x, np.arange(40) % 5, list("abcde"))
-    detector.thresholds, detector.tpr = {name: threshold for name in ood.SCORES}, 0.95
-    detector.save(ood.default_detector_path(checkpoint))
+    detector = ood_detector.OODDetector(k=3, fingerprint=fingerprint).fit(x, np.arange(40) % 5, list("abcde"))
+    detector.thresholds, detector.tpr = {name: threshold for name in ood_detector.SCORES}, 0.95
+    detector.save(ood_detector.default_detector_path(checkpoint))
 
 
 def test_query_uses_the_detector_beside_the_checkpoint_by_default(trained, phantoms, tmp_path, capsys):  # noqa: F811
@@ -308,7 +311,7 @@ def test_query_uses_the_detector_beside_the_checkpoint_by_default(trained, phant
     retrieve.main(index_argv(trained, phantoms, index))
     checkpoint = tmp_path / trained.name  # a folder of its own: the shared checkpoint keeps no detector
     shutil.copy(trained, checkpoint)
-    fingerprint = utils.load_trained_model(checkpoint, "cpu")[2]
+    fingerprint = load_trained_model(checkpoint, "cpu")[2]
     images = [str(phantoms / "test" / f"phantom_test_{i:05d}.png") for i in range(3)]
     common = ["query", "--index", str(index), "--resume", str(checkpoint), *images, "--topk", "3", "--device", "cpu"]
 
@@ -324,7 +327,7 @@ def test_query_uses_the_detector_beside_the_checkpoint_by_default(trained, phant
     save_detector(checkpoint, fingerprint, -10.0)
     guarded, on_disk, printed = query("guarded")
     assert "3 of 3 queries out of distribution" in printed.out
-    assert on_disk["ood"] == {"detector": str(ood.default_detector_path(checkpoint)), "score": "mahalanobis",
+    assert on_disk["ood"] == {"detector": str(ood_detector.default_detector_path(checkpoint)), "score": "mahalanobis",
                               "flagged": 3, "queries": 3}
     assert all(r["ood"]["flagged"] for r in on_disk["queries"])
     assert [r["neighbours"] for r in guarded] == [r["neighbours"] for r in plain]  # a flag, not another search
@@ -338,10 +341,10 @@ def test_query_uses_the_detector_beside_the_checkpoint_by_default(trained, phant
     save_detector(checkpoint, "0" * 64, -10.0)  # fitted for another model: a warning, no flags
     stale, on_disk, printed = query("stale")
     assert "warning:" in printed.err and "another model" in printed.err and "ood" not in on_disk
-    with pytest.raises(utils.UserError, match="another model"):  # asked for: the error it was
+    with pytest.raises(UserError, match="another model"):  # asked for: the error it was
         query("stale_required", "--ood")
-    ood.default_detector_path(checkpoint).unlink()
-    with pytest.raises(utils.UserError, match="no OOD detector"):
+    ood_detector.default_detector_path(checkpoint).unlink()
+    with pytest.raises(UserError, match="no OOD detector"):
         query("missing_required", "--ood")
 
 
@@ -373,9 +376,9 @@ def test_query_image_list_carries_labels_and_marks_the_vote(trained, phantoms, t
     again = retrieve.main([*common, "--image-list", str(phantoms / "test_split.txt"), "--dataset-dir",
                            str(phantoms / "test"), "--out", str(tmp_path / "all")])
     assert len(again) == 25 and all("label" in r for r in again)
-    with pytest.raises(utils.UserError, match="--image-list"):  # a folder without its list
+    with pytest.raises(UserError, match="--image-list"):  # a folder without its list
         retrieve.main([*common, "--dataset-dir", str(films), "--out", str(tmp_path / "x")])
-    with pytest.raises(utils.UserError, match="no query images"):
+    with pytest.raises(UserError, match="no query images"):
         retrieve.main([*common, "--out", str(tmp_path / "x")])
 
 
@@ -413,11 +416,11 @@ def test_contact_sheet_frames_a_labelled_query_right_or_wrong(phantoms, tmp_path
 
 
 def test_index_with_cache_dir_embeds_as_without(trained, phantoms, tmp_path):  # noqa: F811
-    from image_cache import ImageCache
+    from cxr.image_cache import ImageCache
     retrieve.main(index_argv(trained, phantoms, tmp_path / "plain"))
     retrieve.main(index_argv(trained, phantoms, tmp_path / "cached", "--cache-dir", str(tmp_path / "cache")))
-    _, plain, _, _ = retrieve.load_index(tmp_path / "plain")
-    _, cached, _, _ = retrieve.load_index(tmp_path / "cached")
+    _, plain, _, _ = gallery_index.load_index(tmp_path / "plain")
+    _, cached, _, _ = gallery_index.load_index(tmp_path / "cached")
     assert ImageCache(tmp_path / "cache", img_size=32).summary()[0] == 30  # every gallery image once
     cosine = (torch.as_tensor(plain).float() * torch.as_tensor(cached).float()).sum(1)
     assert cosine.min() > 0.95  # the same images up to one extra resampling

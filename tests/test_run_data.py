@@ -1,8 +1,8 @@
 """run_data.py: a run's data sets, each list in its own format."""
 import torch
 
-import run_data
-import utils
+from cxr import run_data, train_args
+from cxr.runtime import Runtime
 from test_train import phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -12,18 +12,17 @@ def test_a_validation_list_in_another_format_than_the_training_list(phantoms, tm
     csv_list.write_text("filename,label,patient_id\n" + "".join(f"{r[1]},{r[2]},{r[0]}\n" for r in rows))
     args = tiny_args(phantoms, tmp_path / "run", "--val-image-list", str(csv_list), "--val-dataset", "csv",
                      "--allow-patient-overlap")
-    train_set, val_set, test_set = run_data.build_datasets(args, utils.Runtime(torch.device("cpu")))
+    train_set, val_set, test_set = run_data.build_datasets(args, Runtime(torch.device("cpu")))
     assert len(val_set) == 10 and str(val_set.source) == str(csv_list) and val_set.classes == train_set.classes
     assert [str(p.name) for p in val_set.paths] == [r[1] for r in rows]
 
 
 def test_a_list_given_for_a_folder_layout_is_an_error_not_ignored(phantoms, tmp_path):
     import pytest
-    import train
     with pytest.raises(SystemExit, match="folder-layout validation set is read from --val-dataset-dir"):
-        train.parse_args(["--dataset", "folder", "--setup", "small", "--val-image-list", "no_such.txt"])
+        train_args.parse_args(["--dataset", "folder", "--setup", "small", "--val-image-list", "no_such.txt"])
     with pytest.raises(SystemExit, match="no list files"):
-        train.parse_args(["--dataset", "folder", "--setup", "small", "--train-image-list", "x.txt"])
+        train_args.parse_args(["--dataset", "folder", "--setup", "small", "--train-image-list", "x.txt"])
 
 
 def test_separate_validation_follows_the_recorded_run():

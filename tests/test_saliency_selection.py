@@ -5,7 +5,7 @@ import pytest
 
 import saliency_selection
 import train
-import utils
+from cxr.errors import UserError
 from test_train import ckpt, phantoms, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -45,10 +45,10 @@ def test_selection_runs_candidates_on_val_and_only_the_winner_on_test(phantoms, 
 
 
 def test_selection_errors(tmp_path):
-    with pytest.raises(utils.UserError, match="--mask-dir"):
+    with pytest.raises(UserError, match="--mask-dir"):
         saliency_selection.main(saliency_selection.get_args_parser().parse_args([
             "--resume", str(tmp_path / "x.pth"), "--mask-dir", str(tmp_path / "none"), "--out", str(tmp_path)]))
     (tmp_path / "masks").mkdir()
-    with pytest.raises(utils.UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="no such checkpoint"):
         saliency_selection.main(saliency_selection.get_args_parser().parse_args([
             "--resume", str(tmp_path / "x.pth"), "--mask-dir", str(tmp_path / "masks"), "--out", str(tmp_path)]))

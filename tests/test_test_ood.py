@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-import ood
-import utils
+from cxr import ood_detector
+from cxr.checkpoints import load_trained_model
+from cxr.errors import UserError
 from test_retrieve import save_detector, trained  # noqa: F401  (the trained fixture)
 from test_train import phantoms  # noqa: F401  (the phantoms fixture)
 
@@ -33,16 +34,16 @@ def test_detector_beside_the_checkpoint_is_used_by_default(trained, phantoms, tm
     assert "no OOD detector found" in printed and f"ood.py --resume {checkpoint}" in printed
     assert "ood" not in report and not any("ood" in q for q in neighbours_of(tmp_path / "none.json"))
 
-    save_detector(checkpoint, utils.load_trained_model(checkpoint, "cpu")[2], -10.0)  # flags every query
+    save_detector(checkpoint, load_trained_model(checkpoint, "cpu")[2], -10.0)  # flags every query
     report = run_test_py(checkpoint, phantoms, tmp_path / "guarded.json")
-    assert report["ood"]["detector"] == str(ood.default_detector_path(checkpoint))
-    assert report["ood"]["flagged_count"] == {name: 25 for name in ood.SCORES}
+    assert report["ood"]["detector"] == str(ood_detector.default_detector_path(checkpoint))
+    assert report["ood"]["flagged_count"] == {name: 25 for name in ood_detector.SCORES}
     printed = capsys.readouterr().out
     assert "mahalanobis 25 of 25 (100.0%)" in printed
     # the counts are at the saved thresholds, not at a TPR measured on these queries
     assert "at the deployed thresholds of" in printed and "(set to accept 95% of its calibration images)" in printed
     neighbours = neighbours_of(tmp_path / "guarded.json")
-    assert len(neighbours) == 25 and all(q["ood"]["flagged"] == {name: True for name in ood.SCORES}
+    assert len(neighbours) == 25 and all(q["ood"]["flagged"] == {name: True for name in ood_detector.SCORES}
                                          for q in neighbours)
     assert [q["ood"]["knn"] for q in neighbours] == [q["knn"] for q in report["ood"]["queries"]]
 
@@ -54,5 +55,5 @@ def test_detector_beside_the_checkpoint_is_used_by_default(trained, phantoms, tm
     report = run_test_py(checkpoint, phantoms, tmp_path / "stale.json")
     printed = capsys.readouterr().out
     assert "warning:" in printed and "another model" in printed and "ood" not in report
-    with pytest.raises(utils.UserError, match="another model"):  # asked for: the error it was
+    with pytest.raises(UserError, match="another model"):  # asked for: the error it was
         run_test_py(checkpoint, phantoms, tmp_path / "required.json", "--ood")

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import demo_data
 import train
-from loss import TripletMarginLoss
 from conftest import ROOT
+from cxr import demo_dataset, engine, phantom, recipe, train_args
+from cxr.errors import UserError
+from cxr.runtime import Runtime, resolve_amp
+from loss import TripletMarginLoss
 
 TINY = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name",
         "vit_tiny_patch16_224", "--img-size", "32", "--embedding-dim", "16", "--no-pretrained",
@@ -24,12 +26,12 @@ TINY = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name"
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms") / "demo"
-    demo_data.write_demo_dataset(root, train_per_class=6, test_per_class=5, size=64, seed=0)
+    demo_dataset.write_demo_dataset(root, train_per_class=6, test_per_class=5, size=64, seed=0)
     return root
 
 
 def tiny_args(phantoms, save_dir, *extra):
-    return train.parse_args([*TINY, "--dataset-dir", str(phantoms),
+    return train_args.parse_args([*TINY, "--dataset-dir", str(phantoms),
                              "--train-image-list", str(phantoms / "train_split.txt"),
                              "--test-image-list", str(phantoms / "test_split.txt"),
                              "--save-dir", str(save_dir), *extra])
@@ -55,7 +57,7 @@ def test_train_writes_full_checkpoints_metrics_and_report(phantoms, tmp_path):
     for key in ("model", "model_config", "classes", "epoch", "optimizer", "scheduler", "scaler",
                 "rng_states", "args", "best_metric", "format_version", "criterion", "best_epoch"):
         assert key in state
-    assert state["classes"] == sorted(demo_data.CLASSES) and state["epoch"] == 2
+    assert state["classes"] == sorted(phantom.CLASSES) and state["epoch"] == 2
     assert ckpt(tmp_path, "best").exists() and json.loads((tmp_path / "args.json").read_text())["epochs"] == 2
 
     import test as evaluate_cli
@@ -114,7 +116,7 @@ def test_resume_reproduces_the_uninterrupted_run(phantoms, tmp_path):
 
 
 def test_resume_errors(phantoms, tmp_path):
-    with pytest.raises(train.utils.UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="no such checkpoint"):
         train.main(tiny_args(phantoms, tmp_path, "--resume", str(tmp_path / "missing.pth")))
     train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
     with pytest.raises(SystemExit, match="trained with"):
@@ -158,23 +160,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantoms, tmp_
 
 
 def test_batch_geometry_rules():
-    args = train.parse_args(["--batch-size", "16", "-p", "4"])
+    args = train_args.parse_args(["--batch-size", "16", "-p", "4"])
     assert (args.labels_per_batch, args.samples_per_label, args.batch_size) == (4, 4, 16)
-    args = train.parse_args(["--batch-size", "48"])  # the paper's P = 3 for COVIDx
+    args = train_args.parse_args(["--batch-size", "48"])  # the paper's P = 3 for COVIDx
     assert (args.labels_per_batch, args.samples_per_label) == (3, 16)
     with pytest.raises(SystemExit, match="contradicts"):
-        train.parse_args(["--batch-size", "16", "-p", "3", "-k", "4"])
-    args = train.parse_args(["--batch-size", "16"])  # the seed's command: K = 16 // 3
+        train_args.parse_args(["--batch-size", "16", "-p", "3", "-k", "4"])
+    args = train_args.parse_args(["--batch-size", "16"])  # the seed's command: K = 16 // 3
     assert (args.labels_per_batch, args.samples_per_label, args.batch_size) == (3, 5, 15)
     with pytest.raises(SystemExit, match="smaller than"):
-        train.parse_args(["--batch-size", "2", "-p", "3"])
-    demo = train.parse_args(["--dataset", "demo"])
+        train_args.parse_args(["--batch-size", "2", "-p", "3"])
+    demo = train_args.parse_args(["--dataset", "demo"])
     assert demo.convnext_name == "convnextv2_atto" and demo.pretrained is False
-    pretrained = train.parse_args(["--dataset", "demo", "--pretrained"])
+    pretrained = train_args.parse_args(["--dataset", "demo", "--pretrained"])
     assert pretrained.pretrained is True and pretrained.vit_stem == "patch"  # conv stem: from scratch only
     assert demo.vit_stem == "conv" and demo.fusion == "norm" and demo.branch_loss_weight == 0.5
     with pytest.raises(SystemExit, match="--vit-stem conv has no pre-trained weights"):
-        train.parse_args(["--dataset", "demo", "--pretrained", "--vit-stem", "conv"])
+        train_args.parse_args(["--dataset", "demo", "--pretrained", "--vit-stem", "conv"])
 
 
 SEED_TRAIN = [
@@ -196,9 +198,9 @@ SEED_TEST = [
 def test_seed_readme_train_commands_parse(command):
     if "--batch-size 8 --samples-per-label 8" in command:  # P defaults to 3: 3 x 8 != 8
         with pytest.raises(SystemExit, match="contradicts"):
-            train.parse_args(command.split())
+            train_args.parse_args(command.split())
         return
-    args = train.parse_args(command.split())
+    args = train_args.parse_args(command.split())
     assert args.model in ("hybrid_convnext_vit", "convnextv2") and args.embedding_dim == 1024
 
 
@@ -284,7 +286,7 @@ def test_best_checkpoint_follows_validation_not_test(phantoms, tmp_path, monkeyp
         calls[split] += 1
         return {f"{split}_R@1": value, f"{split}_mAP": value, f"{split}_mP@1": value}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
     train.main(tiny_args(phantoms, tmp_path, "--epochs", "3"))
     assert torch.load(ckpt(tmp_path, "best"), weights_only=True)["epoch"] == 2
     assert [r["best_epoch"] for r in read_metrics(tmp_path)[1:]] == [1, 2, 2]
@@ -337,38 +339,38 @@ def test_partial_accumulation_group_is_averaged_over_its_own_size(monkeypatch):
     class Objective(torch.nn.Module):
         pass
 
-    monkeypatch.setattr(train, "train_step", fake_step)
-    args = train.parse_args(["--dataset", "demo", "--grad-accum", "2", "--device", "cpu"])
+    monkeypatch.setattr(engine, "train_step", fake_step)
+    args = train_args.parse_args(["--dataset", "demo", "--grad-accum", "2", "--device", "cpu"])
     loader = [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 5
-    train.train_one_epoch(Objective(), None, None, None, loader, 1, args, train.utils.Runtime(torch.device("cpu")))
+    engine.train_one_epoch(Objective(), None, None, None, loader, 1, args, Runtime(torch.device("cpu")))
     assert seen == [(2, False), (2, True), (2, False), (2, True), (1, True)]
 
 
 def test_collapse_warning():
-    args = train.parse_args(["--dataset", "demo"])
+    args = train_args.parse_args(["--dataset", "demo"])
     healthy = {"epoch": 3, "active_triplets": 0.4, "train_triplet": 0.1, "embedding_spread": 1.1}
-    assert train.collapse_warning(healthy, args) is None
+    assert recipe.collapse_warning(healthy, args) is None
     pinned = {**healthy, "active_triplets": 1.0, "train_triplet": 0.2}
-    assert "collapsed at epoch 3" in train.collapse_warning(pinned, args)
-    soft = train.parse_args(["--dataset", "demo", "--soft-margin"])
-    assert train.collapse_warning(healthy, soft) is None
+    assert "collapsed at epoch 3" in recipe.collapse_warning(pinned, args)
+    soft = train_args.parse_args(["--dataset", "demo", "--soft-margin"])
+    assert recipe.collapse_warning(healthy, soft) is None
     # a collapsed soft-margin batch costs log 2 with no triplet counted as violated
-    assert "collapsed" in train.collapse_warning({**healthy, "active_triplets": 0.0,
+    assert "collapsed" in recipe.collapse_warning({**healthy, "active_triplets": 0.0,
                                                   "train_triplet": 0.6931}, soft)
     shrunk = {**healthy, "embedding_spread": 0.01}
-    assert "--recipe strong" in train.collapse_warning(shrunk, args)
+    assert "--recipe strong" in recipe.collapse_warning(shrunk, args)
 
 
 def test_recipes_and_help_show_both_setups(capsys):
-    seed = train.parse_args(["--recipe", "seed"])
+    seed = train_args.parse_args(["--recipe", "seed"])
     assert (seed.optimizer, seed.lr, seed.schedule, seed.mining, seed.neck, seed.id_loss_weight,
             seed.weight_decay, seed.backbone_lr_mult) == ("adam", 1e-4, "constant", "batch_hard", "none",
                                                          0.0, 0.0, 1.0)
-    strong = train.parse_args(["--dataset", "demo"])
+    strong = train_args.parse_args(["--dataset", "demo"])
     assert (strong.neck, strong.mining, strong.optimizer) == ("bn", "batch_all", "adamw")
-    assert train.parse_args(["--recipe", "seed", "--lr", "3e-4"]).lr == 3e-4  # flags win
+    assert train_args.parse_args(["--recipe", "seed", "--lr", "3e-4"]).lr == 3e-4  # flags win
     with pytest.raises(SystemExit):
-        train.get_args_parser().parse_args(["--help"])
+        train_args.get_args_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "paper: 384; --dataset demo: 64" in text and "--recipe seed: batch_hard" in text
     assert "[default: 0.1]" in text  # --val-fraction
@@ -378,10 +380,10 @@ def test_amp_auto_by_compute_capability(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, expected in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert train.utils.resolve_amp("auto", "cuda") == expected
-        assert train.utils.resolve_amp("auto", "cuda:0") == expected
-    assert train.utils.resolve_amp("auto", "cpu") == "none"
-    assert train.utils.resolve_amp("fp16", "cpu") == "fp16"
+        assert resolve_amp("auto", "cuda") == expected
+        assert resolve_amp("auto", "cuda:0") == expected
+    assert resolve_amp("auto", "cpu") == "none"
+    assert resolve_amp("fp16", "cpu") == "fp16"
 
 
 def test_user_mistakes_end_in_one_error_line(tmp_path):
@@ -405,15 +407,15 @@ def test_user_mistakes_end_in_one_error_line(tmp_path):
 def test_split_of_one_patient_per_class_is_scored_with_a_warning(monkeypatch, capsys):
     embeddings = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    monkeypatch.setattr(train.utils, "extract_embeddings", lambda *a, **k: (embeddings, labels))
+    monkeypatch.setattr(engine, "extract_embeddings", lambda *a, **k: (embeddings, labels))
     loader = type("Loader", (), {"dataset": type("Data", (), {"patients": list("aaabbb")})()})()
-    args = train.parse_args(["--dataset", "demo"])
-    result = train.evaluate(None, loader, args, train.utils.Runtime(torch.device("cpu")), "val")
+    args = train_args.parse_args(["--dataset", "demo"])
+    result = engine.evaluate(None, loader, args, Runtime(torch.device("cpu")), "val")
     assert 0 <= result["val_mAP"] <= 100  # no crash: every relevant image is the query's patient's
     assert "scored with same-patient images" in capsys.readouterr().out
-    monkeypatch.setattr(train.utils, "extract_embeddings", lambda *a, **k: (embeddings, labels))
+    monkeypatch.setattr(engine, "extract_embeddings", lambda *a, **k: (embeddings, labels))
     loader.dataset.patients = list("abcdef")
-    assert train.evaluate(None, loader, args, train.utils.Runtime(torch.device("cpu")), "val")["val_mAP"] > 0
+    assert engine.evaluate(None, loader, args, Runtime(torch.device("cpu")), "val")["val_mAP"] > 0
 
 
 def test_hybrid_logs_branch_losses_and_shares_and_test_reports_them(phantoms, tmp_path):
@@ -450,8 +452,10 @@ def test_checkpoint_saved_before_the_fusion_options_evaluates_unchanged(phantoms
     reports = [evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
         "--resume", str(path), "--test-dataset-dir", str(phantoms / "test"), "--test-image-list",
         str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
-        "--report", str(tmp_path / f"{path.stem}.json")])) for path in (ckpt(tmp_path, "epoch_1"), tmp_path / "old.pth")]
-    assert reports[0]["map"] == reports[1]["map"] and reports[0]["branch_attribution"] == reports[1]["branch_attribution"]
+        "--report", str(tmp_path / f"{path.stem}.json")]))
+        for path in (ckpt(tmp_path, "epoch_1"), tmp_path / "old.pth")]
+    assert reports[0]["map"] == reports[1]["map"]
+    assert reports[0]["branch_attribution"] == reports[1]["branch_attribution"]
     # resuming it under today's defaults (another fusion) names the flags that give its model
     with pytest.raises(SystemExit, match="--fusion seed"):
         train.main(tiny_args(phantoms, tmp_path / "b", "--epochs", "2", "--resume", str(tmp_path / "old.pth")))
@@ -459,9 +463,9 @@ def test_checkpoint_saved_before_the_fusion_options_evaluates_unchanged(phantoms
 
 def test_position_embeddings_and_tokens_get_no_weight_decay(phantoms, tmp_path):
     args = tiny_args(phantoms, tmp_path, "--model", "vit")
-    model = train.build_model(**train.model_config(args), pretrained=False)
-    objective = train.ModelWithLoss(model, train.build_criterion(args, 5), torch.device("cpu"), "none")
-    optimizer = train.build_optimizer(objective, args, torch.device("cpu"))
+    model = train.build_model(**train_args.model_config(args), pretrained=False)
+    objective = recipe.ModelWithLoss(model, recipe.build_criterion(args, 5), torch.device("cpu"), "none")
+    optimizer = recipe.build_optimizer(objective, args, torch.device("cpu"))
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(objective.named_parameters())
     assert decay_of[id(named["model.branch.backbone.pos_embed"])] == 0.0
@@ -474,11 +478,11 @@ def test_run_saved_before_the_token_decay_exemption_resumes(phantoms, tmp_path):
     train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
     state = torch.load(ckpt(tmp_path / "a", "epoch_1"), weights_only=True)
     args = tiny_args(phantoms, tmp_path / "x")
-    model = train.build_model(**train.model_config(args), pretrained=False)
-    criterion = train.build_criterion(args, 5)
-    branch = torch.nn.ModuleDict({b: train.build_criterion(args, 5) for b in model.BRANCHES})
-    objective = train.ModelWithLoss(model, criterion, torch.device("cpu"), "none", branch, 0.5)
-    old_optimizer = train.build_optimizer(objective, args, torch.device("cpu"), grouping=1)
+    model = train.build_model(**train_args.model_config(args), pretrained=False)
+    criterion = recipe.build_criterion(args, 5)
+    branch = torch.nn.ModuleDict({b: recipe.build_criterion(args, 5) for b in model.BRANCHES})
+    objective = recipe.ModelWithLoss(model, criterion, torch.device("cpu"), "none", branch, 0.5)
+    old_optimizer = recipe.build_optimizer(objective, args, torch.device("cpu"), grouping=1)
     assert len(old_optimizer.param_groups[0]["params"]) != len(state["optimizer"]["param_groups"][0]["params"])
     state["optimizer"] = old_optimizer.state_dict()
     del state["param_grouping"]

@@ -30,18 +30,13 @@ API
 demo_dataset.py writes them to disk as a data set; regions.cardiothoracic_ratio measures the CTR.
 """
 from __future__ import annotations
-import argparse
+
 import functools
-import json
 import math
-import multiprocessing
-import os
-import shutil
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
 from cxr.regions import cardiothoracic_ratio
 
 CLASSES = ("normal", "pneumonia", "COVID-19", "effusion", "cardiomegaly")
