@@ -54,6 +54,9 @@ def get_args_parser(add_help=True):
                         help="the paper's model (ConvNeXtV2-Base + ViT-B/16, 384 px, P x K = 3 x 16) "
                         "instead of the demo one")
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="train suite: also profile one step of the optimised variant (torch.profiler: "
+                        "the operators, or on a GPU the kernels, that take the time)")
     parser.add_argument("--no-write", action="store_true", help="print the tables, do not append them")
     parser.add_argument("--output", default=str(Path(__file__).with_name("BENCHMARKS.md")),
                         help="markdown file the tables are appended to")
@@ -80,6 +83,9 @@ def get_args_parser(add_help=True):
                         "(default: train.py's)")
     parser.add_argument("--dataset-dir", help="images under DIR/train (default: generated phantoms)")
     parser.add_argument("--image-list", help="COVIDx list of DIR/train (default: DIR/train_split.txt)")
+    parser.add_argument("--data-seconds", type=float, default=300,
+                        help="the data suite's timing budget: the loader cases share it, each stopping "
+                        "early (with fewer batches) when its part is spent")
     parser.add_argument("--phantom-size", type=int,
                         help="side of the generated phantoms (default: train.py's demo size, "
                         "1024 with --full)")

@@ -28,9 +28,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
 from cxr.images import IMAGE_SUFFIXES, depth_of, inspect_image, load_image
+from cxr.progress import progress as progress_of
 
 LIST_FORMATS = ("covidx", "csv", "folder")
 
@@ -177,8 +177,8 @@ def _parallel(function, items, workers, desc, progress=True):
     the GIL, so threads use the cores."""
     workers = max(1, min(workers or os.cpu_count() or 1, 16))
     with ThreadPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(function, items), total=len(items), desc=desc, leave=False,
-                         disable=not progress or len(items) < 200))
+        return list(progress_of(pool.map(function, items), desc, total=len(items),
+                                enabled=progress and len(items) >= 200))
 
 
 def scan_bit_depth(paths, sample=256, workers=None):

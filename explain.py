@@ -50,6 +50,7 @@ from cxr import (
     faithfulness,
     image_cache,
     localisation,
+    progress,
     regions,
     run_data,
 )
@@ -62,6 +63,7 @@ from cxr.cli import (
     add_dataset_flag,
     add_debug_flag,
     add_device_flag,
+    add_progress_flag,
     add_resume_flag,
     add_workers_flag,
     run_cli,
@@ -250,6 +252,7 @@ def build_context(args):
 
 
 def main(args):
+    progress.set_mode(args.progress)
     if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
         raise UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
     if sum(map(bool, (args.image, args.image_list, args.split))) != 1:
@@ -439,6 +442,7 @@ def get_args_parser():
     add_workers_flag(parser, min(2, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     add_device_flag(parser)
+    add_progress_flag(parser)
     add_debug_flag(parser)
     return parser
 

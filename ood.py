@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from cxr import image_cache, run_data
+from cxr import image_cache, progress, run_data
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
 from cxr.cli import (
@@ -57,6 +57,7 @@ from cxr.cli import (
     add_dataset_flag,
     add_debug_flag,
     add_device_flag,
+    add_progress_flag,
     add_resume_flag,
     add_workers_flag,
     run_cli,
@@ -99,6 +100,7 @@ def get_args_parser(add_help=True):
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     add_device_flag(parser)
+    add_progress_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -121,6 +123,7 @@ def ood_sets(args):
 
 
 def main(args):
+    progress.set_mode(args.progress)
     refuse_distributed("ood.py")
     runtime = setup_runtime(args.device)
     model, checkpoint, fingerprint = load_trained_model(args.resume, runtime.device)

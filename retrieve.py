@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import contact_sheet, gallery_index, gradcam, image_cache, ood_detector, ood_guard, run_data
+from cxr import contact_sheet, gallery_index, gradcam, image_cache, ood_detector, ood_guard, progress, run_data
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
 from cxr.cli import (
@@ -51,6 +51,7 @@ from cxr.cli import (
     add_dataset_flag,
     add_debug_flag,
     add_device_flag,
+    add_progress_flag,
     add_resume_flag,
     add_workers_flag,
     run_cli,
@@ -314,6 +315,7 @@ def get_args_parser():
     add_workers_flag(index, min(4, os.cpu_count() or 1))
     image_cache.add_argument(index)
     add_device_flag(index)
+    add_progress_flag(index)
     ask = commands.add_parser("query", help="rank the index's images for each query image")
     ask.add_argument("images", nargs="*", help="query image files (unlabelled)")
     ask.add_argument("--image-list", help="a labelled list of query images (any --dataset format): "
@@ -340,11 +342,13 @@ def get_args_parser():
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood_detector.SCORES, help="score that flags")
     ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")
     add_device_flag(ask)
+    add_progress_flag(ask)
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    progress.set_mode(args.progress)
     try:
         return build_index(args) if args.command == "index" else query(args)
     except (gallery_index.IndexFileError, DatasetError) as error:

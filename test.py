@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import compare_embeddings, image_cache, ood_guard, report_inputs, report_stats, run_data, splits
+from cxr import compare_embeddings, image_cache, ood_guard, progress, report_inputs, report_stats, run_data, splits
 from cxr.atomic_files import write_json
 from cxr.checkpoints import (
     load_checkpoint,
@@ -51,7 +51,15 @@ from cxr.checkpoints import (
     state_dict_of,
     strip_wrapper_prefixes,
 )
-from cxr.cli import add_dataset_flag, add_debug_flag, add_device_flag, add_resume_flag, add_workers_flag, run_cli
+from cxr.cli import (
+    add_dataset_flag,
+    add_debug_flag,
+    add_device_flag,
+    add_progress_flag,
+    add_resume_flag,
+    add_workers_flag,
+    run_cli,
+)
 from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
 from cxr.errors import UserError
 from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
@@ -98,6 +106,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
     add_device_flag(parser)
+    add_progress_flag(parser)
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
     parser.add_argument("--save-dir", help="where the embeddings .npz goes (default: the checkpoint's folder)")
@@ -225,6 +234,7 @@ def print_report(report):
 
 
 def main(args):
+    progress.set_mode(args.progress)
     if args.compare:
         return compare_embeddings.compare(args, library_versions())
     if not args.resume:

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cxr import engine, faults, memory_check, splits
+from cxr import engine, faults, memory_check, progress, splits
 from cxr.atomic_files import write_json
 from cxr.checkpoints import (
     CHECKPOINT_FORMAT_VERSION,
@@ -65,6 +65,7 @@ from cxr.runtime import (
     setup_runtime,
 )
 from cxr.splits import digest
+from cxr.tensorboard_log import TensorBoardLog
 from cxr.train_args import LEGACY_CONFIG, model_config, parse_args
 from model import build_model, check_pretrained
 from sampler import PKSampler
@@ -75,6 +76,7 @@ MIN_PER_CLASS = 5
 
 
 def main(args):
+    progress.set_mode(args.progress)
     runtime = setup_runtime(args.device)
     try:
         with faults.stop_on_signals():
@@ -90,6 +92,9 @@ def run(args, runtime):
     """The whole run, phase by phase; the order matters (every random draw is seeded)."""
     print_args(args, runtime)
     save_dir, checkpoint, warm_start = prepare_save_dir(args, runtime)
+    board = None
+    if args.tensorboard is not None:  # before the data: a missing package stops the run at once
+        board = TensorBoardLog(Path(args.tensorboard) if args.tensorboard else save_dir / "tensorboard", runtime)
     seed_everything(args.seed + runtime.rank)
     data = load_data(args, runtime)
     config = model_config(args)
@@ -97,9 +102,17 @@ def run(args, runtime):
     parts = build_training(args, runtime, config, data, checkpoint, warm_start, save_dir)
     start_epoch, best_metric, best_epoch = restore(args, runtime, parts, data, checkpoint, warm_start, save_dir)
     if runtime.distributed:
+        # Gradients as views of the all-reduce buckets: no copy per bucket and step, and no stride
+        # mismatch for channels-last weights (PyTorch warns "grad strides do not match bucket view").
         parts.objective = DistributedDataParallel(
-            parts.objective, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
-    best_metric, best_epoch = fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epoch)
+            parts.objective, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    try:
+        best_metric, best_epoch = fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epoch,
+                                      board)
+    finally:
+        if board is not None:
+            board.close()
     log(runtime, f"done; best {data.select_split} mAP {best_metric:.2f} at epoch {best_epoch} "
                  f"({checkpoint_name(args, 'best')}); checkpoints in {save_dir}")
     metrics_log = save_dir / "metrics.jsonl"
@@ -340,26 +353,34 @@ def restore(args, runtime, parts, data, checkpoint, warm_start, save_dir):
 
 
 # ---------------------------------------------------------------- training
-def fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epoch):
+def fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epoch, board=None):
     """Train from start_epoch to --epochs, evaluating, logging and saving every epoch; the best
-    checkpoint is chosen on data.selection_key. Returns (best metric, best epoch)."""
+    checkpoint is chosen on data.selection_key. `board`: a TensorBoardLog, or None. Returns
+    (best metric, best epoch)."""
     metrics_log = save_dir / "metrics.jsonl"
+    selection = {}  # the selection split's embeddings, for the projector
 
     def evaluate_all():
         record = {}
         for split, loader in data.eval_loaders.items():
-            record.update(engine.evaluate(parts.model, loader, args, runtime, split))
+            keep = selection if board is not None and split == data.select_split else None
+            record.update(engine.evaluate(parts.model, loader, args, runtime, split, keep))
         return record
 
+    def logged(record):
+        log_record(runtime, metrics_log, record)
+        if board is not None:
+            board.epoch(record)
+
     if start_epoch == 1:  # epoch 0: the untrained model, the baseline the gain is measured from
-        log_record(runtime, metrics_log, {"epoch": 0, **evaluate_all(), "lr": 0.0})
+        logged({"epoch": 0, **evaluate_all(), "lr": 0.0})
     for epoch in range(start_epoch, args.epochs + 1):
         faults.check_stop(runtime)  # a stop signal during the last evaluation or save
         data.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         record = {"epoch": epoch, **engine.train_one_epoch(parts.objective, parts.optimizer, parts.scheduler,
                                                            parts.scaler, data.train_loader, epoch, args, runtime,
-                                                           parts.guard)}
+                                                           parts.guard, board.step if board else None)}
         record["lr"] = parts.optimizer.param_groups[0]["lr"] / parts.optimizer.param_groups[0]["lr_mult"]
         average_buffers(parts.model, runtime)  # one model on every rank, as evaluated and saved
         evaluated = epoch % args.eval_freq == 0 or epoch == args.epochs
@@ -385,8 +406,11 @@ def fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epo
             log(runtime, f"epoch {epoch} kept as best: {key} {record[key]:.2f}"
                          + (f" > {best_metric:.2f} (epoch {best_epoch})" if best_epoch else ""))
             best_metric, best_epoch = record[key], epoch
+            if board is not None and selection:
+                dataset = data.eval_loaders[data.select_split].dataset
+                board.projector(selection["embeddings"], selection["labels"], dataset, data.classes, epoch)
         record["best_epoch"] = best_epoch
-        log_record(runtime, metrics_log, record)
+        logged(record)
         save_epoch(args, parts, data, save_dir, epoch, record, states, best_metric, best_epoch, is_best)
     return best_metric, best_epoch
 

@@ -29,22 +29,31 @@ TARGET_CACHE_SPEEDUP = 5.0  # cached / uncached loader images/s per worker, 1024
 # The paper model's training step on one GPU, from this repository's train suite
 # (BENCHMARKS.md, python bench.py train --device cuda --full, NVIDIA H200, 2026-11-30).
 GPU_REFERENCE = {"gpu": "NVIDIA H200", "bf16": 150.5, "all": 135.2}
+# A loader batch that takes longer than this is a stall (the suite once gave no output for 400 s
+# on a GPU machine): it fails its row instead of holding up the suite.
+BATCH_TIMEOUT_S = 60
 
 
-def loader_rate(dataset, args, workers, batches, warmup, pin_memory):
-    """Images/s of PK batches through a DataLoader built as train.py builds it."""
+def loader_rate(dataset, args, workers, batches, warmup, pin_memory, seconds=None):
+    """(images/s, timed batches) of PK batches through a DataLoader built as train.py builds it.
+    The timing stops after `seconds` (at least one batch), and with workers a batch that takes
+    longer than BATCH_TIMEOUT_S raises instead of waiting for ever: a stall becomes a row."""
     sampler = PKSampler(dataset.targets.tolist(), args.labels_per_batch, args.samples_per_label,
                         batches_per_epoch=warmup + batches, seed=0)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                        timeout=BATCH_TIMEOUT_S if workers else 0)
     iterator = iter(loader)
     # Untimed: worker start-up, and with at least one batch per worker every worker is busy
     # when the clock starts, so batches already in flight do not inflate the rate much.
     for _ in range(warmup):
         next(iterator)
-    start, images = time.perf_counter(), 0
+    start, images, timed = time.perf_counter(), 0, 0
     for batch, _ in iterator:
         images += len(batch)
-    return images / (time.perf_counter() - start)
+        timed += 1
+        if seconds is not None and time.perf_counter() - start > seconds:
+            break
+    return images / (time.perf_counter() - start), timed
 
 
 def sixteen_bit_copy(root, out):
@@ -91,6 +100,8 @@ def run_data(args):
             sources = [(f"{count} phantoms, {size} px 8-bit PNG", root, root / "train_split.txt"),
                        (f"{count} phantoms, {size} px 16-bit PNG (12-bit data)", wide,
                         wide / "train_split.txt")]
+        # The loader cases share --data-seconds of timing: each gets an equal part of what is left.
+        started, cases = time.perf_counter(), len(sources) * 2 * len(workers)
         for name, folder, image_list in sources:
             for cached in (False, True):
                 dataset = ImageListDataset(folder / "train", image_list, "covidx", transform=transform)
@@ -98,8 +109,17 @@ def run_data(args):
                     dataset.use_cache(ImageCache(tmp / "cache", config.img_size))
                     fill(dataset)
                 for w in workers:
-                    rate = loader_rate(dataset, config, w, batches, max(args.warmup, w), device_type == "cuda")
-                    rows.append({"source": name, "cached": cached, "workers": w, "images_per_s": rate})
+                    row = {"source": name, "cached": cached, "workers": w}
+                    share = max(args.data_seconds - (time.perf_counter() - started), 0) / (cases - len(rows))
+                    try:
+                        row["images_per_s"], row["batches"] = loader_rate(
+                            dataset, config, w, batches, max(args.warmup, w), device_type == "cuda", share)
+                    except RuntimeError as error:  # a DataLoader timeout or a worker that died
+                        row["error"] = str(error).splitlines()[0][:160].replace("|", "/")
+                    rows.append(row)
+                    outcome = row.get("error") or f"{row['images_per_s']:.1f} img/s over {row['batches']} batches"
+                    print(f"[data {time.strftime('%H:%M:%S')}] {name}, {'cache' if cached else 'decode'}, "
+                          f"{w} workers: {outcome}", flush=True)
     # The step users get from train.py's default flags on this device.
     default = frozenset({"fused"} | ({"bf16"} if config.amp == "bf16" else set())
                         | ({"channels_last"} if config.channels_last else set()))
@@ -108,15 +128,19 @@ def run_data(args):
     step_rate = step.get("images_per_s")
     table = []
     for row in rows:
-        plain = next(r["images_per_s"] for r in rows if r["source"] == row["source"]
-                     and r["workers"] == row["workers"] and not r["cached"])
-        row["speedup"] = row["images_per_s"] / plain
+        if "error" in row:
+            table.append([row["source"], "cache" if row["cached"] else "decode", row["workers"], "error", "",
+                          "", "", "", "", row["error"]])
+            continue
+        plain = next((r.get("images_per_s") for r in rows if r["source"] == row["source"]
+                      and r["workers"] == row["workers"] and not r["cached"]), None)
+        row["speedup"] = row["images_per_s"] / plain if plain else None
         per_worker = row["images_per_s"] / max(row["workers"], 1)
         ratio = row["images_per_s"] / step_rate if step_rate else None
         target = verdict = ""
         if row["cached"] and "8-bit" in row["source"] and "1024 px" in row["source"]:
             target = f">= {TARGET_CACHE_SPEEDUP:g}x uncached"
-            verdict = bench_harness.status(row["speedup"] >= TARGET_CACHE_SPEEDUP)
+            verdict = bench_harness.status(row["speedup"] is not None and row["speedup"] >= TARGET_CACHE_SPEEDUP)
         table.append([row["source"], "cache" if row["cached"] else "decode", row["workers"],
                       f"{row['images_per_s']:.1f}", f"{per_worker:.1f}", bench_harness.times(row["speedup"]),
                       bench_harness.fmt(step_rate), bench_harness.times(ratio), target, verdict])
@@ -125,7 +149,8 @@ def run_data(args):
     reference = GPU_REFERENCE
     notes = [f"transform: train.py's (resize to {config.img_size} x {config.img_size}"
              f"{', flip' if config.hflip else ''}); P x K = {config.labels_per_batch} x "
-             f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers); "
+             f"{config.samples_per_label}; {batches} timed batches after max(warmup, workers), or fewer "
+             f"where the cases' {args.data_seconds:g} s of timing ran out; "
              f"cache: image_cache.py, {image_cache.SCALE} x img size square, filled by one untimed "
              "pass (the first epoch)",
              f"train step: {bench_train.config_note(config)}, train.py's default flags on {args.device} "

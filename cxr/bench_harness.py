@@ -66,8 +66,11 @@ Columns
   (`--full`) paper defaults.
 - **loss**: mean training loss of the timed steps. Every variant starts from the same weights and
   batch: the first steps agree to bf16 precision, later ones may drift as the updates differ.
-- **MFU** (CUDA): model FLOPs per image (FlopCounterMode over one forward + backward, not counting
-  checkpointing's recompute) x img/s / the GPU's bf16 peak, measured with a large matmul in the same run.
+- **MFU** (CUDA): model FLOPs per training image by the usual convention, 3 x the forward pass
+  (FlopCounterMode over one forward; no recompute for checkpointing; cxr/flops.py), x img/s / the
+  GPU's bf16 peak, measured with a large matmul in the same run. Sections written before
+  2026-12-03 counted the backward with FlopCounterMode too, which counts a depthwise
+  convolution's backward as if it were dense: their MFU is about twice what it was (each says so).
 - **min cos**: smallest per-image cosine similarity between that variant's embeddings and fp32's.
 - **metrics**: seed = the seed's evaluation (one N x N similarity matrix, a full stable argsort, a
   Python loop per query with Counter majority votes, scikit-learn scores); fast =
@@ -164,6 +167,7 @@ def command_line(args, suite):
         return shlex.join(argv)
     argv += ["--full"] if args.full else []
     argv += ["--compile"] if args.compile and suite != "data" else []
+    argv += ["--profile"] if getattr(args, "profile", False) and suite == "train" else []
     argv += ["--steps", str(steps_for(args, suite)), "--warmup", str(args.warmup)]
     for flag, value in (("--img-size", args.img_size), ("-p", args.labels_per_batch),
                         ("-k", args.samples_per_label), ("--batch-size", args.batch_size)):
@@ -173,6 +177,7 @@ def command_line(args, suite):
         argv += ["--dataset-dir", args.dataset_dir] if args.dataset_dir else []
         argv += ["--image-list", args.image_list] if args.image_list else []
         argv += ["--phantom-size", str(args.phantom_size)] if args.phantom_size else []
+        argv += ["--data-seconds", f"{args.data_seconds:g}"]
     return shlex.join(argv)
 
 

@@ -1,9 +1,10 @@
 """bench.py train and embed: training steps and embedding extraction of train.py's demo or
 paper configuration, plain against each optimisation and all of them, and the MFU on CUDA."""
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cxr import engine, recipe, train_args
 from cxr.bench_harness import (
@@ -20,6 +21,8 @@ from cxr.bench_harness import (
     times,
 )
 from cxr.embeddings import extract_embeddings
+from cxr.flops import training_flops_per_image
+from cxr.onnx_export import export_onnx, preprocessing
 from cxr.runtime import Runtime
 from model import build_model
 
@@ -146,7 +149,7 @@ def speedup(result, reference):
 # embed: embedding extraction
 # --------------------------------------------------------------------------------------------
 def embed_case(argv, variant, steps, warmup):
-    """Embed `steps` synthetic batches with utils.extract_embeddings, after `warmup` untimed ones."""
+    """Embed `steps` synthetic batches with embeddings.extract_embeddings, after `warmup` untimed ones."""
     args = train_args.parse_args(argv + variant_argv(variant))
     device = torch.device(args.device)
     model = make_model(args, device)
@@ -170,6 +173,28 @@ def embed_case(argv, variant, steps, warmup):
             "embeddings": embeddings[:len(images)].cpu().numpy()}
 
 
+def onnxruntime_case(argv, steps, warmup, folder):
+    """The same model (the same weights) exported to ONNX and run by onnxruntime on the CPU: what a
+    deployment without PyTorch gets."""
+    import onnxruntime  # here: an optional package, needed only for this row
+
+    args = train_args.parse_args(argv + variant_argv(()))
+    model = make_model(args, torch.device("cpu"))
+    description = {"preprocessing": preprocessing(vars(args), None)}
+    path = export_onnx(model, description, Path(folder) / "bench.onnx")
+    options = onnxruntime.SessionOptions()
+    if torch.get_num_threads():
+        options.intra_op_num_threads = torch.get_num_threads()  # the case's --threads, as torch's rows
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    images = synthetic_images(args.eval_batch_size, args.img_size, torch.device("cpu")).numpy()
+    for _ in range(warmup):
+        session.run(None, {"images": images})
+    start = time.perf_counter()
+    for _ in range(steps):
+        embeddings = session.run(None, {"images": images})[0]
+    return {"images_per_s": steps * len(images) / (time.perf_counter() - start), "embeddings": embeddings}
+
+
 def run_embed(args):
     device = torch.device(args.device)
     argv, steps = train_argv(args), steps_for(args, "embed")
@@ -178,8 +203,13 @@ def run_embed(args):
     runs = ablation(lambda variant: isolated(args.threads, embed_case, argv, variant, steps, args.warmup),
                     names, device)
     plain = runs["results"][frozenset()]
+    rows = list(ablation_rows(runs, names))
+    if device.type == "cpu":
+        with tempfile.TemporaryDirectory() as folder:
+            result = isolated(args.threads, onnxruntime_case, argv, steps, args.warmup, folder)
+        rows.append(("onnxruntime (CPU, fp32, ONNX export of the same weights)", result, False))
     table = []
-    for label, result, optimised in ablation_rows(runs, names):
+    for label, result, optimised in rows:
         if "error" in result:
             table.append([label, config.eval_batch_size, "error", "", "", "", result["error"]])
             continue
@@ -194,15 +224,19 @@ def run_embed(args):
         table.append([label, config.eval_batch_size, f"{result['images_per_s']:.1f}", times(ratio),
                       fmt(cosine, ".5f"), target, verdict])
     header = ["variant", "batch", "img/s", "vs plain", "min cos", "target", "status"]
-    notes = [f"{config_note(config)}; utils.extract_embeddings (inference mode) over {steps} "
+    notes = [f"{config_note(config)}; embeddings.extract_embeddings (inference mode) over {steps} "
              f"batches of random images already on the device, after {args.warmup} warm-up",
              *ablation_notes(runs, device)]
     model = "paper" if args.full else "demo"
     report(args, "embed", f"embed: embedding extraction ({args.device}, {model} model)",
            markdown_table(header, table), notes)
-    return [{"variant": variant_label(v), "optimised": v == runs["optimised"],
-             **{key: value for key, value in r.items() if key != "embeddings"}}
-            for v, r in runs["results"].items()]
+    measured = [{"variant": variant_label(v), "optimised": v == runs["optimised"],
+                 **{key: value for key, value in r.items() if key != "embeddings"}}
+                for v, r in runs["results"].items()]
+    if device.type == "cpu":
+        measured.append({"variant": "onnxruntime", "optimised": False,
+                         **{key: value for key, value in rows[-1][1].items() if key != "embeddings"}})
+    return measured
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,17 +292,62 @@ def train_case(argv, variant, steps, warmup):
     return result
 
 
+PROFILE_ROWS = 15
+
+
+def profile_case(argv, variant, warmup):
+    """The operators that take the time of one training step of `variant` (torch.profiler after
+    `warmup` steps): the top PROFILE_ROWS by self time on the device (CUDA kernels on a GPU)."""
+    args = train_args.parse_args(argv + variant_argv(variant))
+    device = torch.device(args.device)
+    images, labels = pk_batch(args, device)
+    objective, optimizer, scheduler, scaler = training_setup(args, device)
+    images = images.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    objective.train()
+    for _ in range(warmup):
+        engine.train_step(objective, optimizer, scheduler, scaler, images, labels, args)
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        engine.train_step(objective, optimizer, scheduler, scaler, images, labels, args)
+        sync(device)
+    on_device = device.type == "cuda"
+    events = [e for e in profiler.key_averages()
+              if (e.self_device_time_total if on_device else e.self_cpu_time_total) > 0]
+    self_us = [(e.self_device_time_total if on_device else e.self_cpu_time_total) for e in events]
+    total = sum(self_us)
+    order = sorted(range(len(events)), key=lambda i: -self_us[i])[:PROFILE_ROWS]
+    return {"rows": [{"name": events[i].key[:90].replace("|", "/"), "self_ms": self_us[i] / 1000,
+                      "share": self_us[i] / total, "calls": events[i].count} for i in order],
+            "total_ms": total / 1000, "where": "GPU kernels" if on_device else "CPU operators"}
+
+
+def profile_report(args, argv, variant):
+    """bench.py train --profile: the profile of the optimised variant's step, as its own section."""
+    result = isolated(args.threads, profile_case, argv, variant, args.warmup)
+    if "error" in result:
+        table = markdown_table(["operator", "error"], [["", result["error"]]])
+    else:
+        table = markdown_table(["operator", "self ms", "share", "calls"],
+                               [[r["name"], f"{r['self_ms']:.2f}", f"{r['share']:.1%}", r["calls"]]
+                                for r in result["rows"]])
+    notes = [f"variant: {variant_label(variant)}; one step after {args.warmup} warm-up steps; self time of each "
+             f"operator, {result.get('where', '')} (total {fmt(result.get('total_ms'), '.1f')} ms)"]
+    model = "paper" if args.full else "demo"
+    report(args, "train", f"train: where one step's time goes ({args.device}, {model} model)", table, notes)
+    return result
+
+
 def flops_case(argv):
-    """Model FLOPs per training image and the GPU's measured bf16 matmul peak (FLOP/s)."""
+    """Model FLOPs per training image (3 x the forward pass, cxr/flops.py) and the GPU's measured
+    bf16 matmul peak (FLOP/s)."""
     args = train_args.parse_args(argv + variant_argv(()))
     device = torch.device(args.device)
-    objective = training_setup(args, device)[0]
-    images = synthetic_images(4, args.img_size, device)
-    labels = torch.tensor([0, 0, 1, 1], device=device)
-    with FlopCounterMode(display=False) as counter:
-        objective(images, labels)[0].backward()
-    flops_per_image = counter.get_total_flops() / len(images)
-    del objective, images
+    model = make_model(args, device)
+    flops_per_image = training_flops_per_image(model, args.img_size, device)
+    del model
 
     n, repeats = 8192, 100
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -336,5 +415,7 @@ def run_train(args):
     model = "paper" if args.full else "demo"
     report(args, "train", f"train: training steps ({args.device}, {model} model)",
            markdown_table(header, table), notes)
+    if args.profile:
+        profile_report(args, argv, runs["optimised"])
     return [{"variant": variant_label(v), "optimised": v == runs["optimised"], **r}
             for v, r in runs["results"].items()]

@@ -205,9 +205,18 @@ def prune_checkpoints(save_dir, args, epoch):
         old.unlink()
 
 
-def export_safetensors(checkpoint, out):
+def describe(checkpoint):
+    """What an exported file carries besides the weights: METADATA_KEYS of the checkpoint, as JSON-able values."""
+    description = {key: checkpoint[key] for key in METADATA_KEYS if key in checkpoint}
+    # Numbers from numpy or torch become Python numbers; anything else would be a silent string.
+    return json.loads(json.dumps(description,
+                                 default=lambda value: value.item() if hasattr(value, "item") else str(value)))
+
+
+def export_safetensors(checkpoint, out, extra=None):
     """Write checkpoint's model weights to `out` (.safetensors) and its description to
-    out.with_suffix('.json'); returns the two paths. Both are written atomically."""
+    out.with_suffix('.json') (with `extra`, e.g. the preprocessing, in the JSON only); returns the
+    two paths. Both are written atomically."""
 
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
         raise UserError("export.py needs a checkpoint written by train.py (with its model config)")
@@ -217,20 +226,18 @@ def export_safetensors(checkpoint, out):
     sidecar = out.with_suffix(".json")
     if sidecar.name == "args.json":  # a run folder's own record: never overwritten by an export
         raise UserError(f"--out {out}: its JSON would overwrite the run's args.json; choose another name")
-    description = {key: checkpoint[key] for key in METADATA_KEYS if key in checkpoint}
-    # Numbers from numpy or torch become Python numbers; anything else would be a silent string.
-    text = json.dumps(description, default=lambda value: value.item() if hasattr(value, "item") else str(value))
+    text = json.dumps(describe(checkpoint))
     # safetensors refuses tensors that share memory; a copy of each is the simple way round.
     tensors = {key: value.detach().cpu().contiguous().clone()
                for key, value in strip_wrapper_prefixes(checkpoint["model"]).items()}
     blob = save(tensors, metadata={METADATA_KEY: text})
     atomic_write(out, lambda f: f.write(blob))
-    write_json(sidecar, json.loads(text))
+    write_json(sidecar, {**json.loads(text), **(extra or {})})
     return out, sidecar
 
 
 def load_safetensors(path, flag="--resume"):
-    """The dict utils.load_checkpoint returns for a train.py checkpoint, from an exported file."""
+    """The dict load_checkpoint returns for a train.py checkpoint, from an exported file."""
 
     try:
         with safe_open(str(path), framework="pt") as handle:

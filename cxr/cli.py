@@ -4,6 +4,7 @@ take (one definition each; where a flag means something else in one program, suc
 --dataset-dir, the program passes its own meaning)."""
 import os
 import sys
+import textwrap
 
 from cxr.errors import RunStopped, UserError
 
@@ -50,9 +51,18 @@ def add_debug_flag(parser):
     return parser
 
 
-def print_args(args, runtime):
+def print_args(args, runtime, width=100):
+    """The run's arguments, sorted, wrapped into lines of at most `width` characters."""
     if runtime.is_main:
-        print("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+        words = [f"{k}={v}" for k, v in sorted(vars(args).items())]
+        print("arguments:\n" + textwrap.fill(" ".join(words), width, initial_indent="  ", subsequent_indent="  ",
+                                             break_long_words=False, break_on_hyphens=False), flush=True)
+
+
+def add_progress_flag(parser):
+    parser.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                        help="progress of long loops: bar (tqdm), log (a timestamped line per phase and at most "
+                        "one every 30 s), none; auto: a bar on a terminal, log lines in a file or pipe")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Embedding extraction (batched, under inference mode, gathered across DDP ranks), class
 prototypes, and each branch's share of a hybrid's similarities."""
 import torch
-from tqdm import tqdm
 
+from cxr.progress import progress as progress_of
 from cxr.runtime import all_gather_varlen, autocast
 
 
@@ -22,7 +22,7 @@ def extract_embeddings(model, loader, runtime, amp="none", channels_last=False, 
     model.eval()
     embeddings, labels, features = [], [], {}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    bar = tqdm(loader, desc="embed", leave=False, disable=not (progress and runtime.is_main))
+    bar = progress_of(loader, "embed", enabled=progress and runtime.is_main)
     for images, targets in bar:
         images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
         with autocast(runtime.device, amp):

@@ -4,11 +4,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 from cxr import faults
 from cxr.checkpoints import checkpoint_name
 from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
+from cxr.progress import progress
 from cxr.retrieval_metrics import evaluate_retrieval
 from cxr.runtime import log
 
@@ -36,11 +36,13 @@ def train_step(objective, optimizer, scheduler, scaler, images, labels, args,
     return loss.detach(), stats
 
 
-def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime, guard=None):
+def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args, runtime, guard=None,
+                    on_log=None):
     """One pass of the PK sampler; returns the epoch's mean losses (over its finite steps),
     active fraction, embedding spread, speed and skipped steps. The guard stops the run on a
     NaN/Inf loss or gradient, or skips that step (--skip-nonfinite); a stop signal (SIGTERM,
-    Ctrl-C) ends the epoch at the next step, unsaved (faults.py)."""
+    Ctrl-C) ends the epoch at the next step, unsaved (faults.py). on_log(global step, {"loss",
+    "lr"}) sees the running loss every --print-freq steps (train.py --tensorboard)."""
     objective.train()
     guard = guard or faults.NonFiniteGuard(runtime)
     guard.start_epoch()
@@ -49,7 +51,7 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     start, images_seen, steps = time.perf_counter(), 0, len(loader)
     pattern = checkpoint_name(args, "epoch_*")
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not runtime.is_main)
+    bar = progress(loader, f"epoch {epoch}", enabled=runtime.is_main)
     for step, (images, labels) in enumerate(bar):
         images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(runtime.device, non_blocking=True)
@@ -70,8 +72,12 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
         if (step + 1) % args.print_freq == 0:
             guard.check(epoch, loader, args.save_dir, pattern)
             done = sums["finite"].clamp(min=1)
-            bar.set_postfix(loss=f"{(sums['loss'] / done).item():.4f}", active=f"{(sums['active'] / done).item():.2f}",
+            running = (sums["loss"] / done).item()
+            bar.set_postfix(loss=f"{running:.4f}", active=f"{(sums['active'] / done).item():.2f}",
                             img_s=f"{images_seen * runtime.world_size / (time.perf_counter() - start):.1f}")
+            if on_log is not None:
+                group = optimizer.param_groups[0]
+                on_log((epoch - 1) * steps + step + 1, {"loss": running, "lr": group["lr"] / group.get("lr_mult", 1)})
     guard.check(epoch, loader, args.save_dir, pattern)
     elapsed = time.perf_counter() - start
     done = sums["finite"].clamp(min=1)
@@ -83,15 +89,18 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
     return record
 
 
-def evaluate(model, loader, args, runtime, split):
+def evaluate(model, loader, args, runtime, split, keep=None):
     """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
     (main process only); images of the query's own patient are left out, as in test.py. For
-    the hybrid also each branch's share of the similarity to the top-1 neighbour."""
+    the hybrid also each branch's share of the similarity to the top-1 neighbour. `keep` (a dict)
+    receives the embeddings and labels on the main process (train.py --tensorboard's projector)."""
     with_branches = has_branches(model)
     embeddings, labels, *features = extract_embeddings(model, loader, runtime, args.amp, args.channels_last,
-                                                             branch_features=with_branches)
+                                                       branch_features=with_branches)
     if not runtime.is_main:
         return {}
+    if keep is not None:
+        keep.update(embeddings=embeddings, labels=labels)
     try:
         result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True,
                                                query_groups=loader.dataset.patients)

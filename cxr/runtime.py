@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from cxr.errors import UserError
+from cxr.progress import timestamp
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,13 +174,20 @@ def log(runtime, *message):
         print(*message, flush=True)
 
 
+def readable(record):
+    """A metrics record as one log line: a timestamp, then key value pairs with floats rounded to
+    4 significant digits (the JSON-lines file keeps every digit)."""
+    def value(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{timestamp()} " + "  ".join(f"{k} {value(v)}" for k, v in record.items())
+
+
 def log_record(runtime, path, record):
-    """Print a metrics record and append it to a JSON-lines file (main process only), flushed
-    to disk before the epoch's checkpoint is written."""
+    """Print a metrics record as a readable line and append it, in full precision, to a JSON-lines
+    file (main process only), flushed to disk before the epoch's checkpoint is written."""
     if runtime.is_main:
-        line = json.dumps(record)
-        print(line, flush=True)
+        print(readable(record), flush=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -11,6 +11,7 @@ from cxr.cli import (
     add_dataset_flag,
     add_debug_flag,
     add_device_flag,
+    add_progress_flag,
     add_resume_flag,
     add_workers_flag,
 )
@@ -134,11 +135,16 @@ def get_args_parser(add_help=True):
     parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
                         help="fused Adam(W) kernels (one launch for all parameters)")
     add_device_flag(parser)
+    add_progress_flag(parser)
     # Evaluation, logging, checkpoints
     parser.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
     parser.add_argument("--eval-freq", type=int, default=1, help="evaluate every N epochs")
     parser.add_argument("--print-freq", type=int, default=10, help="check the loss every N steps")
     parser.add_argument("--save-dir", help="checkpoints, args.json and metrics.jsonl")
+    parser.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                        help="also log to TensorBoard: every metrics.jsonl number per epoch, the loss and "
+                        "learning rate per logged step, the validation embeddings of each best epoch in "
+                        "the projector (default DIR: <save-dir>/tensorboard; needs pip install tensorboard)")
     parser.add_argument("--keep-checkpoints", type=int, default=3,
                         help="epoch checkpoints kept (older ones deleted; 0 keeps all)")
     parser.add_argument("--overwrite", action="store_true",

@@ -74,6 +74,13 @@ def test_optimised_embeddings_match_fp32():
     assert not np.array_equal(plain, optimised)  # bf16 really ran
 
 
+def test_onnxruntime_row_embeds_as_pytorch(tmp_path):
+    argv = bench_train.train_argv(bench.get_args_parser().parse_args(["embed", "--device", "cpu", "--batch-size", "6"]))
+    plain = bench_train.embed_case(argv, frozenset(), 1, 0)["embeddings"]
+    result = bench_train.onnxruntime_case(argv, 1, 0, tmp_path)
+    assert result["images_per_s"] > 0 and np.abs(result["embeddings"] - plain).max() <= 1e-4
+
+
 def test_optimised_train_steps_match_plain():
     # P x K = 3 x 4 and a small learning rate: the second loss follows the first update without
     # the chaos of a tiny random batch at the demo rate.
@@ -108,6 +115,17 @@ def test_cli_train_suite_end_to_end(capsys):
         assert row["images_per_s"] > 0 and row["peak_rss"] > 0
     printed = capsys.readouterr().out
     assert "| plain |" in printed and "optimised = " in printed and ">= 1.5x plain" in printed
+
+
+def test_profile_of_one_step_names_the_operators_that_take_the_time(capsys):
+    argv = bench_train.train_argv(bench.get_args_parser().parse_args(
+        ["train", "--device", "cpu", "--img-size", "32", "-p", "2", "-k", "2"]))
+    result = bench_train.profile_case(argv, frozenset({"fused"}), 1)
+    rows = result["rows"]
+    assert 0 < len(rows) <= bench_train.PROFILE_ROWS and result["where"] == "CPU operators"
+    assert [r["self_ms"] for r in rows] == sorted((r["self_ms"] for r in rows), reverse=True)
+    assert 0 < sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert any("conv" in r["name"] or "mm" in r["name"] or "linear" in r["name"] for r in rows)
 
 
 def test_cli_metrics_suite_appends_a_section(tmp_path):

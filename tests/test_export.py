@@ -12,6 +12,7 @@ import train
 from cxr import checkpoints, engine
 from cxr.checkpoints import load_checkpoint, load_trained_model
 from cxr.errors import UserError
+from cxr.ood_detector import default_detector_path
 from test_train import ckpt, phantoms, read_metrics, tiny_args  # noqa: F401  (the phantoms fixture)
 
 
@@ -89,6 +90,23 @@ def test_test_py_evaluates_the_exported_file_with_the_checkpoints_numbers(traine
         return json.loads((tmp_path / f"{name}.json").read_text())
     a, b = report(ckpt(trained, "best"), "checkpoint"), report(out, "exported")
     assert a["map"] == b["map"] and a["recall_at_k"] == b["recall_at_k"]
+
+
+def test_export_copies_the_ood_detector_that_test_py_then_uses(trained, tmp_path, capsys):
+    from test_retrieve import save_detector
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(ckpt(trained, "best").read_bytes())
+    out = tmp_path / "deploy" / "model.safetensors"
+    export.main(export.get_args_parser().parse_args([str(checkpoint), "--out", str(out)]))
+    assert "no OOD detector" in capsys.readouterr().out and not default_detector_path(out).exists()
+    save_detector(checkpoint, load_trained_model(checkpoint, "cpu")[2], threshold=-10.0)  # flags every query
+    export.main(export.get_args_parser().parse_args([str(checkpoint), "--out", str(out)]))
+    assert default_detector_path(out).read_bytes() == default_detector_path(checkpoint).read_bytes()
+    report = test_program.main(test_program.get_args_parser().parse_args([
+        "--resume", str(out), "--device", "cpu", "--workers", "0", "--report", str(tmp_path / "r.json")]))
+    assert report["ood"]["detector"] == str(default_detector_path(out))
+    assert report["ood"]["flagged_share"]["mahalanobis"] == 1.0
 
 
 def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, capsys):

@@ -245,3 +245,10 @@ def test_bare_weights_show_the_model_options(name, options):
     for key, value in options.items():
         assert inferred.get(key, {"fusion": "seed", "branch_heads": False, "mxa": "both",
                                   "vit_stem": "patch"}.get(key)) == value
+
+
+def test_vit_attention_uses_the_fused_kernel():
+    """timm's scaled-dot-product attention (one fused kernel on a GPU), not the explicit softmax."""
+    model = build_model("hybrid_convnext_vit", 16, pretrained=False, **SMALL_MODEL)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)

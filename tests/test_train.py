@@ -1,6 +1,7 @@
 """End-to-end: train.py and test.py on small phantom sets, resume, DDP, bad inputs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,6 +252,19 @@ def test_two_process_ddp_on_gloo(phantoms, tmp_path):
     assert distributed["map"] == pytest.approx(report["map"], abs=1e-9)
 
 
+def test_ddp_with_channels_last_weights_keeps_gradients_in_the_buckets(phantoms, tmp_path):
+    """Channels-last convolution weights under DDP: their gradients are the all-reduce buckets'
+    views (gradient_as_bucket_view), so there is no per-step copy and no stride warning."""
+    result = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      "29519", str(ROOT / "train.py"), *TINY, "--dataset-dir", str(phantoms),
+                      "--train-image-list", str(phantoms / "train_split.txt"),
+                      "--test-image-list", str(phantoms / "test_split.txt"), "--channels-last",
+                      "--save-dir", str(tmp_path), "--epochs", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "channels_last=True" in result.stdout  # the flag reached the run
+    assert "bucket view strides" not in result.stderr + result.stdout
+
+
 def test_killed_run_leaves_loadable_checkpoints_and_resumes(phantoms, tmp_path):
     args = [str(ROOT / "train.py"), *TINY, "--dataset-dir", str(phantoms),
             "--train-image-list", str(phantoms / "train_split.txt"),
@@ -499,3 +513,36 @@ def test_vit_patch_size_mistakes_are_one_error_line(phantoms, tmp_path):
                             "power of two")):
         with pytest.raises(SystemExit, match=message):
             tiny_args(phantoms, tmp_path, *flags)
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights_that_test_py_loads(phantoms, tmp_path):
+    """--compile (torch.compile; inductor on the CPU): the run trains and its checkpoint holds the
+    uncompiled model's weights (no `_orig_mod.` prefixes), which test.py evaluates."""
+    train.main(tiny_args(phantoms, tmp_path, "--epochs", "1", "--compile"))
+    state = torch.load(ckpt(tmp_path, "epoch_1"), weights_only=True)
+    assert state["args"]["compile"] and not any(k.startswith("_orig_mod.") for k in state["model"])
+    import test as evaluate_cli
+    report = evaluate_cli.main(evaluate_cli.get_args_parser().parse_args([
+        "--resume", str(ckpt(tmp_path, "epoch_1")), "--test-dataset-dir", str(phantoms / "test"),
+        "--test-image-list", str(phantoms / "test_split.txt"), "--workers", "0", "--device", "cpu",
+        "--report", str(tmp_path / "r.json")]))
+    assert report["map"] == pytest.approx(read_metrics(tmp_path)[-1]["test_mAP"], abs=1e-3)
+
+
+def test_a_run_logged_to_a_file_has_no_bar_redraws_and_readable_lines(phantoms, tmp_path):
+    """--progress auto in a pipe (a cluster job's log): plain timestamped lines, numbers rounded,
+    the arguments wrapped; metrics.jsonl keeps every digit."""
+    result = run_cli([str(ROOT / "train.py"), *TINY, "--dataset-dir", str(phantoms),
+                      "--train-image-list", str(phantoms / "train_split.txt"),
+                      "--test-image-list", str(phantoms / "test_split.txt"),
+                      "--save-dir", str(tmp_path), "--epochs", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "\r" not in log
+    assert max(len(line) for line in log.splitlines()) < 400
+    epoch_line = next(line for line in result.stdout.splitlines() if " epoch 1 " in f" {line} " and "val_mAP" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch 1  train_loss ", epoch_line), epoch_line
+    assert re.search(r"epoch 1: 2/2 in \d+ s", result.stdout)  # the phase's own line
+    value = read_metrics(tmp_path)[-1]["val_mAP"]
+    assert f"val_mAP {value:.4g}" in epoch_line and len(repr(value)) > len(f"{value:.4g}")
