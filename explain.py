@@ -310,7 +310,10 @@ def main(args):
             print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
         neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
         explain_figures.write_overlays(out, original, full)
-        explain_figures.write_figure(out / "figure.png", original, full, record, neighbour_maps)
+        masks = reader.source(args.image)
+        masks = (masks((original.height, original.width)) if callable(masks) else masks) or {}
+        record["figure"] = explain_figures.write_figure(out / "figure.png", original, full, record,
+                                                       neighbour_maps, masks)
         record["files"] = sorted(p.name for p in out.glob("*.png"))
         write_json(out / "explanation.json", record)
         for sentence in record["sentences"]:

@@ -43,7 +43,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import contact_sheet, gallery_index, gradcam, image_cache, ood_detector, ood_guard, progress, run_data
+from cxr import (
+    contact_sheet,
+    gallery_index,
+    gradcam,
+    html_pages,
+    image_cache,
+    ood_detector,
+    ood_guard,
+    progress,
+    run_data,
+)
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
 from cxr.cli import (
@@ -223,7 +233,7 @@ def query(args):
         prototypes = class_prototypes(gallery, gallery_labels, len(classes)).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, maps_by_query = [], {}
     for q, (path, label) in enumerate((query_paths[i], query_labels[i]) for i in kept):
         neighbours = [{"path": gallery_paths[i], "label": classes[gallery_labels[i]],
                        "similarity": round(float(s), 6)}
@@ -254,6 +264,8 @@ def query(args):
         contact_sheet.draw(path, record, sheet, maps=maps, bit_depth=bit_depth)
         record["contact_sheet"] = str(sheet)
         results.append(record)
+        if maps is not None:
+            maps_by_query[q] = maps
     summary = {"index": str(args.index), "checkpoint": str(args.resume), "topk": args.topk}
     if detector is not None:  # the count a reader needs before trusting any vote
         summary["ood"] = {"detector": str(detector_path), "score": args.ood_score,
@@ -262,8 +274,9 @@ def query(args):
     if labelled:
         summary["labelled"] = {"queries": len(labelled), "correct": sum(r["correct"] for r in labelled)}
     write_json(out / "results.json", {**summary, "queries": results})
+    page = html_pages.retrieval_page(out, summary, results, maps_by_query, bit_depth)
     print_results(results, summary)
-    print(f"\nresults: {out / 'results.json'}; contact sheets in {out}")
+    print(f"\nresults: {out / 'results.json'}; contact sheets in {out}; page: {page}")
     return results
 
 

@@ -42,7 +42,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import compare_embeddings, image_cache, ood_guard, progress, report_inputs, report_stats, run_data, splits
+from cxr import (
+    compare_embeddings,
+    html_pages,
+    image_cache,
+    ood_guard,
+    progress,
+    report_inputs,
+    report_stats,
+    run_data,
+    splits,
+)
 from cxr.atomic_files import write_json
 from cxr.checkpoints import (
     load_checkpoint,
@@ -109,6 +119,9 @@ def get_args_parser(add_help=True):
     add_progress_flag(parser)
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
+    parser.add_argument("--html", action="store_true",
+                        help="also write the report as a page beside it (<report>.html, its pictures in "
+                        "<report>_html/): metrics with intervals, per class, figures, the lowest-AP queries")
     parser.add_argument("--save-dir", help="where the embeddings .npz goes (default: the checkpoint's folder)")
     parser.add_argument("--ood", action=argparse.BooleanOptionalAction,
                         help="per-query out-of-distribution scores and flags in the report and "
@@ -268,6 +281,23 @@ def training_splits(checkpoint, log):
     for note in notes:
         log(f"note: {note}")
     return found, notes
+
+
+LOWEST_AP_SHOWN = 5
+
+
+def write_html(args, report_path, report, per_query, query_set, gallery_set, embedded, written):
+    """report.html beside the report: its numbers, figures, and the LOWEST_AP_SHOWN queries with the
+    lowest AP with their neighbours."""
+    ap = np.asarray(per_query["ap"], dtype=float)
+    order = [int(i) for i in np.argsort(np.where(np.isnan(ap), np.inf, ap), kind="stable")
+             if not np.isnan(ap[i])][:LOWEST_AP_SHOWN]
+    k = min(5, per_query["top_indices"].shape[1])
+    records = neighbour_records(per_query, embedded.query, embedded.ranked_against, query_set,
+                                gallery_set or query_set, query_set.classes, args.vote_k, k)
+    lowest = [{**records[i], "ap": float(ap[i])} for i in order]
+    figures = {name: path for name, path in written.items() if str(path).endswith(".png")}
+    return html_pages.report_page(report_path, report, figures, lowest, bit_depth=query_set.bit_depth)
 
 
 def embeddings_path(args, checkpoint_path, query_set, gallery_set):
@@ -533,6 +563,8 @@ def write_outputs(args, checkpoint, config, report, per_query, query_set, galler
             f"{prefix}_embedding_map.png", args.map, title=f"{config['name']}: {len(query_set)} test embeddings "
             f"({'PCA' if args.map == 'pca' else 't-SNE'})")
         written["risk-coverage"] = plots.risk_coverage(report["abstention"], f"{prefix}_risk_coverage.png")
+    if args.html:
+        written["page"] = write_html(args, report_path, report, per_query, query_set, gallery_set, embedded, written)
     report["files"] = {name: str(path) for name, path in written.items() if name != "report"}
     npz_path = embeddings_path(args, checkpoint_path, query_set, gallery_set)
     report["files"]["embeddings"] = str(npz_path)

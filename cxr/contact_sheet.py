@@ -4,9 +4,10 @@
 
 `record` is one query of retrieve.py's results.json. Each tile is captioned; captions wrap over
 as many lines as they need, so a file name is never cut (the name is how a user finds the film
-again). Neighbours that agree with the vote are captioned in green. A query from a labelled list
-("label", "correct" in the record) shows its label, and its tile is framed green when the vote
-equals the label, red when not.
+again). A query from a labelled list ("label", "correct" in the record) shows its label, its tile
+is framed green when the vote equals the label, red when not, and each neighbour is captioned
+right (green) or WRONG (red) by that label. An unlabelled query's neighbours have nothing to be
+right about: those that differ from the vote are captioned in grey.
 """
 import re
 import sys
@@ -53,7 +54,7 @@ def wrap(text, font, width):
     return lines
 
 
-def _captions(query_path, record):
+def captions(query_path, record):
     """[(path, [caption texts], colour)] of the tiles, the query first."""
     flag = " (OOD!)" if record.get("ood", {}).get("flagged") else ""
     texts = [f"QUERY {Path(query_path).name}"]
@@ -66,8 +67,13 @@ def _captions(query_path, record):
         texts.append(f"vote: {record['vote']}{flag}")
     tiles = [(query_path, texts, colour)]
     for rank, n in enumerate(record["neighbours"], start=1):
-        tiles.append((n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"],
-                      "darkgreen" if n["label"] == record["vote"] else "black"))
+        if "label" in record:  # right or wrong by the query's own label, not by the vote
+            right = n["label"] == record["label"]
+            tiles.append((n["path"], [f"#{rank} {n['label']} {'right' if right else 'WRONG'}",
+                                      f"sim {n['similarity']:.3f}"], "darkgreen" if right else "red"))
+        else:  # an unlabelled query: nothing to be right about; grey where it differs from the vote
+            tiles.append((n["path"], [f"#{rank} {n['label']}", f"sim {n['similarity']:.3f}"],
+                          "black" if n["label"] == record["vote"] else "dimgray"))
     return tiles
 
 
@@ -76,7 +82,7 @@ def draw(query_path, record, out_path, tile=160, columns=5, maps=None, bit_depth
     thumbnail carries its heat map."""
     face = font(14)
     tiles = [(path, [line for text in texts for line in wrap(text, face, tile - 12)], colour)
-             for path, texts, colour in _captions(query_path, record)]
+             for path, texts, colour in captions(query_path, record)]
     caption_h = 4 + LINE_H * max(len(lines) for _, lines, _ in tiles)  # one height: rows align
     rows = 1 + (len(tiles) - 1 + columns - 1) // columns
     sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), "white")

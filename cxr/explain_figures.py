@@ -1,4 +1,5 @@
 """Pictures and console output of explain.py: heat-map overlays and the query/neighbour figure."""
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -29,20 +30,38 @@ def write_overlays(folder, image, maps):
         Image.fromarray(overlay(image, saliency)).save(folder / f"overlay_{branch}.png")
 
 
-def write_figure(path, image, maps, record, neighbour_maps):
-    """Row 1: the query and its maps; row 2: the top neighbours, each with the map of where it
-    resembles the query. Captions give labels, similarities, the branch shares and the rules."""
-    columns = max(len(maps) + 1, len(neighbour_maps), 1)
-    rows = 2 if neighbour_maps else 1
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.9), squeeze=False)
-    for ax in axes.flat:
+def outline(ax, masks):
+    """The lung and heart masks' outlines on a panel (white lungs, cyan heart)."""
+    for kind, colour in (("lungs", "white"), ("heart", "cyan")):
+        if masks.get(kind) is not None and masks[kind].any():
+            ax.contour(masks[kind].astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
+
+
+def write_figure(path, image, maps, record, neighbour_maps, masks=None):
+    """Row 1: the query and its maps (with the lung and heart outlines when `masks` are given), the
+    rest of the explanation in words and the maps' colour scale; row 2: the top neighbours, each
+    with the map of where it resembles the query. The title is the explanation's first sentence.
+    Each row has just its own panels (no empty ones). Returns what was drawn (for the tests)."""
+    masks = masks or {}
+    sentences = record.get("sentences") or []
+    title = sentences[0] if sentences else f"Retrieved finding: {record['predicted']}"
+    words = sentences[1:]
+    top_panels = 1 + len(maps) + bool(words)
+    width = 2.6 * max(top_panels, len(neighbour_maps)) + 0.6
+    fig = plt.figure(figsize=(width, 2.9 * (2 if neighbour_maps else 1) + 0.6), layout="constrained")
+    rows = fig.subfigures(2 if neighbour_maps else 1, 1, squeeze=False)[:, 0]
+    top = rows[0].subplots(1, top_panels + 1, squeeze=False,
+                           gridspec_kw={"width_ratios": [1] * top_panels + [0.08]})[0]
+    for ax in top[:-1]:
         ax.axis("off")
-    axes[0, 0].imshow(image.convert("L"), cmap="gray")
+    top[0].imshow(image.convert("L"), cmap="gray")
+    outline(top[0], masks)
     label = f"label {record['label']}, " if record["label"] else ""
-    axes[0, 0].set_title(f"query\n{label}vote {record['predicted']}", fontsize=9)
+    top[0].set_title(f"query\n{label}vote {record['predicted']}", fontsize=9)
     share = record.get("branch_attribution") or {}
-    for i, (branch, saliency) in enumerate(maps.items(), start=1):
-        axes[0, i].imshow(overlay(image, saliency))
+    for ax, (branch, saliency) in zip(top[1:], maps.items()):
+        ax.imshow(overlay(image, saliency))
+        outline(ax, masks)
         caption = TITLES.get(branch, branch)
         method = METHODS.get((record.get("saliency") or {}).get("method"))
         if branch == "fused" and method is not None and method.input_space:
@@ -50,19 +69,32 @@ def write_figure(path, image, maps, record, neighbour_maps):
             caption = f"{method.title}\n" + (f"from the {reference} mean image" if reference else "whole model")
         if branch in ("convnext", "vit") and share.get(f"{branch}_share") is not None:
             caption += f"\n{share[f'{branch}_share']:.0%} of the similarity"
-        axes[0, i].set_title(caption, fontsize=9)
+        ax.set_title(caption, fontsize=9)
         if branch == "fused":
             x, y = record["peak_xy"]
-            axes[0, i].plot([x], [y], marker="+", color="white", markersize=12, mew=2)
-    for i, (neighbour, (img, saliency)) in enumerate(zip(record["neighbours"], neighbour_maps)):
-        axes[1, i].imshow(overlay(img, saliency))
-        axes[1, i].set_title(f"#{i + 1} {neighbour['label']}\nsim {neighbour['similarity']:.3f}", fontsize=9)
-    text = "; ".join(record["rules_fired"]) or "no rule fired"
-    fig.suptitle(f"rules fired: {text}" + (f"  |  against the vote: {', '.join(record['contradicting'])}"
-                                           if record["contradicting"] else ""), fontsize=9, y=0.995)
-    fig.tight_layout()
+            ax.plot([x], [y], marker="+", color="white", markersize=12, mew=2)
+    if words:
+        text = "\n\n".join("\n".join(textwrap.wrap(sentence, 34)) for sentence in words)
+        top[top_panels - 1].text(0.0, 1.0, text, fontsize=8, va="top", ha="left")
+    scale = top[-1]
+    fig.colorbar(plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1)), cax=scale)
+    scale.set_ylabel("attribution (each map scaled to 0-1)", fontsize=8)
+    scale.tick_params(labelsize=7)
+    if neighbour_maps:
+        bottom = rows[1].subplots(1, len(neighbour_maps), squeeze=False)[0]
+        for ax, neighbour, (img, saliency) in zip(bottom, record["neighbours"], neighbour_maps):
+            ax.axis("off")
+            ax.imshow(overlay(img, saliency))
+            rank = record["neighbours"].index(neighbour) + 1
+            ax.set_title(f"#{rank} {neighbour['label']}\nsimilarity {neighbour['similarity']:.3f}", fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, int(15 * width))), fontsize=10)
     fig.savefig(path, dpi=100)
+    panels = [ax for row in rows for ax in row.axes if ax is not scale]
+    drawn = {"title": title, "outlined": bool(masks) and bool(top[0].collections),
+             "colour_bar": scale.get_ylabel(),
+             "empty_panels": sum(1 for ax in panels if not ax.has_data() and not ax.texts)}
     plt.close(fig)
+    return drawn
 
 
 def print_aggregate(aggregate):

@@ -308,6 +308,10 @@ def test_explain_one_image_and_a_batch(trained, phantoms, tmp_path, capsys):  # 
     assert 0 <= on_disk["peak_xy"][0] < width and 0 <= on_disk["peak_xy"][1] < height
     for png in ("figure.png", "overlay_image.png", "overlay_convnext.png", "overlay_vit.png", "overlay_fused.png"):
         assert (tmp_path / "one" / png).is_file()
+    # the figure: a title in words, the masks' outlines, a colour bar, no empty panel
+    assert on_disk["figure"] == {"title": on_disk["sentences"][0], "outlined": True,
+                                 "colour_bar": "attribution (each map scaled to 0-1)", "empty_panels": 0}
+    assert "_" not in on_disk["figure"]["title"]  # words, not rule ids
     attribution = on_disk["branch_attribution"]
     assert attribution["convnext_share"] + attribution["vit_share"] == pytest.approx(1.0)
     f = on_disk["faithfulness"]

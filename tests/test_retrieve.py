@@ -413,6 +413,13 @@ def test_contact_sheet_frames_a_labelled_query_right_or_wrong(phantoms, tmp_path
     assert tuple(sheets["plain"][1, 1]) == (255, 255, 255)  # no label, no frame
     # the long name wraps over four caption lines, the label adds one: every row is taller
     assert sheets["right"].shape[0] > sheets["plain"].shape[0]
+    # neighbours: right or wrong by the query's own label (here: each is normal), not by the vote
+    wrong = contact_sheet.captions(query, {**record, "label": "pneumonia", "correct": False})[1:]
+    assert all(texts[0].endswith("WRONG") and colour == "red" for _, texts, colour in wrong)
+    right = contact_sheet.captions(query, {**record, "label": "normal", "correct": True})[1:]
+    assert all(texts[0].endswith("right") and colour == "darkgreen" for _, texts, colour in right)
+    unlabelled = contact_sheet.captions(query, {**record, "vote": "pneumonia"})[1:]
+    assert all("right" not in texts[0] and "WRONG" not in texts[0] for _, texts, _ in unlabelled)
 
 
 def test_index_with_cache_dir_embeds_as_without(trained, phantoms, tmp_path):  # noqa: F811
