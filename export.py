@@ -12,14 +12,16 @@ for the checkpoint (<checkpoint stem>_ood.pth) is copied beside the export (<out
 where test.py and retrieve.py look for it: it belongs to the same weights (its fingerprint).
 """
 import argparse
+import json
 from pathlib import Path
 
 from cxr.atomic_files import atomic_write, write_json
 from cxr.checkpoints import data_bit_depth, describe, export_safetensors, load_checkpoint, load_trained_model
 from cxr.cli import add_debug_flag, run_cli
 from cxr.errors import UserError
+from cxr.model_card import model_card
 from cxr.onnx_export import OPSET, export_onnx, preprocessing
-from cxr.ood_detector import default_detector_path
+from cxr.ood_detector import OODDetector, default_detector_path
 
 
 def main(args):
@@ -39,7 +41,40 @@ def main(args):
         written.append(weights)
     if args.onnx:
         written.append(write_onnx(args.checkpoint, checkpoint, Path(args.onnx), extra))
+    write_card(args, checkpoint, written)
     return written[0]
+
+
+def default_report(checkpoint_path):
+    """test.py's report of the checkpoint: its default name, else report.json beside it (make demo's)."""
+    checkpoint_path = Path(checkpoint_path)
+    for candidate in (checkpoint_path.with_name(checkpoint_path.stem + "_report.json"),
+                      checkpoint_path.with_name("report.json")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def write_card(args, checkpoint, written):
+    """MODEL_CARD.md beside the first exported file."""
+    report_path = Path(args.report) if args.report else default_report(args.checkpoint)
+    report = None
+    if report_path is not None:
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"--report {report_path}: cannot read the test.py report ({error})") from error
+        if report.get("model") != checkpoint["model_config"]["name"] or report.get("classes") != checkpoint["classes"]:
+            raise UserError(f"--report {report_path} is the report of another model (or classes) than "
+                            f"{args.checkpoint}; give that checkpoint's test.py report")
+    detector_path = default_detector_path(args.checkpoint)
+    detector = OODDetector.load(detector_path) if detector_path.is_file() else None
+    parameters = sum(value.numel() for value in checkpoint["model"].values())
+    text = model_card(checkpoint, args.checkpoint, parameters, report, report_path, detector, detector_path, written)
+    card = Path(written[0]).with_name("MODEL_CARD.md")
+    atomic_write(card, lambda f: f.write(text.encode("utf-8")))
+    print(f"wrote {card}" + ("" if report else " (no test.py report found: no test numbers in it; --report gives one)"))
+    return card
 
 
 def write_onnx(path, checkpoint, out, extra):
@@ -72,6 +107,8 @@ def get_args_parser():
     parser.add_argument("checkpoint", help="a train.py checkpoint (.pth)")
     parser.add_argument("--out", help="safetensors file (default: the checkpoint's name with .safetensors; "
                         "not written when only --onnx is given)")
+    parser.add_argument("--report", help="the checkpoint's test.py report for MODEL_CARD.md's test numbers "
+                        "(default: <checkpoint stem>_report.json or report.json beside the checkpoint, if there)")
     parser.add_argument("--onnx", help="also (or only) write the embedding model as this ONNX file (+ its "
                         ".json), for onnxruntime without PyTorch")
     return add_debug_flag(parser)

@@ -20,7 +20,7 @@ def scripted_validation(monkeypatch, values):
     """train.evaluate replaced by fixed validation mAPs, one per evaluation (epoch 0 first)."""
     calls = {"val": 0, "test": 0}
 
-    def fake_evaluate(model, loader, args, runtime, split):
+    def fake_evaluate(model, loader, args, runtime, split, keep=None):
         value = values[calls[split]] if split == "val" else 1.0
         calls[split] += 1
         return {f"{split}_R@1": value, f"{split}_mAP": value, f"{split}_mP@1": value}
@@ -107,6 +107,36 @@ def test_export_copies_the_ood_detector_that_test_py_then_uses(trained, tmp_path
         "--resume", str(out), "--device", "cpu", "--workers", "0", "--report", str(tmp_path / "r.json")]))
     assert report["ood"]["detector"] == str(default_detector_path(out))
     assert report["ood"]["flagged_share"]["mahalanobis"] == 1.0
+
+
+def test_model_card_holds_the_checkpoints_and_the_reports_numbers(trained, tmp_path):
+    checkpoint = tmp_path / "run" / "best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(ckpt(trained, "best").read_bytes())
+    out = tmp_path / "deploy" / "model.safetensors"
+    export.main(export.get_args_parser().parse_args([str(checkpoint), "--out", str(out)]))
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    assert "No test report was given" in card and "Synthetic phantoms" not in card  # a covid-format run
+    state = torch.load(checkpoint, weights_only=True)
+    assert f"mAP {state['metrics']['val_mAP']:.1f}" in card  # the selection numbers, from the checkpoint
+    report = test_program.main(test_program.get_args_parser().parse_args([
+        "--resume", str(checkpoint), "--device", "cpu", "--workers", "0", "--bootstrap", "20",
+        "--report", str(tmp_path / "run" / "best_report.json")]))
+    export.main(export.get_args_parser().parse_args([str(checkpoint), "--out", str(out)]))  # finds the report
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    interval = report["confidence_intervals"]["map"]
+    assert f"| mAP | {report['map']:.1f} [{interval['low']:.1f}, {interval['high']:.1f}] |" in card
+    for name, c in report["per_class"]["classes"].items():
+        assert f"| {name} | {c['queries']} | {c['recall_at_1']:.1f} | {c['ap']:.1f} |" in card
+    parameters = sum(v.numel() for v in state["model"].values()) / 1e6
+    assert f"parameters: {parameters:.1f} M" in card and "| recipe |" in card and "Intended use" in card
+    assert report["lists"]["train"]["sha256"][:16] in card and "No OOD detector" in card
+    # a run on the phantoms says so at the top
+    state["args"]["dataset"] = "demo"
+    torch.save(state, tmp_path / "run" / "demo.pth")
+    export.main(export.get_args_parser().parse_args([str(tmp_path / "run" / "demo.pth"),
+                                                     "--out", str(tmp_path / "demo" / "m.safetensors")]))
+    assert "Warning: trained on synthetic phantoms" in (tmp_path / "demo" / "MODEL_CARD.md").read_text()
 
 
 def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, capsys):

@@ -295,7 +295,7 @@ def test_best_checkpoint_follows_validation_not_test(phantoms, tmp_path, monkeyp
     scripted = {"val": [5.0, 10.0, 30.0, 20.0], "test": [5.0, 50.0, 10.0, 40.0]}
     calls = {"val": 0, "test": 0}
 
-    def fake_evaluate(model, loader, args, runtime, split):
+    def fake_evaluate(model, loader, args, runtime, split, keep=None):
         value = scripted[split][calls[split]]
         calls[split] += 1
         return {f"{split}_R@1": value, f"{split}_mAP": value, f"{split}_mP@1": value}
