@@ -52,8 +52,10 @@ from cxr import (
     ood_detector,
     ood_guard,
     progress,
+    regions,
     run_data,
 )
+from cxr import ontology as onto
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
 from cxr.cli import (
@@ -69,6 +71,7 @@ from cxr.cli import (
 from cxr.embeddings import class_prototypes, extract_embeddings
 from cxr.errors import UserError
 from cxr.gradcam import RetrievalGradCAM, default_layers
+from cxr.masks import read_masks
 from cxr.presets import LIST_FORMAT
 from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
 from cxr.search import search
@@ -231,6 +234,7 @@ def query(args):
         cam = RetrievalGradCAM(model, default_layers(model))
         transform = build_transform(checkpoint["model_config"]["img_size"], train=False)
         prototypes = class_prototypes(gallery, gallery_labels, len(classes)).to(device)
+        ontology = onto.load_ontology()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, maps_by_query = [], {}
@@ -260,6 +264,12 @@ def query(args):
             peak = np.unravel_index(int(maps[0].argmax()), maps[0].shape)
             record["explanation"] = {"target": f"mean index embedding of {vote}", "method": cam.method,
                                      "layers": cam.layers, "peak_xy": [int(peak[1]), int(peak[0])]}
+            # The ontology's reading of the query's map: with --mask-dir's lung and heart masks every
+            # rule can run; without them only those that need none, and the sentences say so.
+            masks = read_masks(args.mask_dir, Path(path).name) if args.mask_dir else {}
+            stats = regions.region_statistics(maps[0], masks.get("lungs"), masks.get("heart"))
+            reasoning = onto.reason(ontology, stats, vote)
+            record.update(rules_fired=reasoning["rules_fired"], sentences=reasoning["sentences"])
         sheet = out / f"{q:04d}_{Path(path).stem}.png"  # numbered: equal names from two folders
         contact_sheet.draw(path, record, sheet, maps=maps, bit_depth=bit_depth)
         record["contact_sheet"] = str(sheet)
@@ -349,7 +359,10 @@ def get_args_parser():
     ask.add_argument("--explain", action="store_true",
                      help="heat maps on the contact sheet (gradcam.py's gradnorm maps of the branch layers, fused by "
                           "branch share; explain.py's integrated gradients need gallery images): the query's towards "
-                          "its vote's mean embedding, each neighbour's towards the query")
+                          "its vote's mean embedding, each neighbour's towards the query; the ontology's sentences "
+                          "read the query's map")
+    ask.add_argument("--mask-dir", help="with --explain: lungs/ and heart/ mask PNGs named like the query files "
+                     "(as demo_data.py and chexmask.py to-png write them), so every ontology rule can run")
     ask.add_argument("--ood-detector", help="detector file, required when given (default "
                      "<checkpoint stem>_ood.pth, used when it exists)")
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood_detector.SCORES, help="score that flags")

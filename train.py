@@ -66,7 +66,7 @@ from cxr.runtime import (
 )
 from cxr.splits import digest
 from cxr.tensorboard_log import TensorBoardLog
-from cxr.train_args import LEGACY_CONFIG, model_config, parse_args
+from cxr.train_args import LEGACY_CONFIG, get_args_parser, model_config, parse_args
 from model import build_model, check_pretrained
 from sampler import PKSampler
 
@@ -90,7 +90,7 @@ def main(args):
 
 def run(args, runtime):
     """The whole run, phase by phase; the order matters (every random draw is seeded)."""
-    print_args(args, runtime)
+    print_args(args, runtime, get_args_parser())
     save_dir, checkpoint, warm_start = prepare_save_dir(args, runtime)
     board = None
     if args.tensorboard is not None:  # before the data: a missing package stops the run at once

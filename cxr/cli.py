@@ -51,12 +51,26 @@ def add_debug_flag(parser):
     return parser
 
 
-def print_args(args, runtime, width=100):
-    """The run's arguments, sorted, wrapped into lines of at most `width` characters."""
-    if runtime.is_main:
-        words = [f"{k}={v}" for k, v in sorted(vars(args).items())]
-        print("arguments:\n" + textwrap.fill(" ".join(words), width, initial_indent="  ", subsequent_indent="  ",
-                                             break_long_words=False, break_on_hyphens=False), flush=True)
+def print_args(args, runtime, parser=None, width=100):
+    """The run's arguments, one group of `parser` (its argument groups) a line, wrapped at `width`
+    columns; those of no group (or without a parser) sorted under "other"."""
+    if not runtime.is_main:
+        return
+    values, groups = vars(args), {}
+    for group in (parser._action_groups if parser is not None else []):
+        names = [a.dest for a in group._group_actions if a.dest in values and a.dest != "help"]
+        if names and group.title not in ("positional arguments", "options", "optional arguments"):
+            groups[group.title] = names
+    grouped = {name for names in groups.values() for name in names}
+    rest = sorted(name for name in values if name not in grouped)
+    if rest:
+        groups["other"] = rest
+    lines = ["arguments:"]
+    for title, names in groups.items():
+        words = " ".join(f"{name}={values[name]}" for name in names)
+        lines.append(textwrap.fill(f"{title}: {words}", width, initial_indent="  ", subsequent_indent="    ",
+                                   break_long_words=False, break_on_hyphens=False))
+    print("\n".join(lines), flush=True)
 
 
 def add_progress_flag(parser):

@@ -128,10 +128,10 @@ def retrieval_page(out_dir, summary, results, maps_by_query=None, bit_depth=None
                          f"{escape(record['explanation']['target'])} (query), the query (neighbours)")
         films = [figure(src, f"query film {Path(record['query']).name}", "<br>".join(lines), "query")]
         films += neighbour_figures(record["neighbours"], folder, f"q{q:04d}", label, bit_depth, maps)
-        sentences = record.get("sentences") or []
+        sentences = record.get("sentences")
         said = "".join(f"<p>{escape(s)}</p>" for s in sentences) if sentences else (
-            "<p class=\"note\">No ontology sentences: they need lung and heart masks (explain.py "
-            "--mask-dir or --chexmask gives them for a film).</p>")
+            "<p class=\"note\">No ontology sentences: they read the heat map (query --explain); with lung "
+            "and heart masks (explain.py --mask-dir or --chexmask) every rule can run.</p>")
         sections.append(f"<h2>Query {q + 1}: {escape(Path(record['query']).name)}</h2>\n"
                         f"<div class=\"films\">{''.join(films)}</div>\n{said}")
     body = "<p>" + "<br>".join(head) + "</p>\n" + "\n".join(sections)

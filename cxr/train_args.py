@@ -31,135 +31,141 @@ def get_args_parser(add_help=True):
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                         help="skip the estimate of peak memory before training (memory_check.py)")
     # Model
-    parser.add_argument("--model", default="hybrid_convnext_vit", choices=MODEL_NAMES,
-                        help="hybrid_convnext_vit (the paper's) or a single-backbone baseline")
-    parser.add_argument("--embedding-dim", type=int, help="embedding size")
-    parser.add_argument("--img-size", type=int, help="input size, a multiple of 32")
-    parser.add_argument("--convnext-name", help="timm ConvNeXt(V2) name")
-    parser.add_argument("--vit-name", help="timm ViT name")
-    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
-                        help="start from ImageNet weights")
-    parser.add_argument("--weights-dir", help="folder with <timm name>.safetensors/.pth files, "
-                        "for machines without hub access")
-    parser.add_argument("--convnext-weights", help="ConvNeXt weights file (overrides the hub)")
-    parser.add_argument("--vit-weights", help="ViT weights file (overrides the hub)")
-    parser.add_argument("--neck", choices=NECKS, help="bn: BatchNorm neck before the L2 "
-                        "normalisation (keeps a from-scratch embedding from collapsing); none: the paper's head")
-    parser.add_argument("--fusion", choices=FUSIONS, help="hybrid: norm = a LayerNorm on each "
-                        "branch's pooled features before the concatenation; seed = the paper's raw "
-                        "concatenation (the branch with the larger scale dominates)")
-    parser.add_argument("--mxa", choices=MXA_MODES, default="both",
-                        help="the MXA block after the ConvNeXt: channel (ca) and/or spatial (sa) attention")
-    parser.add_argument("--vit-patch-size", type=int, help="ViT patch size (default: the timm "
-                        "model's); a small input needs small patches to give the ViT enough tokens")
-    parser.add_argument("--vit-stem", choices=VIT_STEMS, help="conv: a convolutional stem instead "
-                        "of the ViT's patchify layer (Xiao et al., 2021; from scratch only)")
-    parser.add_argument("--branch-loss-weight", type=float,
-                        help="hybrid: each branch's own embedding head trained with the same loss, "
-                        "this weight each, beside the fused embedding's (0: off)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="hybrid_convnext_vit", choices=MODEL_NAMES,
+                       help="hybrid_convnext_vit (the paper's) or a single-backbone baseline")
+    group.add_argument("--embedding-dim", type=int, help="embedding size")
+    group.add_argument("--img-size", type=int, help="input size, a multiple of 32")
+    group.add_argument("--convnext-name", help="timm ConvNeXt(V2) name")
+    group.add_argument("--vit-name", help="timm ViT name")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                       help="start from ImageNet weights")
+    group.add_argument("--weights-dir", help="folder with <timm name>.safetensors/.pth files, "
+                       "for machines without hub access")
+    group.add_argument("--convnext-weights", help="ConvNeXt weights file (overrides the hub)")
+    group.add_argument("--vit-weights", help="ViT weights file (overrides the hub)")
+    group.add_argument("--neck", choices=NECKS, help="bn: BatchNorm neck before the L2 "
+                       "normalisation (keeps a from-scratch embedding from collapsing); none: the paper's head")
+    group.add_argument("--fusion", choices=FUSIONS, help="hybrid: norm = a LayerNorm on each "
+                       "branch's pooled features before the concatenation; seed = the paper's raw "
+                       "concatenation (the branch with the larger scale dominates)")
+    group.add_argument("--mxa", choices=MXA_MODES, default="both",
+                       help="the MXA block after the ConvNeXt: channel (ca) and/or spatial (sa) attention")
+    group.add_argument("--vit-patch-size", type=int, help="ViT patch size (default: the timm "
+                       "model's); a small input needs small patches to give the ViT enough tokens")
+    group.add_argument("--vit-stem", choices=VIT_STEMS, help="conv: a convolutional stem instead "
+                       "of the ViT's patchify layer (Xiao et al., 2021; from scratch only)")
+    group.add_argument("--branch-loss-weight", type=float,
+                       help="hybrid: each branch's own embedding head trained with the same loss, "
+                       "this weight each, beside the fused embedding's (0: off)")
     # Data
-    add_dataset_flag(parser, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
+    group = parser.add_argument_group("data")
+    add_dataset_flag(group, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
                      "demo: synthetic phantoms, generated if absent", default="covid")
-    add_dataset_dir_flag(parser, "the folder holding train/ and test/ (the lists name images under them)")
-    parser.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
-    parser.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
-                        "epoch for the log; it never selects the checkpoint")
-    parser.add_argument("--val-image-list", help="validation list (images under "
-                        "--val-dataset-dir); selects the best checkpoint. Default: --val-fraction "
-                        "of the training list")
-    parser.add_argument("--val-dataset", choices=DATASETS, help="format of --val-image-list when "
-                        "it differs from --dataset's (e.g. a CSV validation list beside COVIDx lists)")
-    parser.add_argument("--val-dataset-dir", help="folder of the validation images "
-                        "(default <dataset-dir>/train)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of the training images (whole patients, per class) held out "
-                        "for validation when no --val-image-list is given; 0 selects on the test "
-                        "list as the seed did (optimistic; a warning says so)")
-    parser.add_argument("--rand-resize", action="store_true",
-                        help="random crops of 70-100%% of the image for training")
-    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction,
-                        help="random horizontal flips (note: a flip moves the heart to the right)")
-    add_workers_flag(parser, None, help="data loading processes per rank (default: the setup's)")
-    image_cache.add_argument(parser)
-    parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
-                        help="bits of the data in 16-bit images (12 for most scanners); auto: the "
-                        "smallest depth holding the brightest of (a sample of) the training images. "
-                        "One depth for the whole data set, never per image")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="decode every image before training and drop the unreadable ones "
-                        "(listed in <save-dir>/bad_images.txt); default: stop and name them")
+    add_dataset_dir_flag(group, "the folder holding train/ and test/ (the lists name images under them)")
+    group.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
+    group.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
+                       "epoch for the log; it never selects the checkpoint")
+    group.add_argument("--val-image-list", help="validation list (images under "
+                       "--val-dataset-dir); selects the best checkpoint. Default: --val-fraction "
+                       "of the training list")
+    group.add_argument("--val-dataset", choices=DATASETS, help="format of --val-image-list when "
+                       "it differs from --dataset's (e.g. a CSV validation list beside COVIDx lists)")
+    group.add_argument("--val-dataset-dir", help="folder of the validation images "
+                       "(default <dataset-dir>/train)")
+    group.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of the training images (whole patients, per class) held out "
+                       "for validation when no --val-image-list is given; 0 selects on the test "
+                       "list as the seed did (optimistic; a warning says so)")
+    group.add_argument("--rand-resize", action="store_true",
+                       help="random crops of 70-100%% of the image for training")
+    group.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                       help="random horizontal flips (note: a flip moves the heart to the right)")
+    add_workers_flag(group, None, help="data loading processes per rank (default: the setup's)")
+    image_cache.add_argument(group)
+    group.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
+                       help="bits of the data in 16-bit images (12 for most scanners); auto: the "
+                       "smallest depth holding the brightest of (a sample of) the training images. "
+                       "One depth for the whole data set, never per image")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="decode every image before training and drop the unreadable ones "
+                       "(listed in <save-dir>/bad_images.txt); default: stop and name them")
     # Batches and loss
-    parser.add_argument("-p", "--labels-per-batch", type=int, help="P: labels per batch")
-    parser.add_argument("-k", "--samples-per-label", type=int, help="K: images per label")
-    parser.add_argument("--batch-size", type=int,
-                        help="P x K; given alone, K = batch-size // P (seed-compatible)")
-    parser.add_argument("--batches-per-epoch", type=int,
-                        help="default: one pass over the training images across all ranks")
-    parser.add_argument("--recipe", default="strong", choices=tuple(RECIPES),
-                        help="strong: BN neck + identity loss + batch-all triplet, AdamW, cosine "
-                        "(learns from scratch); seed: the seed's loss and optimisation (Adam, "
-                        "constant lr 1e-4, batch-hard triplet only, no weight decay, no neck). "
-                        "Flags given override it")
-    parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
-    parser.add_argument("--mining", choices=MININGS, help="triplet mining")
-    parser.add_argument("--soft-margin", action="store_true",
-                        help="softplus(d_ap - d_an) instead of the hinge with --margin (Hermans et al., 2017)")
-    parser.add_argument("--id-loss-weight", type=float,
-                        help="weight of the cosine-softmax identity loss beside the triplet loss (0: off)")
-    parser.add_argument("--id-loss-scale", type=float, default=16.0,
-                        help="cosine-softmax temperature (logits = scale x cosine)")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="of the identity loss")
+    group = parser.add_argument_group("batches and loss")
+    group.add_argument("-p", "--labels-per-batch", type=int, help="P: labels per batch")
+    group.add_argument("-k", "--samples-per-label", type=int, help="K: images per label")
+    group.add_argument("--batch-size", type=int,
+                       help="P x K; given alone, K = batch-size // P (seed-compatible)")
+    group.add_argument("--batches-per-epoch", type=int,
+                       help="default: one pass over the training images across all ranks")
+    group.add_argument("--recipe", default="strong", choices=tuple(RECIPES),
+                       help="strong: BN neck + identity loss + batch-all triplet, AdamW, cosine "
+                       "(learns from scratch); seed: the seed's loss and optimisation (Adam, "
+                       "constant lr 1e-4, batch-hard triplet only, no weight decay, no neck). "
+                       "Flags given override it")
+    group.add_argument("--margin", type=float, default=0.2, help="triplet margin (try 0.1-0.3)")
+    group.add_argument("--mining", choices=MININGS, help="triplet mining")
+    group.add_argument("--soft-margin", action="store_true",
+                       help="softplus(d_ap - d_an) instead of the hinge with --margin (Hermans et al., 2017)")
+    group.add_argument("--id-loss-weight", type=float,
+                       help="weight of the cosine-softmax identity loss beside the triplet loss (0: off)")
+    group.add_argument("--id-loss-scale", type=float, default=16.0,
+                       help="cosine-softmax temperature (logits = scale x cosine)")
+    group.add_argument("--label-smoothing", type=float, default=0.1, help="of the identity loss")
     # Optimisation
-    parser.add_argument("--epochs", type=int, help="training epochs")
-    parser.add_argument("--optimizer", choices=("adamw", "adam"), help="adam: the seed's, no decoupled decay")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the new layers")
-    parser.add_argument("--backbone-lr-mult", type=float,
-                        help="backbone lr = lr x this (default: 0.1 when pretrained, else 1)")
-    parser.add_argument("--weight-decay", type=float, help="weight decay (not on norms and biases)")
-    parser.add_argument("--schedule", choices=("cosine", "constant"),
-                        help="cosine: linear warmup, then cosine decay to --min-lr-ratio x lr")
-    parser.add_argument("--warmup-epochs", type=float, help="linear warmup (cosine schedule)")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak lr")
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="PK batches per optimiser step; their gradients are averaged")
-    parser.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, help="training epochs")
+    group.add_argument("--optimizer", choices=("adamw", "adam"), help="adam: the seed's, no decoupled decay")
+    group.add_argument("--lr", type=float, help="peak learning rate of the new layers")
+    group.add_argument("--backbone-lr-mult", type=float,
+                       help="backbone lr = lr x this (default: 0.1 when pretrained, else 1)")
+    group.add_argument("--weight-decay", type=float, help="weight decay (not on norms and biases)")
+    group.add_argument("--schedule", choices=("cosine", "constant"),
+                       help="cosine: linear warmup, then cosine decay to --min-lr-ratio x lr")
+    group.add_argument("--warmup-epochs", type=float, help="linear warmup (cosine schedule)")
+    group.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak lr")
+    group.add_argument("--grad-accum", type=int, default=1,
+                       help="PK batches per optimiser step; their gradients are averaged")
+    group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
     # Speed
-    parser.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
-                        help="mixed precision; auto = bf16 on CUDA from compute capability 8 "
-                        "(A100, H100), fp16 with loss scaling on older GPUs, none on CPU")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute backbone activations in backward: less memory, ~25%% slower")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                        help="channels-last memory format (default: on for CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
-                        help="fused Adam(W) kernels (one launch for all parameters)")
-    add_device_flag(parser)
-    add_progress_flag(parser)
+    group = parser.add_argument_group("speed")
+    group.add_argument("--amp", default="auto", choices=("auto", *AMP_DTYPES),
+                       help="mixed precision; auto = bf16 on CUDA from compute capability 8 "
+                       "(A100, H100), fp16 with loss scaling on older GPUs, none on CPU")
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute backbone activations in backward: less memory, ~25%% slower")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       help="channels-last memory format (default: on for CUDA)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="fused Adam(W) kernels (one launch for all parameters)")
+    add_device_flag(group)
+    add_progress_flag(group)
     # Evaluation, logging, checkpoints
-    parser.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
-    parser.add_argument("--eval-freq", type=int, default=1, help="evaluate every N epochs")
-    parser.add_argument("--print-freq", type=int, default=10, help="check the loss every N steps")
-    parser.add_argument("--save-dir", help="checkpoints, args.json and metrics.jsonl")
-    parser.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
-                        help="also log to TensorBoard: every metrics.jsonl number per epoch, the loss and "
-                        "learning rate per logged step, the validation embeddings of each best epoch in "
-                        "the projector (default DIR: <save-dir>/tensorboard; needs pip install tensorboard)")
-    parser.add_argument("--keep-checkpoints", type=int, default=3,
-                        help="epoch checkpoints kept (older ones deleted; 0 keeps all)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow a fresh run in a --save-dir that already holds one")
-    parser.add_argument("--allow-patient-overlap", action="store_true",
-                        help="go on when the train, validation and test lists share patients or "
-                        "files (an error otherwise: it inflates validation and test numbers)")
-    add_resume_flag(parser, "checkpoint to continue from (full training state); auto: the newest readable "
+    group = parser.add_argument_group("evaluation, logging and checkpoints")
+    group.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
+    group.add_argument("--eval-freq", type=int, default=1, help="evaluate every N epochs")
+    group.add_argument("--print-freq", type=int, default=10, help="check the loss every N steps")
+    group.add_argument("--save-dir", help="checkpoints, args.json and metrics.jsonl")
+    group.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                       help="also log to TensorBoard: every metrics.jsonl number per epoch, the loss and "
+                       "learning rate per logged step, the validation embeddings of each best epoch in "
+                       "the projector (default DIR: <save-dir>/tensorboard; needs pip install tensorboard)")
+    group.add_argument("--keep-checkpoints", type=int, default=3,
+                       help="epoch checkpoints kept (older ones deleted; 0 keeps all)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="allow a fresh run in a --save-dir that already holds one")
+    group.add_argument("--allow-patient-overlap", action="store_true",
+                       help="go on when the train, validation and test lists share patients or "
+                       "files (an error otherwise: it inflates validation and test numbers)")
+    add_resume_flag(group, "checkpoint to continue from (full training state); auto: the newest readable "
                     "one in --save-dir, or a new run if there is none", required=False)
-    parser.add_argument("--skip-nonfinite", action="store_true",
-                        help="skip an optimiser step whose loss or gradient is NaN/Inf (counted in "
-                        "metrics.jsonl) instead of stopping the run")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
+    group.add_argument("--skip-nonfinite", action="store_true",
+                       help="skip an optimiser step whose loss or gradient is NaN/Inf (counted in "
+                       "metrics.jsonl) instead of stopping the run")
+    group.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
-    add_debug_flag(parser)
+    add_debug_flag(group)
     return parser
 
 
