@@ -4,7 +4,7 @@
     python bench.py embed [--device cuda --full] [--compile]     # embedding extraction vs plain fp32
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
-    python bench.py search [--search-n 1000000]                  # retrieve.search vs matmul + topk, memory
+    python bench.py search [--search-n 1000000]                  # search.search vs matmul + topk, memory
     python bench.py search --ivf 8192 --search-n 10000000        # faiss IVF vs exact: recall@10, time, memory
     python bench.py all                                          # all five in turn
 
@@ -106,6 +106,8 @@ def main(args):
         raise SystemExit("error: --device cuda asked for, but no CUDA GPU is visible; use --device cpu")
     if (args.steps is not None and args.steps < 1) or args.warmup < 0:
         raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    if args.data_seconds <= 0:
+        raise SystemExit(f"error: --data-seconds {args.data_seconds:g}: give a positive budget in seconds")
     if args.img_size is not None and args.img_size % 32:
         raise SystemExit(f"error: --img-size {args.img_size} must be a multiple of 32")
     if args.threads:

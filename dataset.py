@@ -13,7 +13,7 @@ an empty list, a malformed line, an unknown label (or two spellings of one, 'Nor
 'normal'), paths leaving the image folder, and missing images (all counted, the first few
 named). `check_images` finds unreadable files up front (or drops them: --skip-bad-images);
 an image that still cannot be decoded fails at load time with its path and list line. 16-bit
-images are scaled by one bit depth per data set, DICOM files through their LUTs (images.py).
+images are scaled by one bit depth per data set, DICOM files through their LUTs (cxr/images.py).
 """
 import copy
 import csv
@@ -170,7 +170,7 @@ def read_entries(image_root, list_file, list_format, folder_flag=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Images (decoding lives in images.py)
+# Images (decoding lives in cxr/images.py)
 # --------------------------------------------------------------------------------------------
 def _parallel(function, items, workers, desc, progress=True):
     """[function(item)] over a thread pool with a progress bar; Pillow and zlib decode outside
@@ -185,7 +185,7 @@ def scan_bit_depth(paths, sample=256, workers=None):
     """The bit depth of a data set's grayscale images of more than 8 bits: the smallest of
     8/10/12/14/16 that holds the maximum over (an even sample of up to `sample` of) them, or
     None when there are none. One depth for the whole set, so two films of one scanner keep
-    their relative brightness (see images.py)."""
+    their relative brightness (see cxr/images.py)."""
     paths = list(paths)
     if sample and len(paths) > sample:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, sample).round().astype(int)]

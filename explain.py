@@ -11,7 +11,7 @@ One image (overlays, a figure with the neighbours, explanation.json):
 A list (summary.json = {"images": [...], "aggregate": {...}}; with lesion masks under
 <mask-dir>/lesion the aggregate holds the pointing game at --pointing-tolerance (and 10%), its
 chance level, the mismatched-lesion baseline and the image-specific gain, zone agreement, and,
-given a fitting list with lesion masks, the location-prior baseline; see localisation.py):
+given a fitting list with lesion masks, the location-prior baseline; see cxr/localisation.py):
 
     python explain.py --resume CKPT --image-list LIST --dataset-dir DIR \\
         --gallery-image-list LIST --gallery-dataset-dir DIR --mask-dir DIR --out OUTDIR \\
@@ -31,9 +31,10 @@ The gallery defaults to the checkpoint's training list. The map's target (--targ
 the predicted class's mean gallery embedding (the neighbours' majority vote) minus the reference
 class's (--reference-class, "normal"), or that mean embedding alone, or the query's k-th
 neighbour; the map (--method) is by default integrated gradients from the reference class's mean
-gallery image (gradcam.py). saliency_selection.py chose these on validation phantoms.
+gallery image (cxr/gradcam.py). saliency_selection.py chose these on validation phantoms.
 """
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -42,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import chexmask
 from cxr import (
     chexmask_csv,
     explain_figures,
@@ -71,16 +71,17 @@ from cxr.cli import (
 from cxr.embeddings import class_prototypes, extract_embeddings, has_branches
 from cxr.errors import UserError
 from cxr.gradcam import METHODS, RetrievalGradCAM, branch_attribution, branch_weights, default_layers, heatmaps
+from cxr.images import load_image
 from cxr.presets import LIST_FORMAT
 from cxr.retrieval_metrics import majority_vote
 from cxr.runtime import Runtime, refuse_distributed, setup_runtime
-from dataset import ImageListDataset, build_transform, load_image
+from dataset import ImageListDataset, build_transform
 
 
 # ---------------------------------------------------------------------- gallery
 def embed_gallery(model, dataset, device, batch_size, workers):
     """Embeddings (N, D), labels (N,) and, for the hybrid, each branch's mean pooled features
-    (the reference of the branch attribution), in one pass (utils.extract_embeddings)."""
+    (the reference of the branch attribution), in one pass (embeddings.extract_embeddings)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     runtime = Runtime(device=device)
     if not has_branches(model):
@@ -302,7 +303,10 @@ def main(args):
         ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, [args.image])
         reader = mask_sources.MaskReader(args, [args.image])
         ctx["names"] = [args.image]
-        record, full, original = explain_batch(ctx, [args.image], masks=[reader.source(args.image)])[0]
+        source = reader.source(args.image)
+        if callable(source):  # CheXmask: decoded once, for the statistics and the figure's outlines
+            source = functools.lru_cache(maxsize=None)(source)
+        record, full, original = explain_batch(ctx, [args.image], masks=[source])[0]
         record["saliency"] = ctx["saliency"]
         faithfulness.add_to_records(ctx)
         localisation.zone_prior_agreement([record], ctx["prior"])
@@ -310,8 +314,9 @@ def main(args):
             print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
         neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
         explain_figures.write_overlays(out, original, full)
-        masks = reader.source(args.image)
-        masks = (masks((original.height, original.width)) if callable(masks) else masks) or {}
+        masks = (source((original.height, original.width)) if callable(source) else source) or {}
+        if not (masks.get("info") or {}).get("used", True):  # a rejected CheXmask row: no outlines
+            masks = {}
         record["figure"] = explain_figures.write_figure(out / "figure.png", original, full, record,
                                                        neighbour_maps, masks)
         record["files"] = sorted(p.name for p in out.glob("*.png"))
@@ -400,7 +405,7 @@ def get_args_parser():
     parser.add_argument("--chexmask-id-column", help="the CSVs' image-id column (default: the first of "
                         + ", ".join(chexmask_csv.ID_COLUMNS) + " they have)")
     parser.add_argument("--min-mask-dice", type=float, default=chexmask_csv.DEFAULT_MIN_DICE,
-                        help=f"CheXmask rows whose {chexmask.DICE_MEAN} is below this give no masks "
+                        help=f"CheXmask rows whose {chexmask_csv.DICE_MEAN} is below this give no masks "
                         "(null region statistics, counted in the summary); 0 keeps all")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--topk", type=int, default=10, help="neighbours retrieved and voting")
@@ -417,7 +422,7 @@ def get_args_parser():
     parser.add_argument("--method", choices=METHODS, default="ig",
                         help="the fused map: ig (default) = integrated gradients on the pixels from the "
                         "mean image of the reference class; gradnorm, gradcam, hirescam = from the "
-                        "branch layers' gradients (see gradcam.py); the branch maps are layer maps")
+                        "branch layers' gradients (see cxr/gradcam.py); the branch maps are layer maps")
     parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of --method ig")
     parser.add_argument("--smooth", type=float, default=1.0,
                         help="Gaussian smoothing of the --method ig map, sigma in input pixels (0: none)")

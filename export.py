@@ -13,6 +13,7 @@ where test.py and retrieve.py look for it: it belongs to the same weights (its f
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 from cxr.atomic_files import atomic_write, write_json
@@ -30,7 +31,10 @@ def main(args):
     checkpoint = load_checkpoint(args.checkpoint, flag="export.py")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise UserError("export.py needs a checkpoint written by train.py (with its model config)")
-    extra = {"preprocessing": preprocessing(checkpoint["model_config"], data_bit_depth(checkpoint))}
+    model, _, fingerprint = load_trained_model(args.checkpoint, "cpu")
+    # The same description beside either export (model.json for model.safetensors and model.onnx alike).
+    extra = {"preprocessing": preprocessing(checkpoint["model_config"], data_bit_depth(checkpoint)),
+             "fingerprint": fingerprint}
     written = []
     if args.out or not args.onnx:
         out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".safetensors")
@@ -40,7 +44,7 @@ def main(args):
         copy_detector(args.checkpoint, weights)
         written.append(weights)
     if args.onnx:
-        written.append(write_onnx(args.checkpoint, checkpoint, Path(args.onnx), extra))
+        written.append(write_onnx(model, checkpoint, Path(args.onnx), extra))
     write_card(args, checkpoint, written)
     return written[0]
 
@@ -55,8 +59,16 @@ def default_report(checkpoint_path):
     return None
 
 
+def report_of(report, checkpoint_path):
+    """Whether a test.py report was written for the checkpoint at checkpoint_path (the same file,
+    or a hard link to it: train.py's best checkpoint and its epoch file)."""
+    written_for = Path(report.get("checkpoint", ""))
+    return written_for.is_file() and os.path.samefile(written_for, checkpoint_path)
+
+
 def write_card(args, checkpoint, written):
-    """MODEL_CARD.md beside the first exported file."""
+    """MODEL_CARD.md beside the first exported file; its test numbers from the checkpoint's own
+    test.py report only."""
     report_path = Path(args.report) if args.report else default_report(args.checkpoint)
     report = None
     if report_path is not None:
@@ -64,9 +76,13 @@ def write_card(args, checkpoint, written):
             report = json.loads(report_path.read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"--report {report_path}: cannot read the test.py report ({error})") from error
-        if report.get("model") != checkpoint["model_config"]["name"] or report.get("classes") != checkpoint["classes"]:
-            raise UserError(f"--report {report_path} is the report of another model (or classes) than "
-                            f"{args.checkpoint}; give that checkpoint's test.py report")
+        if not report_of(report, args.checkpoint):
+            if args.report:
+                raise UserError(f"--report {report_path} was written for {report.get('checkpoint')}, not "
+                                f"{args.checkpoint}; give this checkpoint's test.py report")
+            print(f"note: {report_path} is the report of {report.get('checkpoint')}, not of this checkpoint: "
+                  "the model card leaves it out")
+            report, report_path = None, None
     detector_path = default_detector_path(args.checkpoint)
     detector = OODDetector.load(detector_path) if detector_path.is_file() else None
     parameters = sum(value.numel() for value in checkpoint["model"].values())
@@ -77,13 +93,12 @@ def write_card(args, checkpoint, written):
     return card
 
 
-def write_onnx(path, checkpoint, out, extra):
-    model, _, fingerprint = load_trained_model(path, "cpu")
-    description = {**describe(checkpoint), **extra, "fingerprint": fingerprint}
-    export_onnx(model, description, out)
+def write_onnx(model, checkpoint, out, extra):
     sidecar = out.with_suffix(".json")
-    if sidecar.name == "args.json":
+    if sidecar.name == "args.json":  # a run folder's own record: never overwritten by an export
         raise UserError(f"--onnx {out}: its JSON would overwrite the run's args.json; choose another name")
+    description = {**describe(checkpoint), **extra}
+    export_onnx(model, description, out)
     write_json(sidecar, description)
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, ONNX opset {OPSET}, dynamic batch) and {sidecar}; "
           "onnxruntime alone runs it (see its preprocessing in either file)")

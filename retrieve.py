@@ -26,10 +26,10 @@ A query writes `OUTDIR/results.json` ({"queries": [{"query", "label"?, "correct"
 "ood"?, "labelled"?}; neighbour paths are the image files as indexed; "label" and "correct" (vote
 == label) for queries of --image-list; the top-level "ood" and "labelled" count the flagged and
 the correctly voted queries), a contact sheet `OUTDIR/<NNNN>_<query stem>.png` per query
-(contact_sheet.py; with --explain, each tile carries a gradnorm heat map of the branch layers,
-fused by branch share: gradcam.py), and prints a table.
+(cxr/contact_sheet.py; with --explain, each tile carries a gradnorm heat map of the branch layers,
+fused by branch share: cxr/gradcam.py), and prints a table.
 The OOD guard is on by default where ood.py saved a detector beside the checkpoint
-(<checkpoint stem>_ood.pth): see ood_guard.py. For galleries of many millions, where the
+(<checkpoint stem>_ood.pth): see cxr/ood_guard.py. For galleries of many millions, where the
 exact scan (linear in the gallery) is too slow: `index --faiss-ivf NLIST` adds an approximate
 faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss is optional:
 `pip install faiss-cpu`).
@@ -71,11 +71,12 @@ from cxr.cli import (
 from cxr.embeddings import class_prototypes, extract_embeddings
 from cxr.errors import UserError
 from cxr.gradcam import RetrievalGradCAM, default_layers
+from cxr.images import load_image
 from cxr.masks import read_masks
 from cxr.presets import LIST_FORMAT
 from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
 from cxr.search import search
-from dataset import DatasetError, ImageListDataset, build_transform, load_image
+from dataset import DatasetError, ImageListDataset, build_transform
 
 
 # ---------------------------------------------------------------------- index command
@@ -207,6 +208,9 @@ def query(args):
     refuse_distributed("retrieve.py")
     if args.topk < 1:
         raise SystemExit(f"error: --topk {args.topk}: give at least 1 neighbour")
+    if args.mask_dir and not args.explain:
+        raise SystemExit("error: --mask-dir gives the masks the ontology reads with the heat maps: add --explain "
+                         "(or drop --mask-dir)")
     device = setup_runtime(args.device).device
     manifest, gallery, gallery_labels, gallery_paths = gallery_index.load_index(args.index)
     classes = manifest["classes"]
@@ -357,12 +361,15 @@ def get_args_parser():
                      help="flag queries the OOD detector of ood.py rejects; on by default when the "
                      "detector is there, --ood makes a missing or stale one an error, --no-ood turns it off")
     ask.add_argument("--explain", action="store_true",
-                     help="heat maps on the contact sheet (gradcam.py's gradnorm maps of the branch layers, fused by "
-                          "branch share; explain.py's integrated gradients need gallery images): the query's towards "
+                     help="heat maps on the contact sheet and the page (cxr/gradcam.py's gradnorm maps of the branch "
+                          "layers, fused by branch share; explain.py's integrated gradients need gallery images): the "
+                          "query's towards "
                           "its vote's mean embedding, each neighbour's towards the query; the ontology's sentences "
                           "read the query's map")
     ask.add_argument("--mask-dir", help="with --explain: lungs/ and heart/ mask PNGs named like the query files "
-                     "(as demo_data.py and chexmask.py to-png write them), so every ontology rule can run")
+                     "(as demo_data.py and chexmask.py to-png write them), so every ontology rule can run; the "
+                     "rules read the gradnorm map of the whole film, where explain.py reads its integrated "
+                     "gradients, so the two may say different things of one film")
     ask.add_argument("--ood-detector", help="detector file, required when given (default "
                      "<checkpoint stem>_ood.pth, used when it exists)")
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood_detector.SCORES, help="score that flags")

@@ -4,7 +4,7 @@ The demo phantoms draw normal hearts with a cardiothoracic ratio (CTR) in 0.38-0
 ones in 0.58-0.70, on either side of the rule's threshold (ontology.json: ctr > 0.53), and the rule
 reads the generator's own masks: it cannot fail there. This program measures it where it can:
 
-* a borderline set: the same generator (demo_data.make_phantom_with_info, opt-in ctr_ranges),
+* a borderline set: the same generator (phantom.make_phantom_with_info, opt-in ctr_ranges),
   normal and cardiomegaly only, with CTR ranges that straddle the threshold (BORDERLINE_RANGES);
   the standard demo ranges are measured alongside as the reference;
 * masks that are not the generator's own: boundary noise, per-structure shifts, a heart scale

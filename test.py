@@ -25,7 +25,7 @@ patient or file shared with the gallery or the checkpoint's training lists is an
 per-query neighbours and pictures beside it, and the embeddings as .npz (--save-dir). Where
 ood.py saved a detector beside the checkpoint (<checkpoint stem>_ood.pth), every query is scored
 for being out of distribution, and the count is printed (--no-ood: not; --ood: the detector is
-required; see ood_guard.py).
+required; see cxr/ood_guard.py).
 
 Majority votes at k = 1, 5, 10, 15 and 20 by default; on a small list the sizes above the
 neighbours a query has are left out (with a note), and --vote-ks chooses the sizes.
@@ -563,8 +563,8 @@ def write_outputs(args, checkpoint, config, report, per_query, query_set, galler
             f"{prefix}_embedding_map.png", args.map, title=f"{config['name']}: {len(query_set)} test embeddings "
             f"({'PCA' if args.map == 'pca' else 't-SNE'})")
         written["risk-coverage"] = plots.risk_coverage(report["abstention"], f"{prefix}_risk_coverage.png")
-    if args.html:
-        written["page"] = write_html(args, report_path, report, per_query, query_set, gallery_set, embedded, written)
+    if args.html:  # written after the report (below), so a failed page loses no number
+        written["page"] = report_path.with_suffix(".html")
     report["files"] = {name: str(path) for name, path in written.items() if name != "report"}
     npz_path = embeddings_path(args, checkpoint_path, query_set, gallery_set)
     report["files"]["embeddings"] = str(npz_path)
@@ -583,6 +583,8 @@ def write_outputs(args, checkpoint, config, report, per_query, query_set, galler
                       gallery_paths=np.array([str(p) for p in gallery_set.paths]),
                       gallery_patients=np.array([str(p) for p in gallery_set.patients]))
     np.savez(npz_path, **arrays)
+    if args.html:
+        write_html(args, report_path, report, per_query, query_set, gallery_set, embedded, written)
     print(f"\nreport: {report_path}\nembeddings: {npz_path}")
     for name, path in written.items():
         if name != "report":

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cxr import engine, faults, memory_check, progress, splits
@@ -57,6 +56,7 @@ from cxr.runtime import (
     ShardSampler,
     average_buffers,
     cleanup_runtime,
+    distributed_module,
     log,
     log_record,
     rng_states,
@@ -94,7 +94,9 @@ def run(args, runtime):
     save_dir, checkpoint, warm_start = prepare_save_dir(args, runtime)
     board = None
     if args.tensorboard is not None:  # before the data: a missing package stops the run at once
-        board = TensorBoardLog(Path(args.tensorboard) if args.tensorboard else save_dir / "tensorboard", runtime)
+        # --overwrite starts the default folder afresh; a folder the user named may hold other runs.
+        board = TensorBoardLog(Path(args.tensorboard) if args.tensorboard else save_dir / "tensorboard", runtime,
+                               fresh=args.overwrite and checkpoint is None and not args.tensorboard)
     seed_everything(args.seed + runtime.rank)
     data = load_data(args, runtime)
     config = model_config(args)
@@ -102,11 +104,7 @@ def run(args, runtime):
     parts = build_training(args, runtime, config, data, checkpoint, warm_start, save_dir)
     start_epoch, best_metric, best_epoch = restore(args, runtime, parts, data, checkpoint, warm_start, save_dir)
     if runtime.distributed:
-        # Gradients as views of the all-reduce buckets: no copy per bucket and step, and no stride
-        # mismatch for channels-last weights (PyTorch warns "grad strides do not match bucket view").
-        parts.objective = DistributedDataParallel(
-            parts.objective, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+        parts.objective = distributed_module(parts.objective, runtime)
     try:
         best_metric, best_epoch = fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epoch,
                                       board)
@@ -406,12 +404,13 @@ def fit(args, runtime, parts, data, save_dir, start_epoch, best_metric, best_epo
             log(runtime, f"epoch {epoch} kept as best: {key} {record[key]:.2f}"
                          + (f" > {best_metric:.2f} (epoch {best_epoch})" if best_epoch else ""))
             best_metric, best_epoch = record[key], epoch
-            if board is not None and selection:
-                dataset = data.eval_loaders[data.select_split].dataset
-                board.projector(selection["embeddings"], selection["labels"], dataset, data.classes, epoch)
         record["best_epoch"] = best_epoch
         logged(record)
         save_epoch(args, parts, data, save_dir, epoch, record, states, best_metric, best_epoch, is_best)
+        if is_best and board is not None and selection:  # after the save: a failure here loses no epoch
+            dataset = data.eval_loaders[data.select_split].dataset
+            board.projector(selection["embeddings"], selection["labels"], dataset, data.classes, epoch,
+                            data.select_split)
     return best_metric, best_epoch
 
 

@@ -7,7 +7,7 @@ measured alone, per worker count, for each source: the phantoms written as 8-bit
 same images as 16-bit PNGs holding 12-bit data (or --dataset-dir's images), each read directly
 (decode + resize every epoch) and through --cache-dir's pre-resized cache (image_cache.py) after
 one untimed pass filled it, i.e. as from the second epoch on. Beside them: the training step rate
-of train.py's default flags on this device (train.train_step in its own process), and for the
+of train.py's default flags on this device (engine.train_step in its own process), and for the
 paper model on a GPU the rate the train suite measured on an NVIDIA H200 (a stated reference, not
 measured here on a CPU run). Files are in the page cache (no disk reads) for both paths.
 """

@@ -1,10 +1,10 @@
-"""bench.py's search suite: retrieve.search over a large float16 gallery, against the floor.
+"""bench.py's search suite: search.search over a large float16 gallery, against the floor.
 
     python bench.py search [--search-n 1000000 --search-dim 256 --search-queries 100] [--steps 3]
 
 In one run, each in its own fresh process (bench.isolated), on the same random gallery of unit
 vectors: plain (the floor: one float32 matrix product and torch.topk per chunk of 65,536 rows, no
-tie rule), retrieve.search, the previous retrieve.search (a full stable sort of every chunk's
+tie rule), search.search, the previous search.search (a full stable sort of every chunk's
 similarities), faiss's exact IndexFlatIP when faiss is installed (CPU only), then plain again.
 Each times the top-10 search --steps times and keeps the fastest; extra memory is the case's
 peak RSS during the searches above its resident memory once the gallery and the queries exist
@@ -15,9 +15,9 @@ peak RSS during the searches above its resident memory once the gallery and the 
 With --ivf the suite measures the approximate faiss IVF path of retrieve.py (index --faiss-ivf
 NLIST, query --search faiss --nprobe N) instead (run_ivf; CPU, needs faiss): on a clustered
 float16 gallery (make_clustered_gallery: unit vectors around 5,000 Gaussian centres, not uniform
-noise, on which IVF would mean nothing), one fresh process (ivf_case) times retrieve.search's
+noise, on which IVF would mean nothing), one fresh process (ivf_case) times search.search's
 exact top-10 and keeps its neighbours; builds a faiss IndexIVFFlat the way
-retrieve.build_faiss_index does, from the same rows made again in chunks after the gallery is
+gallery_index.build_faiss_index does, from the same rows made again in chunks after the gallery is
 freed (the gallery, the training sample and the float32 index are never all resident); for each
 --ivf-nprobe times the IVF search and its recall@10 against the exact neighbours; then times the
 exact search again (a load change shows). Build time (training + adding), index bytes and peak
@@ -33,10 +33,10 @@ import torch
 from cxr import bench_harness, search
 
 K = 10
-CHUNK = 65536  # retrieve.search's default
+CHUNK = 65536  # search.search's default
 TARGET_SIZE = (1_000_000, 256, 100)  # gallery rows, dimension, queries: the targets are for this size
 TARGET_SECONDS, TARGET_VS_PLAIN, TARGET_MEMORY = 2.0, 1.5, 0.5
-LABELS = {"plain": "plain: float32 matmul + topk per chunk", "new": "retrieve.search",
+LABELS = {"plain": "plain: float32 matmul + topk per chunk", "new": "search.search",
           "previous": "previous: full stable sort per chunk", "faiss": "faiss IndexFlatIP (float32 copy)"}
 
 
@@ -53,7 +53,7 @@ def make_gallery(n, dim, queries, device):
 
 
 def plain_search(queries, gallery, k, chunk_size=CHUNK):
-    """The floor retrieve.search is held to: per chunk a float32 matrix product and torch.topk,
+    """The floor search.search is held to: per chunk a float32 matrix product and torch.topk,
     then the top k of the chunks' top ks (ties in whatever order topk leaves them)."""
     scores, indices = [], []
     for start in range(0, len(gallery), chunk_size):
@@ -67,7 +67,7 @@ def plain_search(queries, gallery, k, chunk_size=CHUNK):
 
 
 def previous_search(queries, gallery, k, chunk_size=CHUNK):
-    """retrieve.search before the top-k rewrite: a full stable sort of every chunk."""
+    """search.search before the top-k rewrite: a full stable sort of every chunk."""
     best_scores = queries.new_empty(len(queries), 0)
     best_indices = torch.empty(len(queries), 0, dtype=torch.int64, device=queries.device)
     for start in range(0, len(gallery), chunk_size):
@@ -204,7 +204,7 @@ def run_search(args):
              "extra: the case's peak memory above its resident memory after creating the gallery and "
              "the queries (on the host: peak RSS, after handing freed memory back to the system)",
              "time / plain: against the faster of the two plain runs; same as previous: the neighbours "
-             "and scores against the previous retrieve.search's (the exact ranking, ties by index)"]
+             "and scores against the previous search.search's (the exact ranking, ties by index)"]
     if "faiss" in results:
         notes.append("faiss: search time only, the index (a float32 copy of the gallery) is built untimed "
                      "and counts in extra memory")
@@ -212,7 +212,7 @@ def run_search(args):
     if first and last and abs(first - last) > 0.1 * max(first, last):
         notes.append(f"plain took {first:.2f} and {last:.2f} s at the start and the end: the machine's load "
                      "changed during the run; ratios (against the faster) are unreliable")
-    bench_harness.report(args, "search", f"search: retrieve.search, exact top-{K} ({args.device})",
+    bench_harness.report(args, "search", f"search: search.search, exact top-{K} ({args.device})",
                  bench_harness.markdown_table(header, table), notes)
     return rows
 
@@ -283,9 +283,9 @@ def _fastest(repeats, run):
 
 
 def ivf_case(n, dim, queries, nlist, nprobes, repeats):
-    """In one process, so that the times compare under the same load: retrieve.search's exact
+    """In one process, so that the times compare under the same load: search.search's exact
     top-K over the clustered gallery (the reference neighbours and time); a faiss IndexIVFFlat
-    built as retrieve.build_faiss_index builds it (inner-product quantizer, trained on the same
+    built as gallery_index.build_faiss_index builds it (inner-product quantizer, trained on the same
     sample of 256 * nlist rows); for each nprobe the IVF top-K time and recall@K; then the exact
     search again (a change of the machine's load between shows as a difference).
 
@@ -305,7 +305,7 @@ def ivf_case(n, dim, queries, nlist, nprobes, repeats):
     before = reset_peak_rss()  # from here: the build's and the index's memory
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    # retrieve.build_faiss_index's sample, gathered chunk by chunk, converted to float32 as it does
+    # gallery_index.build_faiss_index's sample, gathered chunk by chunk, converted to float32 as it does
     sample = np.sort(np.random.default_rng(0).permutation(n)[:256 * nlist])
     train, taken = np.empty((len(sample), dim), dtype=np.float32), 0
     for start, block, _ in clustered_rows(n, dim):
@@ -369,7 +369,7 @@ def run_ivf(args):
               "queries short of k", "status"]
     table, met = [], []
     exact = min(result.get("exact", []), key=lambda r: r["seconds"], default=None)
-    for run, label in zip(result.get("exact", []), ("exact: retrieve.search", "exact, again")):
+    for run, label in zip(result.get("exact", []), ("exact: search.search", "exact, again")):
         table.append([label, "all", f"{run['seconds']:.3f}", f"{run['cpu_seconds']:.2f}",
                       f"{run['seconds'] / exact['seconds']:.3f}", f"{run['cpu_seconds'] / exact['cpu_seconds']:.3f}",
                       "1.000", "", ""])
@@ -400,8 +400,8 @@ def run_ivf(args):
              f"{queries} float32 queries drawn the same way from seed 1 (not gallery rows); top-{K}"
              + (f"; {result['in_cluster']:.1%} of the exact top-{K} neighbours are in their query's cluster"
                 if "in_cluster" in result else ""),
-             f"exact: retrieve.search; IVF: faiss {faiss.__version__} IndexIVFFlat, inner product, built as "
-             "retrieve.build_faiss_index builds it (trained on 256 x nlist rows sampled with numpy seed 0), "
+             f"exact: search.search; IVF: faiss {faiss.__version__} IndexIVFFlat, inner product, built as "
+             "gallery_index.build_faiss_index builds it (trained on 256 x nlist rows sampled with numpy seed 0), "
              f"rows added in float32 chunks of {CHUNK:,}; all in one process: the exact search timed, "
              "the gallery freed, the index built from the same rows made again chunk by chunk (never "
              "the gallery and the index resident together), the IVF searches timed, the index freed, "

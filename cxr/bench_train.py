@@ -262,7 +262,7 @@ def training_setup(args, device):
 
 
 def train_case(argv, variant, steps, warmup):
-    """`warmup` untimed, then `steps` timed training steps (train.train_step) of one variant on
+    """`warmup` untimed, then `steps` timed training steps (engine.train_step) of one variant on
     one fixed PK batch. variant None: only create the batch (the baseline of the host memory)."""
     args = train_args.parse_args(argv + variant_argv(variant or ()))
     device = torch.device(args.device)

@@ -82,10 +82,10 @@ def write_figure(path, image, maps, record, neighbour_maps, masks=None):
     scale.tick_params(labelsize=7)
     if neighbour_maps:
         bottom = rows[1].subplots(1, len(neighbour_maps), squeeze=False)[0]
-        for ax, neighbour, (img, saliency) in zip(bottom, record["neighbours"], neighbour_maps):
+        for rank, (ax, neighbour, (img, saliency)) in enumerate(zip(bottom, record["neighbours"], neighbour_maps),
+                                                                 start=1):
             ax.axis("off")
             ax.imshow(overlay(img, saliency))
-            rank = record["neighbours"].index(neighbour) + 1
             ax.set_title(f"#{rank} {neighbour['label']}\nsimilarity {neighbour['similarity']:.3f}", fontsize=9)
     fig.suptitle("\n".join(textwrap.wrap(title, int(15 * width))), fontsize=10)
     fig.savefig(path, dpi=100)

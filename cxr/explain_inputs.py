@@ -29,7 +29,10 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
     if not run.get("dataset_dir"):
         raise UserError(f"--split: {args.resume} does not record its run's data; give --image-list "
                               "and --dataset-dir instead")
-    train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth)
+    recorded = (f"the checkpoint's recorded dataset_dir {run['dataset_dir']} (explain.py --split reads the run's "
+                "own lists there; where the data has moved, explain an --image-list with its --dataset-dir)")
+    train_part, val_part = run_data.training_splits(run, runtime, run["dataset"], run["dataset_dir"], bit_depth,
+                                                    folder_flag=recorded)
     if args.split == "val":
         if val_part is None:
             raise UserError(f"--split val: the run of {args.resume} held out no validation images "
@@ -37,7 +40,7 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
         gallery = None if args.gallery_image_list else train_part  # another gallery: see check_gallery
         return val_part, train_part, gallery
     test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
-                            bit_depth=bit_depth or "auto")
+                            bit_depth=bit_depth or "auto", folder_flag=recorded)
     return test, train_part, None
 
 

@@ -11,7 +11,7 @@
 - NonFiniteGuard: a NaN/Inf loss or gradient stops the run naming the step, the batch's files
   and the last good checkpoint, or with --skip-nonfinite skips that step and counts it.
 
-Checkpoints themselves are written atomically and durably by utils.atomic_write.
+Checkpoints themselves are written atomically and durably by atomic_files.atomic_write.
 """
 import itertools
 import json

@@ -6,8 +6,8 @@ The forward pass is counted with torch's FlopCounterMode, whose forward counts a
 layers here (matrix products, dense and depthwise convolutions, attention). Its backward counts
 are not used: it counts a grouped (depthwise) convolution's `convolution_backward` as if the
 convolution were dense, so ConvNeXt's 7 x 7 depthwise layers cost 538 GFLOPs per 384 px image
-in its backward against 3.3 GFLOPs for every convolution of the forward, which made the MFU of
-earlier BENCHMARKS.md sections about half what it was.
+in its backward against 3.3 GFLOPs for every convolution of the forward, so the MFU of earlier
+BENCHMARKS.md sections was about twice the real one.
 """
 import torch
 from torch.utils.flop_counter import FlopCounterMode

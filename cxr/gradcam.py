@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr.embeddings import has_branches
-from dataset import load_image
+from cxr.images import load_image
 
 
 @dataclass(frozen=True)

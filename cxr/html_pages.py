@@ -9,6 +9,7 @@ text and a caption.
 """
 import html
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image
 
@@ -66,7 +67,7 @@ def figure(src, alt, caption_html, css=""):
     if src is None:
         return (f"<figure class=\"{css}\"><figcaption><span class=\"ood\">film not readable</span><br>"
                 f"{caption_html}</figcaption></figure>")
-    return (f"<figure class=\"{css}\"><img src=\"{escape(src)}\" alt=\"{escape(alt)}\">"
+    return (f"<figure class=\"{css}\"><img src=\"{escape(quote(src))}\" alt=\"{escape(alt)}\">"
             f"<figcaption>{caption_html}</figcaption></figure>")
 
 
@@ -146,7 +147,7 @@ def metric_rows(report):
         node = intervals
         for key in keys:
             node = node.get(key, {}) if isinstance(node, dict) else {}
-        return f"[{node['low']:.1f}, {node['high']:.1f}]" if "low" in node else ""
+        return f"[{node['low']:.1f}, {node['high']:.1f}]" if node.get("low") is not None else ""
     rows = [(f"R@{k}", f"{v:.1f}", interval("recall_at_k", k)) for k, v in report["recall_at_k"].items()]
     rows.append(("mAP", f"{report['map']:.1f}", interval("map")))
     rows += [(f"mP@{k}", f"{v:.1f}", interval("precision_at_k", k)) for k, v in report["precision_at_k"].items()]

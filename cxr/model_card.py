@@ -19,7 +19,7 @@ def _interval(intervals, *keys):
     node = intervals or {}
     for key in keys:
         node = node.get(key, {}) if isinstance(node, dict) else {}
-    return f" [{node['low']:.1f}, {node['high']:.1f}]" if "low" in node else ""
+    return f" [{node['low']:.1f}, {node['high']:.1f}]" if node.get("low") is not None else ""
 
 
 def _lists_section(checkpoint, report):

@@ -4,11 +4,11 @@ batch size, one output `embeddings` (N, D), L2-normalised like the PyTorch model
 
 What the model expects of its input is written into the file's metadata (`preprocessing`, as
 JSON) and into the JSON description beside it, so a deployment can prepare a film without this
-repository: decode it to 8 bits (16-bit data scaled by `bit_depth` bits, or by the image's own
-maximum when that is null), replicate the grey channel three times, resize the whole film to
-`image_size` x `image_size` (bicubic; never a centre crop), scale to [0, 1], then subtract `mean`
-and divide by `std` per channel. `embed_numpy` in tests/test_onnx_export.py does exactly that with
-numpy, Pillow and onnxruntime alone.
+repository (PREPROCESSING's words are cxr/images.load_image's and dataset.build_transform's): decode
+it to 8 bits, as three equal channels, resize the whole film to `image_size` x `image_size`
+(bicubic; never a centre crop), scale to [0, 1], then subtract `mean` and divide by `std` per
+channel. tests/test_onnx_export.py does that for 8-bit PNGs with numpy, Pillow and onnxruntime
+alone, in a process where torch cannot be imported.
 
 Written with torch.onnx's TorchScript exporter (`dynamo=False`): the dynamo exporter needs
 onnxscript, one more package for the same graph.
@@ -19,13 +19,20 @@ import warnings
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cxr.atomic_files import atomic_write
 from cxr.errors import UserError
 
 OPSET = 18
 INPUT, OUTPUT = "images", "embeddings"
-# What dataset.build_transform does at evaluation time, in words a deployment can follow.
+# What cxr/images.load_image and dataset.build_transform do at evaluation time, in words a
+# deployment can follow.
+DECODE = ("8-bit grey: as it is. 16-bit grey (PNG, TIFF): minus its minimum when negative, divided by "
+          "2^bit_depth - 1 (when bit_depth is null: by 2^b - 1 for the smallest b of 8, 10, 12, 14, 16 that "
+          "holds the film's maximum), times 255, clipped. DICOM (monochrome): the modality LUT, then the first VOI "
+          "LUT or window, scaled linearly from the window's output range (without one: the film's min to max) to "
+          "0-255, MONOCHROME1 inverted. Colour images: their RGB channels as they are")
 RESIZE = "bicubic, the whole film to image_size x image_size (no crop)"
 
 
@@ -39,12 +46,11 @@ def import_onnx():
 
 def preprocessing(model_config, bit_depth):
     """The input the exported model expects, as a JSON-able dict."""
-    from dataset import IMAGENET_MEAN, IMAGENET_STD  # here: dataset imports torchvision
-
     return {"input": INPUT, "output": OUTPUT, "layout": "NCHW", "dtype": "float32", "channels": 3,
-            "grey_to_rgb": "the grey channel repeated three times",
+            "decode": DECODE, "grey_to_rgb": "the grey channel repeated three times",
             "image_size": model_config["img_size"], "resize": RESIZE, "bit_depth": bit_depth,
-            "scale": "8-bit values / 255, so [0, 1]", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "scale": "8-bit values / 255, so [0, 1]",
+            "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
             "embedding_dim": model_config["embedding_dim"], "normalised": True, "similarity": "dot product"}
 
 
@@ -57,6 +63,7 @@ def export_onnx(model, description, out):
         raise UserError(f"--onnx {out}: name the file *.onnx")
     size = description["preprocessing"]["image_size"]
     example = torch.zeros(2, 3, size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export{os.getpid()}")
     model = model.eval()
     try:

@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 
 class OODDetector:
     def __init__(self, temperature=1 / 16, k=10, fingerprint=None):
-        """fingerprint: utils.model_fingerprint of the model whose embeddings it is fitted on."""
+        """fingerprint: checkpoints.model_fingerprint of the model whose embeddings it is fitted on."""
         if temperature <= 0 or k < 1:
             raise ValueError(f"temperature must be > 0 and k >= 1, got {temperature}, {k}")
         self.temperature, self.k = float(temperature), int(k)

@@ -3,7 +3,7 @@
     detector, path = ood_guard.choose(args.ood, args.resume, fingerprint, args.ood_detector, log)
 
 `requested` is the --ood / --no-ood flag. True (--ood), or a detector file named with
---ood-detector, requires the detector: a missing, unreadable or stale one is ood.load_for_model's
+--ood-detector, requires the detector: a missing, unreadable or stale one is ood_detector.load_for_model's
 error. False (--no-ood) turns the guard off. None (neither flag) uses the detector ood.py saved
 beside the checkpoint (<checkpoint stem>_ood.pth) when that file is there: a model trained on
 phantoms or on another hospital's films votes confidently on anything, and without the guard
@@ -19,7 +19,7 @@ from cxr.errors import UserError
 
 def choose(requested, checkpoint, fingerprint, path=None, log=print):
     """(detector or None, its path or None); `fingerprint` is the model's
-    (utils.model_fingerprint), `log` prints one line (the main process's, under torchrun)."""
+    (checkpoints.model_fingerprint), `log` prints one line (the main process's, under torchrun)."""
     if requested is False:
         return None, None
     named = path is not None

@@ -4,6 +4,7 @@ every LOG_EVERY_S seconds within it, so a log holds no carriage-return redraws.
 
 Programs set the mode once from their --progress flag (set_mode); library loops call progress().
 """
+import os
 import sys
 import time
 
@@ -68,8 +69,9 @@ class _Silent(_LogLines):
 
 
 def progress(iterable, desc, total=None, enabled=True):
-    """`iterable` with its progress shown as the mode says (nothing when not enabled)."""
-    mode = current_mode() if enabled else "none"
+    """`iterable` with its progress shown as the mode says (nothing when not enabled, nor on any
+    torchrun rank but the first: one log, not one per process)."""
+    mode = current_mode() if enabled and int(os.environ.get("RANK", 0)) == 0 else "none"
     if mode == "bar":
         return tqdm(iterable, desc=desc, total=total, leave=False)
     if mode == "log":

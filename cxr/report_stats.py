@@ -1,8 +1,8 @@
-"""Statistics on top of metrics.py: per-class numbers, patient-bootstrap confidence intervals,
+"""Statistics on top of retrieval_metrics.py: per-class numbers, patient-bootstrap confidence intervals,
 paired comparison of two models, and abstention (risk-coverage, calibration) of the vote.
 
 Everything here starts from the per-query values of one ranking
-(`metrics.evaluate_retrieval(..., return_per_query=True)`): each query's hits in its top K,
+(`retrieval_metrics.evaluate_retrieval(..., return_per_query=True)`): each query's hits in its top K,
 its AP, its majority vote and vote share. A metric is then a weighted mean over queries, and a
 bootstrap resample is a vector of query weights:
 

@@ -76,7 +76,7 @@ from cxr.metric_inputs import (
 __all__ = ["evaluate_retrieval", "rank_topk", "majority_vote"]
 
 if sys.byteorder != "little":  # _rank_rows writes the two int32 words of each key
-    raise ImportError("metrics.py assumes a little-endian machine")
+    raise ImportError("retrieval_metrics.py assumes a little-endian machine")
 
 # Query chunks are chosen so that chunk x gallery stays near this many
 # similarities (128 MiB of float32): a 10^5 gallery still gets ~330 rows per

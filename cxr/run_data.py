@@ -19,7 +19,7 @@ from dataset import ImageListDataset, build_transform, split_by_patient
 DATASET_DIR_FLAG = "--dataset-dir (train.py reads images from <dataset-dir>/train and <dataset-dir>/test)"
 
 
-def build_datasets(args, runtime):
+def build_datasets(args, runtime, folder_flag=DATASET_DIR_FLAG):
     """(train, validation or None, test) datasets; validation from --val-image-list or a
     patient-grouped --val-fraction of the training list. With --cache-dir every split reads
     through the pre-resized image cache (image_cache.py)."""
@@ -33,7 +33,7 @@ def build_datasets(args, runtime):
     eval_transform = build_transform(args.img_size, False)
     bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
     train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
-                                 transform=train_transform, bit_depth=bit_depth, folder_flag=DATASET_DIR_FLAG)
+                                 transform=train_transform, bit_depth=bit_depth, folder_flag=folder_flag)
     classes = train_set.classes
     bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
@@ -44,7 +44,7 @@ def build_datasets(args, runtime):
                                    folder_flag="--val-dataset-dir (the validation images' folder)")
     test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
                                 classes=classes, transform=eval_transform, bit_depth=bit_depth,
-                                folder_flag=DATASET_DIR_FLAG)
+                                folder_flag=folder_flag)
     faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
     use_cache([train_set, val_set, test_set], getattr(args, "cache_dir", None), args.img_size)
     if val_set is None and args.val_fraction > 0:
@@ -100,9 +100,11 @@ def relocate(train_args, dataset_dir):
     return moved
 
 
-def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None, cache_dir=None):
+def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None, cache_dir=None,
+                    folder_flag=DATASET_DIR_FLAG):
     """The checkpoint's own (training, validation or None) images, as train.py split them;
-    `dataset`/`dataset_dir` stand in for the run's when the data has moved."""
+    `dataset`/`dataset_dir` stand in for the run's when the data has moved; `folder_flag`: what
+    the calling program's errors tell the user to check (see ImageListDataset)."""
     # Flags added since an older checkpoint was saved get their defaults; the run's bad images
     # are dropped as in training, but their list goes to a scratch folder, not the run's.
     run_args = argparse.Namespace(**{"bit_depth": "auto", "skip_bad_images": False, **train_args,
@@ -111,5 +113,5 @@ def training_splits(train_args, runtime, dataset, dataset_dir, bit_depth=None, c
                                      "save_dir": tempfile.mkdtemp(prefix="run_data_")})
     if bit_depth:  # the depth training scaled by, not a new scan
         run_args.bit_depth = str(bit_depth)
-    train_set, val_set, _ = build_datasets(run_args, runtime)
+    train_set, val_set, _ = build_datasets(run_args, runtime, folder_flag)
     return train_set, val_set

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from cxr.errors import UserError
 from cxr.progress import timestamp
@@ -79,6 +80,14 @@ def all_gather_varlen(tensor, runtime):
     gathered = [torch.zeros_like(padded) for _ in range(runtime.world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def distributed_module(module, runtime):
+    """`module` under DDP, its gradients views of the all-reduce buckets (gradient_as_bucket_view):
+    no copy of every gradient into its bucket each step, less memory, and no stride mismatch
+    between a gradient and its bucket (PyTorch's "grad strides do not match bucket view strides")."""
+    return DistributedDataParallel(module, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def average_buffers(module, runtime):

@@ -1,12 +1,14 @@
 """train.py --tensorboard: the run as TensorBoard shows it. Every number of metrics.jsonl per
 epoch (val_*, test_*, train_*), the running loss and the learning rate at every logged step
-(--print-freq), and at each new best epoch the validation embeddings in the projector with a
-thumbnail and the label of each image. Only the main process writes.
+(--print-freq), and at each new best epoch the selection split's embeddings in the projector
+with a thumbnail and the label of each image. Only the main process writes; a new run in the same
+folder (--overwrite) removes the old run's event files first.
 
 TensorBoard is optional: without the package, --tensorboard stops at once with the command that
 installs it (no run is started that would then have no log).
 """
 import numbers
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,12 @@ def summary_writer(folder):
 
 
 class TensorBoardLog:
-    def __init__(self, folder, runtime):
+    def __init__(self, folder, runtime, fresh=False):
+        """fresh: a new run in a folder a run used before (--overwrite): its event files go first."""
+        folder = Path(folder)
+        if runtime.is_main and fresh and folder.is_dir():
+            for old in folder.rglob("events.out.tfevents.*"):
+                old.unlink()
         self.writer = summary_writer(folder) if runtime.is_main else None
         self.folder = folder
 
@@ -47,17 +54,21 @@ class TensorBoardLog:
         for key, value in values.items():
             self.writer.add_scalar(f"step/{key}", value, global_step)
 
-    def projector(self, embeddings, labels, dataset, classes, epoch):
-        """The validation embeddings with their labels and thumbnails (the first PROJECTOR_IMAGES)."""
+    def projector(self, embeddings, labels, dataset, classes, epoch, split):
+        """The `split` embeddings with their labels and thumbnails: PROJECTOR_IMAGES of them at most,
+        evenly spaced over the list (a list sorted by class gives every class)."""
         if self.writer is None:
             return
-        n = min(len(embeddings), PROJECTOR_IMAGES)
-        images = torch.stack([dataset[i][0] for i in range(n)])  # normalised, as the model saw them
-        low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-        thumbnails = F.interpolate((images - low) / (high - low).clamp(min=1e-6), size=THUMBNAIL,
-                                   mode="bilinear", align_corners=False)
-        self.writer.add_embedding(embeddings[:n].cpu(), metadata=[classes[int(t)] for t in labels[:n]],
-                                  label_img=thumbnails, global_step=epoch, tag="validation")
+        picked = torch.linspace(0, len(embeddings) - 1, min(len(embeddings), PROJECTOR_IMAGES)).round().long().unique()
+        thumbnails = []
+        for index in picked.tolist():  # one film at a time: never a batch of full-size tensors
+            image = dataset[index][0][None]  # normalised, as the model saw it
+            low, high = image.amin(), image.amax()
+            thumbnails.append(F.interpolate((image - low) / (high - low).clamp(min=1e-6), size=THUMBNAIL,
+                                            mode="bilinear", align_corners=False)[0])
+        self.writer.add_embedding(embeddings[picked].cpu(), metadata=[classes[int(labels[i])] for i in picked],
+                                  label_img=torch.stack(thumbnails), global_step=epoch,
+                                  tag="validation" if split == "val" else split)
         self.writer.flush()
 
     def close(self):

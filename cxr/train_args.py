@@ -29,7 +29,7 @@ def get_args_parser(add_help=True):
                         "GPU) or small (the demo's atto + tiny backbones at 64 px from scratch, for a CPU; "
                         "P = 2) [default: small for --dataset demo, else paper]")
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
-                        help="skip the estimate of peak memory before training (memory_check.py)")
+                        help="skip the estimate of peak memory before training (cxr/memory_check.py)")
     # Model
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="hybrid_convnext_vit", choices=MODEL_NAMES,

@@ -1,4 +1,6 @@
 """bench.py: the paths it compares compute the same thing, and the CLI runs end to end (CPU, small)."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,7 @@ def test_seed_algorithm_equals_evaluate_retrieval(seed, dim, classes):
     fast = dict(bench_metrics._flatten(retrieval_metrics.evaluate_retrieval(embeddings, labels)))
     assert reference.keys() == fast.keys()
     for key, value in reference.items():
-        if key == "/map":  # AP terms are summed in float32-rounded fixed point (metrics.py)
+        if key == "/map":  # AP terms are summed in float32-rounded fixed point (retrieval_metrics.py)
             assert fast[key] == pytest.approx(value, abs=1e-6), key
         elif isinstance(value, int):  # confusion matrices
             assert fast[key] == value, key
@@ -140,3 +142,29 @@ def test_cli_metrics_suite_appends_a_section(tmp_path):
     assert text.startswith("# Benchmarks") and "| 120 |" in text and "| 150 |" in text
     bench.main(args)
     assert output.read_text().count("# Benchmarks") == 1  # the header once, sections appended
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """Two classes of blank images, each taking `delay` seconds to load."""
+
+    def __init__(self, n, delay):
+        self.targets, self.delay = torch.arange(n) % 2, delay
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        time.sleep(self.delay)
+        return torch.zeros(3, 8, 8), int(self.targets[index])
+
+
+def test_loader_timing_stops_at_its_budget_and_a_stalled_batch_fails(monkeypatch):
+    from argparse import Namespace
+
+    from cxr import bench_data
+    args = Namespace(labels_per_batch=2, samples_per_label=2)
+    rate, batches = bench_data.loader_rate(SlowImages(8, 0.05), args, 0, 40, 1, False, seconds=0.3)
+    assert 1 <= batches < 40 and rate > 0  # about 0.2 s a batch: stopped after a few, not all 40
+    monkeypatch.setattr(bench_data, "BATCH_TIMEOUT_S", 1)
+    with pytest.raises(RuntimeError, match="timed out"):
+        bench_data.loader_rate(SlowImages(8, 3.0), args, 1, 2, 0, False)  # a worker stuck for 12 s a batch

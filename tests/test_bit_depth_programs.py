@@ -12,7 +12,8 @@ import retrieve
 import train
 from cxr import gallery_index, search, train_args
 from cxr.checkpoints import data_bit_depth, load_trained_model
-from dataset import build_transform, load_image
+from cxr.images import load_image
+from dataset import build_transform
 from test_train import TINY, ckpt, phantoms  # noqa: F401  (the phantoms fixture)
 
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from cxr import demo_dataset, images, train_args
-from dataset import DatasetError, ImageListDataset, build_transform, load_image, read_covidx_list, scan_bit_depth
+from cxr.images import load_image
+from dataset import DatasetError, ImageListDataset, build_transform, read_covidx_list, scan_bit_depth
 
 
 def write_images(root, names, size=40, value=128):

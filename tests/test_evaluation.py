@@ -1,4 +1,4 @@
-"""Tests for evaluation.py (bootstrap, paired comparison, per-class, abstention), splits.py
+"""Tests for report_stats.py (bootstrap, paired comparison, per-class, abstention), splits.py
 (leakage checks, provenance) and test.py's outputs built on them."""
 import json
 

@@ -22,9 +22,23 @@ def test_depthwise_and_dense_convolutions_and_linear_layers_count_their_analytic
     assert forward_flops(linear, torch.randn(batch, channels)) == 2 * batch * channels * 8
 
 
-def test_training_flops_are_three_forward_passes_of_the_model():
+def test_training_flops_per_image_are_three_analytic_forward_passes():
+    channels, size, classes = 8, 10, 4
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, channels, 7, padding=3,
+                                                                           groups=channels),
+                          nn.Flatten(), nn.Linear(channels * size * size, classes))
+    forward = (2 * channels * size * size * 3 * 9  # dense 3 x 3
+               + 2 * channels * size * size * 49  # depthwise 7 x 7
+               + 2 * channels * size * size * classes)  # linear
+    for batch in (1, 3):  # per image, whatever the batch counted
+        assert training_flops_per_image(model, size, "cpu", batch=batch) == 3 * forward
+
+
+def test_the_hybrids_count_is_per_image_and_covers_both_branches():
     model = build_model("hybrid_convnext_vit", 16, pretrained=False, **SMALL_MODEL).eval()
-    images = torch.randn(2, 3, SMALL_MODEL["img_size"], SMALL_MODEL["img_size"])
-    forward = forward_flops(model, images) / 2
-    assert forward > 0
-    assert training_flops_per_image(model, SMALL_MODEL["img_size"], "cpu") == 3 * forward
+    size = SMALL_MODEL["img_size"]
+    whole = training_flops_per_image(model, size, "cpu")
+    assert whole == training_flops_per_image(model, size, "cpu", batch=1)
+    convnext = 3 * forward_flops(model.convnext, torch.randn(1, 3, size, size))
+    vit = 3 * forward_flops(model.vit, torch.randn(1, 3, size, size))
+    assert convnext > 0 and vit > 0 and whole > convnext + vit  # + the fusion head

@@ -1,6 +1,8 @@
 """The HTML pages (retrieve.py query's index.html, test.py --html's report.html) opened in headless
 Chromium: every picture exists beside the page, loads, has an alt text and a caption, and the
 console holds no error. Chromium is Debian's (`.ci/run` installs it)."""
+import html
+import json
 import os
 import re
 import shutil
@@ -61,7 +63,7 @@ def test_retrieval_page_of_three_films_with_heat_maps(trained, phantoms, tmp_pat
     out = tmp_path / "query"
     retrieve.main(["query", "--index", str(index), "--resume", str(trained), "--image-list", str(three),
                    "--dataset-dir", str(phantoms / "test"), "--topk", "5", "--explain", "--out", str(out),
-                   "--device", "cpu"])
+                   "--mask-dir", str(phantoms / "masks"), "--device", "cpu"])
     page = out / "index.html"
     sources = relative_pictures(page)
     assert len(sources) == 3 * 6  # each query: the film and its 5 neighbours
@@ -69,6 +71,12 @@ def test_retrieval_page_of_three_films_with_heat_maps(trained, phantoms, tmp_pat
     assert pictures == loaded == 18 and captioned and all(alts) and errors == []
     text = page.read_text()
     assert text.count("<h2>Query ") == 3 and "similarity" in text and ("right" in text or "wrong" in text)
+    # the ontology's sentences, read from each query's map with its masks (so the CTR rules could run)
+    queries = json.loads((out / "results.json").read_text())["queries"]
+    for record in queries:
+        assert record["sentences"][0].startswith(f"Retrieved finding: {record['vote']}")
+        assert html.escape(record["sentences"][0], quote=True) in text
+    assert any("cardiothoracic ratio" in sentence for r in queries for sentence in r["sentences"])
 
 
 def test_report_page_with_intervals_figures_and_the_lowest_ap_queries(trained, phantoms, tmp_path):  # noqa: F811

@@ -1,6 +1,6 @@
 """Files written by an earlier release (tests/data/legacy, before the library moved into its
 package) load in today's programs and give the same numbers: a train.py checkpoint, its
-safetensors export, the OOD detector fitted for it and a retrieval index."""
+safetensors export, the OOD detector fitted for it (and ood.py refitting it) and a retrieval index."""
 import json
 import shutil
 import subprocess
@@ -80,3 +80,17 @@ def test_the_earlier_index_and_detector_answer_queries_as_before(legacy, phantom
             [n["similarity"] for n in e["neighbours"]], abs=1e-6)
         assert a["ood"]["flagged"] == e["ood"]["flagged"]
         assert a["ood"]["value"] == pytest.approx(e["ood"]["value"], abs=1e-5)
+
+
+def test_ood_py_refits_the_earlier_detector_on_the_earlier_checkpoint(legacy, phantoms, tmp_path):  # noqa: F811
+    """ood.py on the earlier checkpoint fits the same detector again: the same thresholds and rates."""
+    expected = json.loads((legacy / "expected_ood_report.json").read_text())
+    report = tmp_path / "ood.json"
+    run(["ood.py", "--resume", str(legacy / "legacy_ckpt.pth"), "--dataset-dir", str(phantoms), "--workers", "0",
+         "--device", "cpu", "--ood-image-list", str(phantoms / "test_split.txt"), "--ood-dataset-dir",
+         str(phantoms / "test"), "--report", str(report), "--save", str(tmp_path / "refit_ood.pth")], cwd=tmp_path)
+    actual = json.loads(report.read_text())
+    for key in ("tpr", "temperature", "k", "num_fit", "num_calibration", "num_in", "in_flagged_share", "results",
+                "thresholds"):
+        assert_close(actual[key], expected[key], key)
+    assert (tmp_path / "refit_ood.pth").read_bytes() != b""

@@ -1,4 +1,4 @@
-"""Tests for metrics.py: golden values, a slow obvious reference, helpers, errors."""
+"""Tests for retrieval_metrics.py: golden values, a slow obvious reference, helpers, errors."""
 
 import functools
 import json

@@ -45,7 +45,7 @@ def test_search_is_exact_with_index_ties():
 
 def reference_search(queries, gallery, k, chunk_size):
     """The slow reference: every similarity (one matrix product per chunk of the gallery, as
-    retrieve.search computes them), then a full stable descending sort of each row."""
+    search.search computes them), then a full stable descending sort of each row."""
     queries = queries.float()
     sims = torch.cat([queries @ gallery[s:s + chunk_size].float().T
                       for s in range(0, len(gallery), chunk_size)], dim=1)

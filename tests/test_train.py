@@ -1,4 +1,5 @@
 """End-to-end: train.py and test.py on small phantom sets, resume, DDP, bad inputs."""
+import itertools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from cxr import demo_dataset, engine, phantom, recipe, train_args
 from cxr.errors import UserError
 from cxr.runtime import Runtime, resolve_amp
 from loss import TripletMarginLoss
+from model import build_model
 
 TINY = ["--dataset", "covid", "--convnext-name", "convnextv2_atto", "--vit-name",
         "vit_tiny_patch16_224", "--img-size", "32", "--embedding-dim", "16", "--no-pretrained",
@@ -252,16 +254,37 @@ def test_two_process_ddp_on_gloo(phantoms, tmp_path):
     assert distributed["map"] == pytest.approx(report["map"], abs=1e-9)
 
 
-def test_ddp_with_channels_last_weights_keeps_gradients_in_the_buckets(phantoms, tmp_path):
-    """Channels-last convolution weights under DDP: their gradients are the all-reduce buckets'
-    views (gradient_as_bucket_view), so there is no per-step copy and no stride warning."""
+def test_ddp_gradients_are_views_of_the_all_reduce_buckets(monkeypatch):
+    """train.py's DDP wrapper (runtime.distributed_module): after a backward pass every gradient of
+    a channels-last model is a view into DDP's buckets, so no gradient is copied into its bucket
+    each step (tested in a one-process gloo group; the view check fails without the flag)."""
+    import torch.distributed as dist
+
+    from cxr.runtime import Runtime, distributed_module
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29561")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 2))
+        model = model.to(memory_format=torch.channels_last)
+        wrapped = distributed_module(model, Runtime(torch.device("cpu"), 0, 2))
+        wrapped(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+        assert all(p.grad is not None and p.grad._base is not None for p in model.parameters())
+        plain = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))  # the default: copies
+        plain(torch.randn(2, 3)).sum().backward()
+        assert all(p.grad._base is None for p in plain.module.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_with_channels_last_trains(phantoms, tmp_path):
     result = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                       "29519", str(ROOT / "train.py"), *TINY, "--dataset-dir", str(phantoms),
                       "--train-image-list", str(phantoms / "train_split.txt"),
                       "--test-image-list", str(phantoms / "test_split.txt"), "--channels-last",
                       "--save-dir", str(tmp_path), "--epochs", "1"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "channels_last=True" in result.stdout  # the flag reached the run
+    assert "channels_last=True" in result.stdout and [r["epoch"] for r in read_metrics(tmp_path)] == [0, 1]
     assert "bucket view strides" not in result.stderr + result.stdout
 
 
@@ -477,7 +500,7 @@ def test_checkpoint_saved_before_the_fusion_options_evaluates_unchanged(phantoms
 
 def test_position_embeddings_and_tokens_get_no_weight_decay(phantoms, tmp_path):
     args = tiny_args(phantoms, tmp_path, "--model", "vit")
-    model = train.build_model(**train_args.model_config(args), pretrained=False)
+    model = build_model(**train_args.model_config(args), pretrained=False)
     objective = recipe.ModelWithLoss(model, recipe.build_criterion(args, 5), torch.device("cpu"), "none")
     optimizer = recipe.build_optimizer(objective, args, torch.device("cpu"))
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -492,7 +515,7 @@ def test_run_saved_before_the_token_decay_exemption_resumes(phantoms, tmp_path):
     train.main(tiny_args(phantoms, tmp_path / "a", "--epochs", "1"))
     state = torch.load(ckpt(tmp_path / "a", "epoch_1"), weights_only=True)
     args = tiny_args(phantoms, tmp_path / "x")
-    model = train.build_model(**train_args.model_config(args), pretrained=False)
+    model = build_model(**train_args.model_config(args), pretrained=False)
     criterion = recipe.build_criterion(args, 5)
     branch = torch.nn.ModuleDict({b: recipe.build_criterion(args, 5) for b in model.BRANCHES})
     objective = recipe.ModelWithLoss(model, criterion, torch.device("cpu"), "none", branch, 0.5)
@@ -540,9 +563,14 @@ def test_a_run_logged_to_a_file_has_no_bar_redraws_and_readable_lines(phantoms, 
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "\r" not in log
-    assert max(len(line) for line in log.splitlines()) < 400
-    epoch_line = next(line for line in result.stdout.splitlines() if " epoch 1 " in f" {line} " and "val_mAP" in line)
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch 1  train_loss ", epoch_line), epoch_line
+    lines = result.stdout.splitlines()
+    start = lines.index("arguments:")
+    arguments = list(itertools.takewhile(lambda line: line.startswith("  "), lines[start + 1:]))
+    assert len(arguments) >= 6 and all(len(line) <= 100 for line in arguments)  # one group a line, wrapped
+    assert any(line.startswith("  model: model=hybrid_convnext_vit") for line in arguments)
+    record_line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch 1  train_loss ")
+    epoch_line = next((line for line in lines if record_line.match(line)), None)
+    assert epoch_line is not None, result.stdout[-2000:]
     assert re.search(r"epoch 1: 2/2 in \d+ s", result.stdout)  # the phase's own line
     value = read_metrics(tmp_path)[-1]["val_mAP"]
     assert f"val_mAP {value:.4g}" in epoch_line and len(repr(value)) > len(f"{value:.4g}")
