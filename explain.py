@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from cxr import (
     chexmask_csv,
+    cli,
     explain_figures,
     explain_inputs,
     faithfulness,
@@ -58,16 +59,6 @@ from cxr import masks as mask_sources
 from cxr import ontology as onto
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
-from cxr.cli import (
-    add_dataset_dir_flag,
-    add_dataset_flag,
-    add_debug_flag,
-    add_device_flag,
-    add_progress_flag,
-    add_resume_flag,
-    add_workers_flag,
-    run_cli,
-)
 from cxr.embeddings import class_prototypes, extract_embeddings, has_branches
 from cxr.errors import UserError
 from cxr.gradcam import METHODS, RetrievalGradCAM, branch_attribution, branch_weights, default_layers, heatmaps
@@ -381,17 +372,17 @@ def neighbour_heatmaps(ctx, record, count):
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Explain retrievals: integrated gradients and branch maps, "
                                      "region statistics, ontology rules, branch attribution")
-    add_resume_flag(parser, "trained checkpoint (train.py)")
+    cli.add_resume_flag(parser, "trained checkpoint (train.py)")
     parser.add_argument("--image", help="one radiograph to explain")
     parser.add_argument("--image-list", help="a list of radiographs to explain (batch mode)")
-    add_dataset_dir_flag(parser, "the folder --image-list's paths are relative to (not train.py's folder of "
+    cli.add_dataset_dir_flag(parser, "the folder --image-list's paths are relative to (not train.py's folder of "
                          "train/ and test/)")
     parser.add_argument("--split", choices=("val", "test"),
                         help="explain the checkpoint's own validation images (the run's held-out part of "
                         "its training list; gallery and location prior from the rest of it) or its test "
                         "list (prior from the training list less validation): choose settings on val, "
                         "report on test")
-    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
+    cli.add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
     parser.add_argument("--gallery-image-list", help="labelled gallery (default: the run's training list)")
     parser.add_argument("--gallery-dataset-dir", help="its folder (default: <run's dataset-dir>/train)")
     parser.add_argument("--lung-mask", help="binary lung mask PNG of --image")
@@ -447,13 +438,13 @@ def get_args_parser():
     parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)
-    add_workers_flag(parser, min(2, os.cpu_count() or 1))
+    cli.add_workers_flag(parser, min(2, os.cpu_count() or 1))
     image_cache.add_argument(parser)
-    add_device_flag(parser)
-    add_progress_flag(parser)
-    add_debug_flag(parser)
+    cli.add_device_flag(parser)
+    cli.add_progress_flag(parser)
+    cli.add_debug_flag(parser)
     return parser
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    cli.run_cli(lambda: main(get_args_parser().parse_args()))

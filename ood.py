@@ -49,19 +49,9 @@ from pathlib import Path
 
 import torch
 
-from cxr import image_cache, progress, run_data
+from cxr import cli, image_cache, progress, run_data
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
-from cxr.cli import (
-    add_dataset_dir_flag,
-    add_dataset_flag,
-    add_debug_flag,
-    add_device_flag,
-    add_progress_flag,
-    add_resume_flag,
-    add_workers_flag,
-    run_cli,
-)
 from cxr.embeddings import extract_embeddings
 from cxr.ood_detector import SCORES, OODDetector, default_detector_path, detection_metrics
 from cxr.presets import LIST_FORMAT, setup_defaults
@@ -72,9 +62,9 @@ from dataset import ImageListDataset, build_transform
 # ---------------------------------------------------------------------- command line
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fit and evaluate the OOD detector", add_help=add_help)
-    add_resume_flag(parser, "trained checkpoint (train.py)")
-    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
-    add_dataset_dir_flag(parser, "the folder holding train/ and test/, as in train.py (default: the checkpoint's)")
+    cli.add_resume_flag(parser, "trained checkpoint (train.py)")
+    cli.add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
+    cli.add_dataset_dir_flag(parser, "the folder holding train/ and test/, as in train.py (default: the checkpoint's)")
     parser.add_argument("--fit-image-list", help="images the detector is fitted on, e.g. a gallery "
                         "(default: the checkpoint's training images without its validation split)")
     parser.add_argument("--fit-dataset-dir", help="their folder (default <dataset-dir>/train)")
@@ -96,12 +86,12 @@ def get_args_parser(add_help=True):
     parser.add_argument("-k", type=int, default=10, help="neighbour of the knn score")
     parser.add_argument("--report", help="JSON report (default <checkpoint stem>_ood_report.json)")
     parser.add_argument("--save", help="detector file (default <checkpoint stem>_ood.pth)")
-    add_workers_flag(parser, min(4, os.cpu_count() or 1))
+    cli.add_workers_flag(parser, min(4, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64)
-    add_device_flag(parser)
-    add_progress_flag(parser)
-    add_debug_flag(parser)
+    cli.add_device_flag(parser)
+    cli.add_progress_flag(parser)
+    cli.add_debug_flag(parser)
     return parser
 
 
@@ -208,4 +198,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    cli.run_cli(lambda: main(get_args_parser().parse_args()))

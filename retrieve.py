@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr import (
+    cli,
     contact_sheet,
     gallery_index,
     gradcam,
@@ -58,16 +59,6 @@ from cxr import (
 from cxr import ontology as onto
 from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
-from cxr.cli import (
-    add_dataset_dir_flag,
-    add_dataset_flag,
-    add_debug_flag,
-    add_device_flag,
-    add_progress_flag,
-    add_resume_flag,
-    add_workers_flag,
-    run_cli,
-)
 from cxr.embeddings import class_prototypes, extract_embeddings
 from cxr.errors import UserError
 from cxr.gradcam import RetrievalGradCAM, default_layers
@@ -320,14 +311,14 @@ def print_results(results, summary=None):
 # ---------------------------------------------------------------------- command line
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Index a labelled database; query it with radiographs")
-    add_debug_flag(parser)  # run_cli acts on it wherever it stands; here for --help
+    cli.add_debug_flag(parser)  # run_cli acts on it wherever it stands; here for --help
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed a labelled image list into an index folder")
-    add_resume_flag(index, "train.py checkpoint")
+    cli.add_resume_flag(index, "train.py checkpoint")
     index.add_argument("--image-list", help="list of the database images (not needed for --dataset folder)")
-    add_dataset_dir_flag(index, "the folder the list's paths are relative to (not train.py's folder of train/ "
+    cli.add_dataset_dir_flag(index, "the folder the list's paths are relative to (not train.py's folder of train/ "
                          "and test/)", required=True)
-    add_dataset_flag(index, "list format, as in train.py", default="covid")
+    cli.add_dataset_flag(index, "list format, as in train.py", default="covid")
     index.add_argument("--out", required=True, help="index folder (created; re-run to resume)")
     index.add_argument("--append", action="store_true", help="add the list's images the index lacks")
     index.add_argument("--dtype", choices=("float32", "float16"),
@@ -339,19 +330,19 @@ def get_args_parser():
                        help="also build an approximate faiss IVF index with NLIST clusters (needs "
                             "faiss; about sqrt(N) to 4 sqrt(N) clusters for N images)")
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    add_workers_flag(index, min(4, os.cpu_count() or 1))
+    cli.add_workers_flag(index, min(4, os.cpu_count() or 1))
     image_cache.add_argument(index)
-    add_device_flag(index)
-    add_progress_flag(index)
+    cli.add_device_flag(index)
+    cli.add_progress_flag(index)
     ask = commands.add_parser("query", help="rank the index's images for each query image")
     ask.add_argument("images", nargs="*", help="query image files (unlabelled)")
     ask.add_argument("--image-list", help="a labelled list of query images (any --dataset format): "
                      "results and contact sheets show each query's label and whether the vote is right")
-    add_dataset_dir_flag(ask, "the folder the list's paths are relative to (default: the list's folder; for "
+    cli.add_dataset_dir_flag(ask, "the folder the list's paths are relative to (default: the list's folder; for "
                          "--dataset folder, the folder per label)")
-    add_dataset_flag(ask, "list format, as in index", default="covid")
+    cli.add_dataset_flag(ask, "list format, as in index", default="covid")
     ask.add_argument("--index", required=True, help="index folder")
-    add_resume_flag(ask, "the checkpoint that built the index")
+    cli.add_resume_flag(ask, "the checkpoint that built the index")
     ask.add_argument("--topk", type=int, default=10, help="neighbours per query")
     ask.add_argument("--out", required=True, help="folder for results.json and the contact sheets")
     ask.add_argument("--search", choices=("exact", "faiss"), default="exact",
@@ -374,8 +365,8 @@ def get_args_parser():
                      "<checkpoint stem>_ood.pth, used when it exists)")
     ask.add_argument("--ood-score", default="mahalanobis", choices=ood_detector.SCORES, help="score that flags")
     ask.add_argument("--skip-bad-images", action="store_true", help="query the readable images only")
-    add_device_flag(ask)
-    add_progress_flag(ask)
+    cli.add_device_flag(ask)
+    cli.add_progress_flag(ask)
     return parser
 
 
@@ -389,4 +380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

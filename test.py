@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr import (
+    cli,
     compare_embeddings,
     html_pages,
     image_cache,
@@ -61,15 +62,6 @@ from cxr.checkpoints import (
     state_dict_of,
     strip_wrapper_prefixes,
 )
-from cxr.cli import (
-    add_dataset_flag,
-    add_debug_flag,
-    add_device_flag,
-    add_progress_flag,
-    add_resume_flag,
-    add_workers_flag,
-    run_cli,
-)
 from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
 from cxr.errors import UserError
 from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
@@ -84,7 +76,7 @@ MODEL_FLAGS = ("model", "embedding_dim", "img_size", "convnext_name", "vit_name"
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Evaluate a retrieval checkpoint", add_help=add_help)
-    add_resume_flag(parser, "checkpoint (full, or a bare state dict); required unless --compare", required=False)
+    cli.add_resume_flag(parser, "checkpoint (full, or a bare state dict); required unless --compare", required=False)
     # Model: read from the checkpoint; give them only for a bare state dict.
     parser.add_argument("--model", choices=MODEL_NAMES, help="architecture (from the checkpoint)")
     parser.add_argument("--embedding-dim", type=int, help="embedding size (from the checkpoint)")
@@ -94,7 +86,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--neck", choices=NECKS, help="embedding head's neck (from the checkpoint; "
                         "bare state dicts: none unless given)")
     # Data: each defaults to the checkpoint's recorded run, then to the data set's defaults.
-    add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's, else covid)")
+    cli.add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's, else covid)")
     parser.add_argument("--test-dataset-dir", help="folder of the test images (default: <the checkpoint's "
                         "--dataset-dir>/test, else ./data/test)")
     parser.add_argument("--test-image-list", help="test list (default: the checkpoint's, else "
@@ -106,7 +98,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--gallery-dataset", choices=DATASETS, help="format of the gallery list when it "
                         "differs from the queries' (--dataset), e.g. a COVIDx query list against a CSV gallery")
-    add_workers_flag(parser, min(4, os.cpu_count() or 1))
+    cli.add_workers_flag(parser, min(4, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
     # Speed
@@ -115,8 +107,8 @@ def get_args_parser(add_help=True):
                         "fp16 on older GPUs, none on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         help="channels-last memory format (default: on for CUDA)")
-    add_device_flag(parser)
-    add_progress_flag(parser)
+    cli.add_device_flag(parser)
+    cli.add_progress_flag(parser)
     # Outputs
     parser.add_argument("--report", help="JSON report path (default: <checkpoint>_report.json)")
     parser.add_argument("--html", action="store_true",
@@ -161,7 +153,7 @@ def get_args_parser(add_help=True):
                         help="paired comparison of two models' embeddings of the same list (files "
                         "written by test.py): differences A - B with patient-bootstrap intervals "
                         "and p-values (--bootstrap, default 1000); no checkpoint needed")
-    add_debug_flag(parser)
+    cli.add_debug_flag(parser)
     return parser
 
 
@@ -294,8 +286,8 @@ def write_html(args, report_path, report, per_query, query_set, gallery_set, emb
              if not np.isnan(ap[i])][:LOWEST_AP_SHOWN]
     k = min(5, per_query["top_indices"].shape[1])
     records = neighbour_records(per_query, embedded.query, embedded.ranked_against, query_set,
-                                gallery_set or query_set, query_set.classes, args.vote_k, k)
-    lowest = [{**records[i], "ap": float(ap[i])} for i in order]
+                                gallery_set or query_set, query_set.classes, args.vote_k, k, rows=order)
+    lowest = [{**record, "ap": float(ap[i])} for record, i in zip(records, order)]
     figures = {name: path for name, path in written.items() if str(path).endswith(".png")}
     return html_pages.report_page(report_path, report, figures, lowest, bit_depth=query_set.bit_depth)
 
@@ -320,26 +312,28 @@ def library_versions():
             "numpy": np.__version__, "scikit-learn": sklearn.__version__}
 
 
-def neighbour_records(per_query, query_emb, gallery_emb, query_set, gallery_set, classes, vote_k, k):
-    """Each query's top k: path, label, patient and similarity, with the vote at vote_k."""
-    top = per_query["top_indices"][:, :k]  # (Q, k)
-    query = query_emb.float().cpu()
+def neighbour_records(per_query, query_emb, gallery_emb, query_set, gallery_set, classes, vote_k, k, rows=None):
+    """Each query's top k (or only those of the query indices `rows`): path, label, patient and
+    similarity, with the vote at vote_k."""
+    rows = np.arange(len(query_set)) if rows is None else np.asarray(rows, dtype=np.int64)
+    top = per_query["top_indices"][rows, :k]  # (R, k)
+    query = query_emb.float().cpu()[torch.from_numpy(rows)]
     gallery = gallery_emb.float().cpu()
     similarities = []
     for start in range(0, len(query), 4096):  # (c, k, D) at a time
-        rows = torch.from_numpy(top[start:start + 4096])
-        similarities.append(torch.einsum("cd,ckd->ck", query[start:start + 4096], gallery[rows]))
-    similarities = torch.cat(similarities).numpy()
+        chunk = torch.from_numpy(top[start:start + 4096])
+        similarities.append(torch.einsum("cd,ckd->ck", query[start:start + 4096], gallery[chunk]))
+    similarities = torch.cat(similarities).numpy() if similarities else np.zeros((0, k))
     gallery_labels = gallery_set.targets.tolist()
     records = []
-    for i, path in enumerate(query_set.paths):
+    for r, i in enumerate(rows.tolist()):
         records.append({
-            "query": str(path), "label": classes[int(query_set.targets[i])], "patient": query_set.patients[i],
-            "vote": classes[int(per_query["votes"][vote_k][i])],
+            "query": str(query_set.paths[i]), "label": classes[int(query_set.targets[i])],
+            "patient": query_set.patients[i], "vote": classes[int(per_query["votes"][vote_k][i])],
             "vote_share": float(per_query["vote_share"][vote_k][i]),
             "neighbours": [{"path": str(gallery_set.paths[j]), "label": classes[gallery_labels[j]],
                             "patient": gallery_set.patients[j], "similarity": round(float(sim), 6)}
-                           for j, sim in zip(top[i].tolist(), similarities[i])]})
+                           for j, sim in zip(top[r].tolist(), similarities[r])]})
     return records
 
 
@@ -592,4 +586,4 @@ def write_outputs(args, checkpoint, config, report, per_query, query_set, galler
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    cli.run_cli(lambda: main(get_args_parser().parse_args()))

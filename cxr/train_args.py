@@ -5,16 +5,7 @@ from pathlib import Path
 
 import torch
 
-from cxr import image_cache
-from cxr.cli import (
-    add_dataset_dir_flag,
-    add_dataset_flag,
-    add_debug_flag,
-    add_device_flag,
-    add_progress_flag,
-    add_resume_flag,
-    add_workers_flag,
-)
+from cxr import cli, image_cache
 from cxr.presets import DATASETS, LIST_FORMAT, RECIPES, SETUPS, document_defaults, setup_defaults
 from cxr.runtime import AMP_DTYPES, resolve_amp
 from loss import MININGS
@@ -60,9 +51,9 @@ def get_args_parser(add_help=True):
                        "this weight each, beside the fused embedding's (0: off)")
     # Data
     group = parser.add_argument_group("data")
-    add_dataset_flag(group, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
+    cli.add_dataset_flag(group, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
                      "demo: synthetic phantoms, generated if absent", default="covid")
-    add_dataset_dir_flag(group, "the folder holding train/ and test/ (the lists name images under them)")
+    cli.add_dataset_dir_flag(group, "the folder holding train/ and test/ (the lists name images under them)")
     group.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
     group.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
                        "epoch for the log; it never selects the checkpoint")
@@ -81,7 +72,7 @@ def get_args_parser(add_help=True):
                        help="random crops of 70-100%% of the image for training")
     group.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                        help="random horizontal flips (note: a flip moves the heart to the right)")
-    add_workers_flag(group, None, help="data loading processes per rank (default: the setup's)")
+    cli.add_workers_flag(group, None, help="data loading processes per rank (default: the setup's)")
     image_cache.add_argument(group)
     group.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10", "12", "14", "16"),
                        help="bits of the data in 16-bit images (12 for most scanners); auto: the "
@@ -139,8 +130,8 @@ def get_args_parser(add_help=True):
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
                        help="fused Adam(W) kernels (one launch for all parameters)")
-    add_device_flag(group)
-    add_progress_flag(group)
+    cli.add_device_flag(group)
+    cli.add_progress_flag(group)
     # Evaluation, logging, checkpoints
     group = parser.add_argument_group("evaluation, logging and checkpoints")
     group.add_argument("--eval-batch-size", type=int, help="images per batch when embedding")
@@ -158,14 +149,14 @@ def get_args_parser(add_help=True):
     group.add_argument("--allow-patient-overlap", action="store_true",
                        help="go on when the train, validation and test lists share patients or "
                        "files (an error otherwise: it inflates validation and test numbers)")
-    add_resume_flag(group, "checkpoint to continue from (full training state); auto: the newest readable "
+    cli.add_resume_flag(group, "checkpoint to continue from (full training state); auto: the newest readable "
                     "one in --save-dir, or a new run if there is none", required=False)
     group.add_argument("--skip-nonfinite", action="store_true",
                        help="skip an optimiser step whose loss or gradient is NaN/Inf (counted in "
                        "metrics.jsonl) instead of stopping the run")
     group.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
     document_defaults(parser)
-    add_debug_flag(group)
+    cli.add_debug_flag(group)
     return parser
 
 
