@@ -1,9 +1,18 @@
-"""Datasets of labelled chest X-rays: COVIDx list files, CSV files and folder-per-class trees.
+"""Datasets of labelled chest X-rays: COVIDx list files, CSV files, folder-per-class trees and
+the public data sets' own lists (NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG: cxr/public_lists.py).
 
 List formats (paths are relative to the image folder and may not leave it):
     covidx  `patient_id filename label [source]`, whitespace separated (COVIDx train/test lists)
-    csv     a header with `filename,label` columns (other columns ignored)
+    csv     a header with `filename,label` columns and an optional `patient_id` column (without
+            it every image is its own patient, with a warning); several findings of one film
+            are joined by '|' in the label column ("Cardiomegaly|Effusion")
     folder  `<image folder>/<label>/<image>`; the label is the sub-folder name
+    nih, chexpert, mimic  the data sets' own split and label files, as they ship
+
+Multi-label lists (the public formats, and any list with a '|' label) keep each film's findings:
+`classes` are then the finding combinations of the list (what a flattening user would get),
+`findings` the single findings, and `finding_matrix()` the films x findings table that relevance,
+the PK sampler and the losses use.
 
     train_set = ImageListDataset("data/train", "train_split.txt", transform=train_transform)
     test_set = ImageListDataset("data/test", "test_split.txt", classes=train_set.classes, ...)
@@ -19,6 +28,7 @@ import copy
 import csv
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,10 +39,12 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from cxr import public_lists
 from cxr.images import IMAGE_SUFFIXES, depth_of, inspect_image, load_image
 from cxr.progress import progress as progress_of
+from cxr.public_lists import NO_FINDING, PUBLIC_FORMATS
 
-LIST_FORMATS = ("covidx", "csv", "folder")
+LIST_FORMATS = ("covidx", "csv", "folder", *PUBLIC_FORMATS)
 
 
 class DatasetError(ValueError):
@@ -82,7 +94,7 @@ def read_covidx_list(list_file):
 def read_csv_list(list_file):
     """[(filename, label, line_number, patient_id)] from a CSV file with `filename` and `label`
     columns; an optional `patient_id` column groups images of one patient (else each image is
-    its own patient)."""
+    its own patient, and a warning says so once)."""
     entries = []
     with open(list_file, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -90,6 +102,10 @@ def read_csv_list(list_file):
         if missing:
             raise DatasetError(f"{list_file}:1: CSV header must have columns 'filename' and 'label' "
                                f"(missing: {', '.join(sorted(missing))}; found: {reader.fieldnames}){OTHER_FORMAT}")
+        if "patient_id" not in reader.fieldnames:
+            warnings.warn(f"{list_file} has no 'patient_id' column, so every image counts as its own "
+                          "patient: follow-up films of one patient can then retrieve each other and sit on "
+                          "both sides of a split. Add a patient_id column", stacklevel=2)
         for row in reader:
             where = f"{list_file}:{reader.line_num}"
             if not row["filename"] or not row["label"]:
@@ -145,9 +161,10 @@ def read_patients(csv_file):
     return patients
 
 
-def read_entries(image_root, list_file, list_format, folder_flag=None):
+def read_entries(image_root, list_file, list_format, folder_flag=None, options=None):
     """(entries, source) of a list; folder_flag: the program's flag for image_root and what it
-    holds, named in the errors (e.g. "--dataset-dir, the folder holding train/ and test/")."""
+    holds, named in the errors (e.g. "--dataset-dir, the folder holding train/ and test/");
+    options: the public formats' {"views", "uncertain", "label_file", "split"}."""
     if list_format not in LIST_FORMATS:
         raise DatasetError(f"unknown list format '{list_format}'; choose one of {', '.join(LIST_FORMATS)}")
     if not Path(image_root).is_dir():
@@ -159,14 +176,49 @@ def read_entries(image_root, list_file, list_format, folder_flag=None):
         if list_file is None or not Path(list_file).is_file():
             raise DatasetError(f"image list not found: {list_file} (check --train-image-list / "
                                "--test-image-list)")
-        entries = read_covidx_list(list_file) if list_format == "covidx" else read_csv_list(list_file)
+        try:
+            entries = read_list(image_root, list_file, list_format, options or {})
+        except public_lists.ListError as error:
+            raise DatasetError(str(error)) from error
         source = list_file
     if not entries:
         expected = {"covidx": "'patient_id filename label [source]' lines (--dataset covid or demo)",
                     "csv": "a CSV with filename and label columns (--dataset csv)",
-                    "folder": "<folder>/<label>/<image> files (--dataset folder)"}[list_format]
+                    "folder": "<folder>/<label>/<image> files (--dataset folder)",
+                    "nih": "NIH image names, one a line (--dataset nih)",
+                    "chexpert": "a CheXpert CSV with frontal films (--dataset chexpert; --views all for "
+                                "the laterals)",
+                    "mimic": "the films of one split of MIMIC-CXR-JPG's split file (--dataset mimic)"}[list_format]
         raise DatasetError(f"{source}: no images found, read as {expected}{OTHER_FORMAT}")
     return entries, source
+
+
+def read_list(image_root, list_file, list_format, options):
+    if list_format == "covidx":
+        return read_covidx_list(list_file)
+    if list_format == "csv":
+        return read_csv_list(list_file)
+    views, uncertain = options.get("views") or "frontal", options.get("uncertain") or "zeros"
+    if list_format == "nih":
+        return public_lists.read_nih_list(list_file, image_root, options.get("label_file"), views)
+    if list_format == "chexpert":
+        return [(_check_relative(path, f"{list_file}:{line}"), label, line, patient)
+                for path, label, line, patient in public_lists.read_chexpert_list(list_file, views, uncertain)]
+    return public_lists.read_mimic_list(list_file, options.get("split") or "train", views, uncertain,
+                                        options.get("label_file"), options.get("metadata_file"))
+
+
+def canonical_findings(label, where):
+    """'A|B' with its findings stripped, deduplicated and sorted: one spelling per combination;
+    an empty finding or "No Finding" beside a finding is an error."""
+    findings = sorted({part.strip() for part in label.split("|")})
+    if "" in findings:
+        raise DatasetError(f"{where}: empty finding in the label {label!r}; join findings with '|', "
+                           "e.g. Cardiomegaly|Effusion")
+    if NO_FINDING in findings and len(findings) > 1:
+        raise DatasetError(f"{where}: '{NO_FINDING}' beside findings in {label!r}; a film has findings or "
+                           f"is '{NO_FINDING}'")
+    return "|".join(findings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,15 +309,26 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, image_root, list_file=None, list_format="covidx", classes=None,
-                 transform=None, max_named_missing=5, bit_depth="auto", folder_flag=None):
-        entries, source = read_entries(image_root, list_file, list_format, folder_flag)
+                 transform=None, max_named_missing=5, bit_depth="auto", folder_flag=None,
+                 multilabel=False, list_options=None):
+        """multilabel: read the list as multi-label even without a '|' label (a test list of a
+        multi-label run); classes of a multi-label list are known combinations to keep first
+        (the training list's), its new ones follow; list_options: see read_entries."""
+        entries, source = read_entries(image_root, list_file, list_format, folder_flag, list_options)
         labels = [entry[1] for entry in entries]
-        if classes is None:
+        self.multilabel = bool(multilabel or list_format in PUBLIC_FORMATS or any("|" in label for label in labels))
+        if self.multilabel:
+            labels = [canonical_findings(label, f"{source}:{line}") for label, (_, _, line, _) in zip(labels, entries)]
+            check_label_spelling([(None, finding, line, None) for label, (_, _, line, _) in zip(labels, entries)
+                                  for finding in label.split("|")], source)
+            known = list(classes or [])
+            classes = known + sorted(set(labels) - set(known))
+        elif classes is None:
             check_label_spelling(entries, source)
             classes = sorted(set(labels))
         self.classes = list(classes)
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        for _, label, line, _ in entries:
+        for label, (_, _, line, _) in zip(labels, entries):
             if label not in class_to_idx:
                 similar = [c for c in self.classes if label_key(c) == label_key(label)]
                 hint = f" (did you mean '{similar[0]}'?)" if similar else ""
@@ -295,6 +358,33 @@ class ImageListDataset(Dataset):
 
     def __len__(self):
         return len(self.paths)
+
+    @property
+    def findings(self):
+        """The single findings of the list's films, sorted (for a single-label list, its classes
+        present)."""
+        present = torch.unique(self.targets).tolist() if len(self.targets) else []
+        return sorted({finding for t in present for finding in self.findings_of_class(t)})
+
+    def findings_of_class(self, class_index):
+        name = self.classes[class_index]
+        return name.split("|") if self.multilabel else [name]
+
+    def combination_matrix(self, findings=None):
+        """(classes, findings) bool: which findings each class (combination) holds; findings
+        default to the list's own, and findings of a class not among them are left out."""
+        findings = self.findings if findings is None else list(findings)
+        column = {name: i for i, name in enumerate(findings)}
+        table = torch.zeros(len(self.classes), len(findings), dtype=torch.bool)
+        for c in range(len(self.classes)):
+            for finding in self.findings_of_class(c):
+                if finding in column:
+                    table[c, column[finding]] = True
+        return table
+
+    def finding_matrix(self, findings=None):
+        """(images, findings) bool: the findings of every film (see combination_matrix)."""
+        return self.combination_matrix(findings)[self.targets]
 
     def where(self, index):
         """'path (list line N)' of one image, for messages."""

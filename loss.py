@@ -7,6 +7,10 @@ batch_hard (Hermans et al., 2017): for every anchor, its farthest positive and n
 batch_all: every valid (anchor, positive, negative) triplet; the loss is averaged over the
 active ones (loss > 0), so easy triplets do not dilute the gradient as training progresses.
 Distances are Euclidean, computed in fp32 whatever the autocast dtype.
+
+Multi-label batches: labels may be a (B, F) 0/1 table of findings instead of (B,) class ids; two
+films are then positives when they share a finding (the relevance test.py scores with
+--relevance any), and the identity loss becomes one logit per finding (binary cross-entropy).
 """
 import torch
 import torch.nn as nn
@@ -23,6 +27,15 @@ def pairwise_distances(x):
     # distance 0 with a zero (not NaN) gradient.
     zero = d2 == 0
     return torch.where(zero, torch.zeros_like(d2), torch.sqrt(torch.where(zero, torch.ones_like(d2), d2)))
+
+
+def share_a_label(labels):
+    """(B, B) bool: whether two films are positives; (B,) class ids: the same class, (B, F)
+    finding tables: at least one finding in common."""
+    if labels.dim() == 2:
+        labels = labels.float()
+        return labels @ labels.T > 0
+    return labels[:, None] == labels[None, :]
 
 
 class TripletMarginLoss(nn.Module):
@@ -45,7 +58,7 @@ class TripletMarginLoss(nn.Module):
         Masked sums rather than boolean indexing keep the step free of host-device syncs.
         """
         dist = pairwise_distances(embeddings.float())  # (B, B)
-        same = labels[:, None] == labels[None, :]
+        same = share_a_label(labels)
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         positive = same & ~eye  # (B, B): j is a positive of anchor i
         negative = ~same
@@ -75,7 +88,9 @@ class CosineSoftmaxLoss(nn.Module):
 
     logits = scale * cos(embedding, class weight); cross-entropy with label smoothing. The
     weights are this module's own parameters (one row per training class), trained with the
-    model and saved in the checkpoint; retrieval never uses them. On unit vectors a cosine
+    model and saved in the checkpoint; retrieval never uses them. With (B, F) finding tables as
+    labels, each row is one finding's logit and the loss is binary cross-entropy per finding
+    (targets smoothed towards 1/2 by label_smoothing / 2), averaged over findings and films. On unit vectors a cosine
     classifier asks for what retrieval needs (each class in its own direction), and unlike a
     triplet loss it sees every class in every step, which is what makes training from random
     weights fast and stable (Luo et al., 2019; Wang et al., 2017).
@@ -84,7 +99,7 @@ class CosineSoftmaxLoss(nn.Module):
     def __init__(self, embedding_dim, num_classes, scale=16.0, label_smoothing=0.1):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"an identity loss needs at least 2 classes, got {num_classes}")
+            raise ValueError(f"an identity loss needs at least 2 classes (or findings), got {num_classes}")
         self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) * embedding_dim ** -0.5)
         self.scale = scale
         self.label_smoothing = label_smoothing
@@ -92,6 +107,9 @@ class CosineSoftmaxLoss(nn.Module):
     def forward(self, embeddings, labels):
         weight = nn.functional.normalize(self.weight.float(), dim=1)
         logits = self.scale * embeddings.float() @ weight.T  # (B, classes)
+        if labels.dim() == 2:
+            targets = labels.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+            return nn.functional.binary_cross_entropy_with_logits(logits, targets)
         return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
@@ -115,7 +133,7 @@ class RetrievalLoss(nn.Module):
         triplet, active = self.triplet(embeddings, labels)
         identity = self.identity(embeddings, labels) if self.identity is not None else triplet.new_zeros(())
         with torch.no_grad():
-            spread = pairwise_distances(embeddings.float()).mean() * len(labels) / max(len(labels) - 1, 1)
+            spread = pairwise_distances(embeddings.float()).mean() * len(embeddings) / max(len(embeddings) - 1, 1)
         loss = triplet + self.id_weight * identity
         return loss, {"triplet": triplet.detach(), "id": identity.detach(), "active": active,
                       "spread": spread}

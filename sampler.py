@@ -13,6 +13,9 @@ drawn uniformly (P distinct ones per batch), images within a label without repla
 with fewer than K images is drawn with replacement (with one warning). Unlike the torchvision
 reference sampler, P may equal the number of labels (COVIDx has 3 and the paper uses P = 3).
 Batches are a pure function of (seed, epoch, rank): deterministic, and different on each rank.
+
+Multi-label lists: labels may be a (N, F) 0/1 table of findings; a batch then holds P findings x
+K films carrying each (a film with two findings may come twice, once for each).
 """
 import math
 import warnings
@@ -28,7 +31,12 @@ class PKSampler(Sampler):
         labels = np.asarray(labels)
         if p < 1 or k < 1:
             raise ValueError(f"P (--labels-per-batch) and K (--samples-per-label) must be >= 1, got P={p}, K={k}")
-        self.label_values, inverse = np.unique(labels, return_inverse=True)
+        if labels.ndim == 2:  # findings: the films carrying each (findings no film carries are left out)
+            self.label_values = np.flatnonzero(labels.any(0))
+            pools = [np.flatnonzero(labels[:, f]) for f in self.label_values]
+        else:
+            self.label_values, inverse = np.unique(labels, return_inverse=True)
+            pools = [np.flatnonzero(inverse == i) for i in range(len(self.label_values))]
         names = [str(label_names[v]) if label_names is not None else str(v) for v in self.label_values]
         if p > len(self.label_values):
             raise ValueError(
@@ -37,7 +45,7 @@ class PKSampler(Sampler):
                 f"use -p {len(self.label_values)} or fewer")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.indices_per_label = [np.flatnonzero(inverse == i) for i in range(len(self.label_values))]
+        self.indices_per_label = pools
         small = [f"{names[i]} ({len(idx)})" for i, idx in enumerate(self.indices_per_label) if len(idx) < k]
         if small:
             warnings.warn(f"labels with fewer than K={k} images (count) are sampled with replacement: "

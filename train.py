@@ -207,10 +207,21 @@ class TrainData:
     eval_loaders: dict  # split -> loader
     select_split: str  # "val", or "test" without validation data (the seed's way)
     split_digest: str  # of the images the best checkpoint is chosen on
+    label_mode: str = "findings"  # multi-label lists: train on findings or on combinations
 
     @property
     def classes(self):
         return self.train_set.classes
+
+    @property
+    def by_findings(self):
+        """Whether the losses and the sampler see findings (a multi-label list, --label-mode findings)."""
+        return self.train_set.multilabel and self.label_mode == "findings"
+
+    @property
+    def loss_labels(self):
+        """Names of what the identity head has one logit for: findings or classes."""
+        return self.train_set.findings if self.by_findings else self.classes
 
     @property
     def selection_key(self):
@@ -226,11 +237,19 @@ def load_data(args, runtime):
     classes = train_set.classes
     log(runtime, f"train: {len(train_set)} images, validation: "
                  f"{len(val_set) if val_set else 0}, test: {len(test_set)}; classes: {', '.join(classes)}")
+    if train_set.multilabel:
+        log(runtime, f"multi-label: {len(train_set.findings)} findings ({', '.join(train_set.findings)}) in "
+                     f"{len(classes)} combinations; training on the "
+                     f"{'findings' if args.label_mode == 'findings' else 'combinations as classes'} "
+                     "(--label-mode); validation relevance: a shared finding")
     # What the best checkpoint was chosen on: a resumed run compares bests only on the same images.
     selection_set = val_set or test_set
     split_digest = digest(sorted(str(p.relative_to(selection_set.image_root)) for p in selection_set.paths))
     for name, dataset in (("validation", val_set), ("test", test_set)):
-        fewest = min(torch.bincount(dataset.targets, minlength=len(classes)).tolist()) if dataset else None
+        fewest = None
+        if dataset is not None:
+            fewest = int(dataset.finding_matrix().sum(0).min()) if train_set.multilabel else \
+                min(torch.bincount(dataset.targets, minlength=len(classes)).tolist())
         if dataset is not None and fewest < MIN_PER_CLASS:
             log(runtime, f"warning: the {name} images number {len(dataset)}, {fewest} in the "
                          f"smallest class (fewer than {MIN_PER_CLASS}): one image more or less "
@@ -240,10 +259,12 @@ def load_data(args, runtime):
     if val_set is None:
         log(runtime, "warning: no validation data (--val-fraction 0): the best checkpoint is "
                      "chosen on the test list, as the seed did; its test numbers are optimistic")
+    by_findings = train_set.multilabel and args.label_mode == "findings"
     try:
-        sampler = PKSampler(train_set.targets.tolist(), args.labels_per_batch, args.samples_per_label,
+        sampler = PKSampler(train_set.finding_matrix().numpy() if by_findings else train_set.targets.tolist(),
+                            args.labels_per_batch, args.samples_per_label,
                             args.batches_per_epoch, args.seed, runtime.rank, runtime.world_size,
-                            label_names=classes)
+                            label_names=train_set.findings if by_findings else classes)
     except ValueError as error:  # P larger than the classes, P or K below 1: the user's flags
         raise UserError(str(error)) from error
     # Workers are not persistent: a new loader iterator each epoch draws its worker seeds from
@@ -254,7 +275,7 @@ def load_data(args, runtime):
                                       sampler=ShardSampler(len(dataset), runtime), **loader_kwargs)
                     for split, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
     return TrainData(train_set, val_set, test_set, sampler, train_loader, eval_loaders,
-                     "val" if val_set is not None else "test", split_digest)
+                     "val" if val_set is not None else "test", split_digest, args.label_mode)
 
 
 # ---------------------------------------------------------------- model, loss and optimiser
@@ -279,14 +300,15 @@ def build_training(args, runtime, config, data, checkpoint, warm_start, save_dir
     model.to(runtime.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if args.memory_check:  # before the first step: a clear stop instead of the kernel's kill
         memory_check.check(model, args, runtime.device, lambda line: log(runtime, line), runtime)
-    classes = data.classes
-    criterion = build_criterion(args, len(classes)).to(runtime.device)
+    outputs = len(data.loss_labels)
+    criterion = build_criterion(args, outputs).to(runtime.device)
     branch_criteria = None
     if config.get("branch_heads"):
-        branch_criteria = nn.ModuleDict({b: build_criterion(args, len(classes)) for b in
+        branch_criteria = nn.ModuleDict({b: build_criterion(args, outputs) for b in
                                          model.BRANCHES}).to(runtime.device)
+    label_table = data.train_set.combination_matrix() if data.by_findings else None
     objective = ModelWithLoss(torch.compile(model) if args.compile else model, criterion,
-                              runtime.device, args.amp, branch_criteria, args.branch_loss_weight)
+                              runtime.device, args.amp, branch_criteria, args.branch_loss_weight, label_table)
     # A run saved before the grouping was recorded continues with its own groups.
     grouping = PARAM_GROUPING if checkpoint is None else checkpoint.get("param_grouping", 1)
     optimizer = build_optimizer(objective, args, runtime.device, grouping)
@@ -419,6 +441,7 @@ def save_epoch(args, parts, data, save_dir, epoch, record, states, best_metric, 
     state = {
         "format_version": CHECKPOINT_FORMAT_VERSION, "model": parts.model.state_dict(),
         "model_config": parts.config, "classes": data.classes, "epoch": epoch,
+        "findings": data.train_set.findings if data.train_set.multilabel else None,
         "criterion": parts.criterion.state_dict(),
         "branch_criteria": parts.branch_criteria.state_dict() if parts.branch_criteria is not None else {},
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),

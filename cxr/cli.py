@@ -101,6 +101,21 @@ def add_dataset_flag(parser, help, default=None):
     parser.add_argument("--dataset", default=default, choices=DATASETS, help=help)
 
 
+def add_public_list_flags(parser):
+    """The options of the public data sets' lists (--dataset nih, chexpert, mimic)."""
+    from cxr.public_lists import UNCERTAIN_POLICIES, VIEWS
+
+    parser.add_argument("--views", choices=VIEWS, default="frontal",
+                        help="CheXpert, MIMIC-CXR (and NIH): the films of which view (frontal: PA and AP)")
+    parser.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros",
+                        help="CheXpert, MIMIC-CXR: an uncertain label (-1) counts as negative (zeros) or "
+                        "positive (ones); blank is negative")
+    parser.add_argument("--label-file", help="NIH: Data_Entry_2017.csv, MIMIC-CXR: mimic-cxr-2.0.0-chexpert.csv(.gz) "
+                        "(default: beside the list)")
+    parser.add_argument("--metadata-file", help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv(.gz) (default: beside "
+                        "the split file)")
+
+
 def add_dataset_dir_flag(parser, meaning, required=False):
     """--dataset-dir is the folder holding train/ and test/ for train.py and ood.py, and the
     images' own folder for retrieve.py and explain.py: `meaning` is this program's."""

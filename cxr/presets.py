@@ -17,11 +17,22 @@ Two independent choices fill every flag left unset on the command line:
 """
 import argparse
 import os
+from pathlib import Path
 
 from model import DEFAULT_CONVNEXT, DEFAULT_EMBEDDING_DIM, DEFAULT_IMG_SIZE, DEFAULT_VIT
 
-DATASETS = ("covid", "demo", "csv", "folder")
-LIST_FORMAT = {"covid": "covidx", "demo": "covidx", "csv": "csv", "folder": "folder"}
+DATASETS = ("covid", "demo", "csv", "folder", "nih", "chexpert", "mimic")
+LIST_FORMAT = {"covid": "covidx", "demo": "covidx", "csv": "csv", "folder": "folder",
+               "nih": "nih", "chexpert": "chexpert", "mimic": "mimic"}
+# The public data sets' lists name their images from the data set's own folder (NIH's images/,
+# CheXpert's CheXpert-v1.0-small/..., MIMIC's files/...), not from <dataset-dir>/train and /test.
+WHOLE_FOLDER_FORMATS = ("nih", "chexpert", "mimic")
+
+
+def split_folder(dataset, dataset_dir, split):
+    """Where the images of one split ("train" or "test") lie: <dataset-dir>/<split>, or the data
+    set's folder itself for the public formats."""
+    return Path(dataset_dir) if LIST_FORMAT[dataset] in WHOLE_FOLDER_FORMATS else Path(dataset_dir) / split
 
 PAPER_DEFAULTS = dict(
     convnext_name=DEFAULT_CONVNEXT, vit_name=DEFAULT_VIT, img_size=DEFAULT_IMG_SIZE,

@@ -14,8 +14,12 @@ class ModelWithLoss(nn.Module):
     """The model and its loss as one module, so that DDP all-reduces the gradients of the
     identity classifier too; the model runs under autocast, the loss in fp32."""
 
-    def __init__(self, model, criterion, device, amp, branch_criteria=None, branch_weight=0.0):
+    def __init__(self, model, criterion, device, amp, branch_criteria=None, branch_weight=0.0, label_table=None):
+        """label_table: (classes, findings) bool for multi-label training: the batch's class
+        (finding combination) ids become their rows of findings before the losses."""
         super().__init__()
+        self.register_buffer("label_table", None if label_table is None else label_table.to(device),
+                             persistent=False)
         self.model, self.criterion = model, criterion
         self.device, self.amp = device, amp
         # Per-branch losses: each branch's own head gets the full objective (its own identity
@@ -24,6 +28,8 @@ class ModelWithLoss(nn.Module):
         self.branch_weight = branch_weight
 
     def forward(self, images, labels):
+        if self.label_table is not None:
+            labels = self.label_table[labels]
         with autocast(self.device, self.amp):
             if self.branch_criteria is None:
                 embeddings = self.model(images)

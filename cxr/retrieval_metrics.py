@@ -20,6 +20,10 @@ Definitions (DESIGN.md section 5):
 * AP of one query: (1/R) * sum_k P(k) * rel(k) over the whole ranking, R the
   number of relevant gallery items; queries with R = 0 are left out of mAP.
 * mP@K: mean over queries of (relevant items in the top K) / K.
+* R-precision and MAP@R (Musgrave et al., 2020, "A Metric Learning Reality
+  Check"), R the query's number of relevant items: R-precision is the share
+  of relevant items in its top R; MAP@R = (1/R) * sum over ranks k <= R of
+  P(k) * rel(k). Means over the queries with R > 0, as mAP.
 * Majority vote at k: the most frequent label among the top k, a tie going
   to the tied label that appears first in the ranking; scored with
   scikit-learn's accuracy, macro and support-weighted precision / recall / F1
@@ -127,6 +131,7 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
 
     Returns:
         {"recall_at_k": {"K": %}, "map": %, "precision_at_k": {"K": %},
+         "map_at_r": %, "r_precision": %, "queries_without_relevant": int,
          "classification": {"k": {"accuracy", "precision_macro",
          "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
          "f1_weighted": %, "confusion_matrix": [[int]]}}}, keys are str(k),
@@ -181,8 +186,8 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
         raise ValueError("no query has a relevant gallery item (same label), so mAP is undefined; "
                          "check that queries and gallery share labels")
 
-    top_keys, ap_sums = _rank(query, gallery, max_k, chunk_size, leave_one_out,
-                              query_ids, gallery_ids, query_codes=query_codes, gallery_codes=gallery_codes)
+    top_keys, ap_sums, extra = _rank(query, gallery, max_k, chunk_size, leave_one_out,
+                                     query_ids, gallery_ids, query_codes=query_codes, gallery_codes=gallery_codes)
     top_relevant = (top_keys & 1).cumsum(1)  # (Q, max_k) relevant items within the top k
     top_ids = gallery_ids[(top_keys & 0xFFFFFFFF) >> 1]  # (Q, max_k) neighbour label ids
     at_k = torch.tensor([k - 1 for k in ks], dtype=torch.int64, device=device)
@@ -191,6 +196,8 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
     precision = 100.0 * (hits_at_k / torch.tensor(ks, dtype=torch.float64, device=device)).mean(0)
     with_relevant = n_relevant > 0
     ap = ap_sums[with_relevant].double() / _AP_FIXED_POINT / n_relevant[with_relevant]
+    map_at_r = extra[with_relevant, 2].double() / _AP_FIXED_POINT / n_relevant[with_relevant]
+    r_precision = extra[with_relevant, 1].double() / n_relevant[with_relevant]
 
     classes_cpu = classes.cpu().numpy()
     y_true = query_labels.cpu().numpy()
@@ -205,13 +212,21 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
         "recall_at_k": {str(k): float(v) for k, v in zip(ks, recall.tolist())},
         "map": 100.0 * float(ap.mean()),
         "precision_at_k": {str(k): float(v) for k, v in zip(ks, precision.tolist())},
+        "map_at_r": 100.0 * float(map_at_r.mean()),
+        "r_precision": 100.0 * float(r_precision.mean()),
+        "queries_without_relevant": int((~with_relevant).sum()),
         "classification": classification,
     }
     if not return_per_query:
         return result
-    ap_all = torch.full((len(query),), float("nan"), dtype=torch.float64, device=device)
-    ap_all[with_relevant] = ap
-    per_query = {"hits": hits_at_k.long().cpu().numpy(), "ap": ap_all.cpu().numpy(),
+
+    def per_query_values(values):  # NaN where the query has no relevant item
+        full = torch.full((len(query),), float("nan"), dtype=torch.float64, device=device)
+        full[with_relevant] = values
+        return full.cpu().numpy()
+
+    per_query = {"hits": hits_at_k.long().cpu().numpy(), "ap": per_query_values(ap),
+                 "map_at_r": per_query_values(map_at_r), "r_precision": per_query_values(r_precision),
                  "n_relevant": n_relevant.cpu().numpy(), "y_true": y_true, "votes": votes,
                  "vote_share": vote_share, "top_indices": ((top_keys & 0xFFFFFFFF) >> 1).cpu().numpy(),
                  "classes": classes_cpu, "ks": ks, "vote_ks": vote_ks}
@@ -289,35 +304,67 @@ class _Job(NamedTuple):
     ap_scale: object = None  # (G,) float32 2**32 / rank, ranks 1..G
     query_codes: object = None  # (Q,) int64 group codes; with gallery_codes, same-group items leave
     gallery_codes: object = None  # (G,)
+    share: bool = False  # ids are bit sets of findings: relevant when they share a bit (else: equal)
+    rank_index: object = None  # (G,) int64 ranks 0..G-1, for the MAP@R terms at ranks below R
+
+
+class Ranked(NamedTuple):
+    """What rank_with_relevance returns, per query: (Q, k) int64 keys of the top k in ranking
+    order (gallery index = (key & 0xFFFFFFFF) >> 1, relevance = key & 1), and (Q,) int64 the
+    number R of relevant items, the relevant items in the top R, and the sums of j / r over
+    the relevant items of the whole ranking (AP) and of the top R (MAP@R), in units of 2**-32."""
+    top_keys: torch.Tensor
+    n_relevant: torch.Tensor
+    hits_at_r: torch.Tensor
+    ap_sums: torch.Tensor
+    map_at_r_sums: torch.Tensor
+
+
+def rank_with_relevance(query, gallery, query_ids, gallery_ids, k, share=False, exclude_self=False,
+                        query_codes=None, gallery_codes=None, chunk_size=None):
+    """Rank the gallery for every query with the relevance of each item: ids equal (share=False)
+    or, ids being int64 bit sets, sharing a bit (share=True); gallery items of the query's own
+    group (codes, see metric_inputs.exclusion_codes) leave the ranking. Returns Ranked; the
+    fixed-point sums divide by AP_FIXED_POINT."""
+    top_keys, ap_sums, extra = _rank(query, gallery, k, chunk_size, exclude_self, query_ids, gallery_ids,
+                                     query_codes=query_codes, gallery_codes=gallery_codes, share=share)
+    return Ranked(top_keys, extra[:, 0], extra[:, 1], ap_sums, extra[:, 2])
+
+
+AP_FIXED_POINT = _AP_FIXED_POINT
 
 
 def _rank(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_ids=None, on_chunk=None,
-          query_codes=None, gallery_codes=None):
+          query_codes=None, gallery_codes=None, share=False):
     """Rank the gallery for every query, chunk by chunk.
 
     Returns the keys of each query's top k, (Q, k) int64 in ranking order,
     and, when label ids are given, the AP sums (Q,) int64 (sum of j / r over
-    relevant items, in units of 2**-32). on_chunk(start, sims, top_keys)
-    sees each chunk's (c, G) similarities and (c, k) top keys. With group
-    codes, gallery items of the query's group rank last, as irrelevant.
+    relevant items, in units of 2**-32) and (Q, 3) int64: R, the relevant
+    items in the top R, and the sum of j / r over the top R (MAP@R, same
+    units). on_chunk(start, sims, top_keys) sees each chunk's (c, G)
+    similarities and (c, k) top keys. With group codes, gallery items of the
+    query's group rank last, as irrelevant.
     """
     n_queries, n_gallery, device = len(query), len(gallery), query.device
     with_ap = query_ids is not None
     top_keys = torch.empty(n_queries, k, dtype=torch.int64, device=device)
     ap_sums = torch.empty(n_queries, dtype=torch.int64, device=device) if with_ap else None
+    extra = torch.empty(n_queries, 3, dtype=torch.int64, device=device) if with_ap else None
     job = _Job(k, exclude_self, torch.arange(n_gallery, dtype=torch.int32, device=device) << 1,
-               query_codes=query_codes, gallery_codes=gallery_codes)
+               query_codes=query_codes, gallery_codes=gallery_codes, share=share)
     if with_ap:
         ranks = torch.arange(1, n_gallery + 1, dtype=torch.float64, device=device)
         job = job._replace(query_ids=query_ids, gallery_ids=gallery_ids,
-                           ap_scale=(_AP_FIXED_POINT / ranks).float())
+                           ap_scale=(_AP_FIXED_POINT / ranks).float(),
+                           rank_index=torch.arange(n_gallery, dtype=torch.int64, device=device))
     on_cpu = _on_cpu(device)
     if on_cpu:  # numpy views share the tensors' memory
         job = job._replace(**{name: value.numpy() for name, value in job._asdict().items()
                               if isinstance(value, torch.Tensor)})
-        top_out, ap_out = top_keys.numpy(), ap_sums.numpy() if with_ap else None
+        top_out, ap_out = top_keys.numpy(), (ap_sums.numpy(), extra.numpy()) if with_ap else None
     else:
-        top_out, ap_out = top_keys, ap_sums
+        top_out, ap_out = top_keys, (ap_sums, extra) if with_ap else None
 
     if chunk_size is None:
         chunk_size = _ELEMENTS_PER_CHUNK // n_gallery
@@ -339,7 +386,8 @@ def _rank(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_i
 
         def rank_range(a, b):
             rows = slice(a - start, b - start)
-            _rank_rows(chunk_sims[rows], a, job, top_out[a:b], None if ap_out is None else ap_out[a:b])
+            _rank_rows(chunk_sims[rows], a, job, top_out[a:b],
+                       None if ap_out is None else (ap_out[0][a:b], ap_out[1][a:b]))
 
         if n_threads > 1:
             list(_thread_pool(n_threads).map(rank_range, bounds[:-1], bounds[1:]))
@@ -347,7 +395,7 @@ def _rank(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_i
             rank_range(start, start + c)
         if on_chunk is not None:
             on_chunk(start, sims[:c], top_keys[start:start + c])
-    return top_keys, ap_sums
+    return top_keys, ap_sums, extra
 
 
 def _rank_rows(sims, first, job, top_out, ap_out):
@@ -373,6 +421,12 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         n = min(block_rows, n_rows - b0)
         q0 = first + b0  # first query of the block
         key, h, lo, s = keys[:n], high[:n], low[:n], sims[b0:b0 + n]  # (n, G) each
+        if with_ap:  # relevance first: the key buffer is scratch space until the keys are written
+            if job.share:
+                ops.bitand(job.query_ids[q0:q0 + n, None], job.gallery_ids[None, :], key)
+                ops.nonzero(key, relevant[:n])
+            else:
+                ops.equal(job.query_ids[q0:q0 + n, None], job.gallery_ids[None, :], relevant[:n])
         # High words: -similarity as an int32 of the same order. Float32 is
         # sign-magnitude: m = |bits|, t = -1 where the sign bit is clear, and
         # (m ^ t) - t is -m there and m elsewhere; -0.0 and +0.0 both give 0.
@@ -391,7 +445,6 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         words[:, 1::2] = h
         # Low words: gallery index << 1 | relevance.
         if with_ap:
-            ops.equal(job.query_ids[q0:q0 + n, None], job.gallery_ids[None, :], relevant[:n])
             if with_groups:  # relevant and not of the query's group
                 ops.greater(relevant[:n], same[:n], relevant[:n])
             lo[...] = relevant[:n]
@@ -410,14 +463,22 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         top_out[b0:b0 + n] = key[:, :job.k]
         lo[...] = words[:, 0::2]
         lo &= 1  # relevance in ranking order
-        ops.cumsum_rows(lo, h)
+        ops.cumsum_rows(lo, h)  # relevant items up to each rank
+        ap_sum, extra = ap_out[0][b0:b0 + n], ap_out[1][b0:b0 + n]
+        extra[:, 0] = h[:, -1]  # R
+        extra[:, 1] = ops.take_column(h, ops.clip_below(extra[:, 0] - 1, 0))  # relevant in the top R
+        extra[:, 1] *= extra[:, 0] > 0
         h *= lo  # j at the rank of the j-th relevant item, 0 elsewhere
         # j / r in units of 2**-32: float32 rounding is ~1e-7 relative, far
         # below the 1e-4 % the metrics are quoted to; truncation adds < 2**-32.
         s[...] = h
         s *= job.ap_scale
         key[...] = s
-        ap_out[b0:b0 + n] = key.sum(1)
+        ap_sum[...] = key.sum(1)
+        # MAP@R (Musgrave et al., 2020): the same terms, only at ranks 1..R.
+        ops.greater_equal(job.rank_index[None, :], extra[:, 0:1], relevant[:n])
+        ops.fill_where(key, relevant[:n], 0)
+        extra[:, 2] = key.sum(1)
 
 
 class _NumpyOps:
@@ -438,6 +499,26 @@ class _NumpyOps:
     @staticmethod
     def greater(a, b, out):
         np.greater(a, b, out=out)
+
+    @staticmethod
+    def greater_equal(a, b, out):
+        np.greater_equal(a, b, out=out)
+
+    @staticmethod
+    def bitand(a, b, out):
+        np.bitwise_and(a, b, out=out)
+
+    @staticmethod
+    def nonzero(x, out):
+        np.not_equal(x, 0, out=out)
+
+    @staticmethod
+    def take_column(x, index):  # x[i, index[i]] of each row
+        return np.take_along_axis(x, index[:, None], axis=1)[:, 0]
+
+    @staticmethod
+    def clip_below(x, low):
+        return np.maximum(x, low)
 
     @staticmethod
     def fill_where(x, mask, value):
@@ -476,6 +557,26 @@ class _TorchOps:
     @staticmethod
     def greater(a, b, out):
         torch.gt(a, b, out=out)
+
+    @staticmethod
+    def greater_equal(a, b, out):
+        torch.ge(a, b, out=out)
+
+    @staticmethod
+    def bitand(a, b, out):
+        torch.bitwise_and(a, b, out=out)
+
+    @staticmethod
+    def nonzero(x, out):
+        torch.ne(x, 0, out=out)
+
+    @staticmethod
+    def take_column(x, index):
+        return x.gather(1, index[:, None].long())[:, 0]
+
+    @staticmethod
+    def clip_below(x, low):
+        return x.clamp_min(low)
 
     @staticmethod
     def fill_where(x, mask, value):

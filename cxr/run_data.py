@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cxr import demo_dataset, faults
 from cxr.image_cache import ImageCache
-from cxr.presets import DEMO_DATA, LIST_FORMAT
+from cxr.presets import DEMO_DATA, LIST_FORMAT, split_folder
 from cxr.runtime import barrier
 from dataset import ImageListDataset, build_transform, split_by_patient
 
@@ -27,24 +27,26 @@ def build_datasets(args, runtime, folder_flag=DATASET_DIR_FLAG):
         if runtime.is_main:
             demo_dataset.ensure_demo_dataset(args.dataset_dir, **DEMO_DATA)
         barrier(runtime)  # the other ranks wait for rank 0 to write the phantoms
-    root = Path(args.dataset_dir)
     list_format = LIST_FORMAT[args.dataset]
     train_transform = build_transform(args.img_size, True, args.rand_resize, args.hflip)
     eval_transform = build_transform(args.img_size, False)
     bit_depth = "auto" if args.bit_depth == "auto" else int(args.bit_depth)
-    train_set = ImageListDataset(root / "train", args.train_image_list, list_format,
-                                 transform=train_transform, bit_depth=bit_depth, folder_flag=folder_flag)
-    classes = train_set.classes
+    train_set = ImageListDataset(split_folder(args.dataset, args.dataset_dir, "train"), args.train_image_list,
+                                 list_format, transform=train_transform, bit_depth=bit_depth,
+                                 folder_flag=folder_flag, list_options=list_options(args, "train"))
+    classes, multilabel = train_set.classes, train_set.multilabel
     bit_depth = train_set.bit_depth or bit_depth  # the training set's depth for every split
     val_set = None
     if separate_validation(vars(args)):
         val_format = LIST_FORMAT[getattr(args, "val_dataset", None) or args.dataset]
         val_set = ImageListDataset(args.val_dataset_dir, args.val_image_list, val_format,
                                    classes=classes, transform=eval_transform, bit_depth=bit_depth,
-                                   folder_flag="--val-dataset-dir (the validation images' folder)")
-    test_set = ImageListDataset(root / "test", args.test_image_list, list_format,
-                                classes=classes, transform=eval_transform, bit_depth=bit_depth,
-                                folder_flag=folder_flag)
+                                   folder_flag="--val-dataset-dir (the validation images' folder)",
+                                   multilabel=multilabel, list_options=list_options(args, "val"))
+    test_set = ImageListDataset(split_folder(args.dataset, args.dataset_dir, "test"), args.test_image_list,
+                                list_format, classes=classes, transform=eval_transform, bit_depth=bit_depth,
+                                folder_flag=folder_flag, multilabel=multilabel,
+                                list_options=list_options(args, "test"))
     faults.check_images([s for s in (train_set, val_set, test_set) if s is not None], args, runtime)
     use_cache([train_set, val_set, test_set], getattr(args, "cache_dir", None), args.img_size)
     if val_set is None and args.val_fraction > 0:
@@ -52,6 +54,19 @@ def build_datasets(args, runtime, folder_flag=DATASET_DIR_FLAG):
         val_set = train_set.subset(val_idx, eval_transform)
         train_set = train_set.subset(train_idx, train_transform)
     return train_set, val_set, test_set
+
+
+# The split of MIMIC-CXR-JPG's split file each of a run's lists reads.
+MIMIC_SPLIT_OF = {"train": "train", "val": "validate", "test": "test"}
+
+
+def list_options(args, role):
+    """The public formats' reading options of the list playing `role` ("train", "val" or
+    "test"); a namespace or a recorded run's dict (older runs: the defaults)."""
+    get = args.get if isinstance(args, dict) else lambda key: getattr(args, key, None)
+    return {"views": get("views") or "frontal", "uncertain": get("uncertain") or "zeros",
+            "label_file": get("label_file"), "metadata_file": get("metadata_file"),
+            "split": MIMIC_SPLIT_OF[role]}
 
 
 def separate_validation(run):

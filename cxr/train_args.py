@@ -6,7 +6,18 @@ from pathlib import Path
 import torch
 
 from cxr import cli, image_cache
-from cxr.presets import DATASETS, LIST_FORMAT, RECIPES, SETUPS, document_defaults, setup_defaults
+from cxr.presets import (
+    DATASETS,
+    LIST_FORMAT,
+    PAPER_DEFAULTS,
+    RECIPES,
+    SETUPS,
+    WHOLE_FOLDER_FORMATS,
+    document_defaults,
+    setup_defaults,
+    split_folder,
+)
+from cxr.public_lists import default_lists
 from cxr.runtime import AMP_DTYPES, resolve_amp
 from loss import MININGS
 from model import FUSIONS, MODEL_NAMES, MXA_MODES, NECKS, VIT_STEMS
@@ -51,8 +62,15 @@ def get_args_parser(add_help=True):
                        "this weight each, beside the fused embedding's (0: off)")
     # Data
     group = parser.add_argument_group("data")
-    cli.add_dataset_flag(group, "covid: COVIDx lists; csv: filename,label lists; folder: <dir>/<split>/<label>/*; "
-                     "demo: synthetic phantoms, generated if absent", default="covid")
+    cli.add_dataset_flag(group, "covid: COVIDx lists; csv: filename,label[,patient_id] lists (findings joined by "
+                     "'|'); folder: <dir>/<split>/<label>/*; nih, chexpert, mimic: the data sets' own lists "
+                     "(images under --dataset-dir as shipped); demo: synthetic phantoms, generated if absent",
+                     default="covid")
+    cli.add_public_list_flags(group)
+    group.add_argument("--label-mode", choices=("findings", "combinations"), default="findings",
+                       help="multi-label lists: train on the findings (PK batches of P findings, positives "
+                       "share a finding, one identity logit per finding) or on each finding combination "
+                       "as one class (what flattening the labels gives)")
     cli.add_dataset_dir_flag(group, "the folder holding train/ and test/ (the lists name images under them)")
     group.add_argument("--train-image-list", help="training list (COVIDx txt or CSV)")
     group.add_argument("--test-image-list", help="test list, evaluated leave-one-out every "
@@ -192,13 +210,20 @@ def resolve_args(args):
     if args.dataset == "demo":
         args.train_image_list = args.train_image_list or str(Path(args.dataset_dir) / "train_split.txt")
         args.test_image_list = args.test_image_list or str(Path(args.dataset_dir) / "test_split.txt")
+    if LIST_FORMAT[args.dataset] in WHOLE_FOLDER_FORMATS:  # the lists as the data set ships them
+        train_list, test_list = default_lists(args.dataset, args.dataset_dir)
+        if args.train_image_list in (None, PAPER_DEFAULTS["train_image_list"]):
+            args.train_image_list = train_list
+        if args.test_image_list in (None, PAPER_DEFAULTS["test_image_list"]):
+            args.test_image_list = test_list
     if LIST_FORMAT[args.val_dataset or args.dataset] == "folder":
         if args.val_image_list:  # a folder layout is scanned: a list would be silently ignored
             raise SystemExit("error: a folder-layout validation set is read from --val-dataset-dir "
                              "(<dir>/<label>/ images), no list; drop --val-image-list, or give the "
                              "list's format with --val-dataset")
     else:
-        args.val_dataset_dir = args.val_dataset_dir or str(Path(args.dataset_dir) / "train")
+        args.val_dataset_dir = args.val_dataset_dir or str(split_folder(args.val_dataset or args.dataset,
+                                                                         args.dataset_dir, "train"))
     if not 0.0 <= args.val_fraction < 1.0:
         raise SystemExit(f"error: --val-fraction {args.val_fraction} must be at least 0 and below 1")
     args.batch_size = p * args.samples_per_label

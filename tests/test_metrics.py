@@ -58,6 +58,7 @@ def reference_metrics(query, query_labels, gallery=None, gallery_labels=None, ks
     rankings, _ = reference_rankings(query, gallery, query_groups, gallery_groups)
     n = len(query)
     found, precision, aps = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0.0), []
+    maps_at_r, r_precisions = [], []
     predictions = {k: [] for k in vote_ks}
     for label, order in zip(query_labels, rankings):
         ranked_labels = [gallery_labels[j] for j in order]
@@ -72,6 +73,9 @@ def reference_metrics(query, query_labels, gallery=None, gallery_labels=None, ks
                     hits += 1
                     total += hits / rank  # P(rank) at each relevant rank
             aps.append(total / sum(relevant))
+            r = sum(relevant)  # MAP@R and R-precision (Musgrave et al., 2020): the top R only
+            r_precisions.append(sum(relevant[:r]) / r)
+            maps_at_r.append(sum(sum(relevant[:rank]) / rank for rank in range(1, r + 1) if relevant[rank - 1]) / r)
         for k in vote_ks:
             predictions[k].append(reference_vote(ranked_labels[:k]))
     labels = list(range(num_classes)) if num_classes else sorted(set(query_labels) | set(gallery_labels))
@@ -91,13 +95,18 @@ def reference_metrics(query, query_labels, gallery=None, gallery_labels=None, ks
         "recall_at_k": {str(k): 100 * found[k] / n for k in ks},
         "map": 100 * sum(aps) / len(aps),
         "precision_at_k": {str(k): 100 * precision[k] / n for k in ks},
+        "map_at_r": 100 * sum(maps_at_r) / len(maps_at_r),
+        "r_precision": 100 * sum(r_precisions) / len(r_precisions),
+        "queries_without_relevant": n - len(aps),
         "classification": classification,
     }
 
 
-def assert_metrics_close(actual, expected, tol=1e-4):
-    """Every number within tol (percent), confusion matrices exactly, same keys."""
-    assert set(actual) == set(expected)
+def assert_metrics_close(actual, expected, tol=1e-4, same_keys=True):
+    """Every number within tol (percent), confusion matrices exactly, same keys (or, for golden
+    files written before MAP@R and R-precision existed, every key they hold)."""
+    assert set(actual) == set(expected) if same_keys else set(expected) <= set(actual)
+    actual = {key: actual[key] for key in expected}
     for key, value in expected.items():
         if isinstance(value, dict):
             assert_metrics_close(actual[key], value, tol)
@@ -207,11 +216,13 @@ def test_golden_cases(name, backend):
         arrays.update(gallery_emb=np.array(golden["gallery_embeddings"], np.float32),
                       gallery_labels=np.array(golden["gallery_labels"]))
     result = evaluate_retrieval(**arrays, ks=GOLDEN["ks"], vote_ks=GOLDEN["vote_ks"])
-    assert_metrics_close(result, golden["expected"])
-    # The reference agrees with the golden file too, so it can be trusted below.
+    assert_metrics_close(result, golden["expected"], same_keys=False)
+    # The reference agrees with the golden file too, so it can be trusted below (and for the
+    # keys the golden file predates: MAP@R, R-precision).
     reference = reference_metrics(arrays["query_emb"], arrays["query_labels"], arrays.get("gallery_emb"),
                                   arrays.get("gallery_labels"), GOLDEN["ks"], GOLDEN["vote_ks"])
-    assert_metrics_close(reference, golden["expected"])
+    assert_metrics_close(reference, golden["expected"], same_keys=False)
+    assert_metrics_close(result, reference)
 
 
 def test_matches_reference(case, backend):
@@ -219,8 +230,9 @@ def test_matches_reference(case, backend):
     expected = reference_metrics(case["query_emb"], case["query_labels"], case.get("gallery_emb"),
                                  case.get("gallery_labels"))
     assert_metrics_close(result, expected, tol=1e-4)
-    assert_metrics_close({k: v for k, v in result.items() if k != "map"},
-                         {k: v for k, v in expected.items() if k != "map"}, tol=1e-9)
+    fixed_point = ("map", "map_at_r")  # summed in 2**-32 units of float32-rounded terms
+    assert_metrics_close({k: v for k, v in result.items() if k not in fixed_point},
+                         {k: v for k, v in expected.items() if k not in fixed_point}, tol=1e-9)
 
 
 def test_query_without_relevant_items_is_left_out_of_map():
@@ -462,7 +474,7 @@ def test_same_group_exclusion_golden_cases(backend):
                           gallery_labels=np.array(data["gallery_labels"]),
                           gallery_groups=data["gallery_groups"])
         assert_metrics_close(evaluate_retrieval(**arrays, ks=golden["ks"], vote_ks=golden["vote_ks"]),
-                             data["expected"]), name
+                             data["expected"], same_keys=False), name
 
 
 def test_near_copies_inflate_without_exclusion():
