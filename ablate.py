@@ -5,6 +5,7 @@
     python ablate.py --suite models --variants hybrid convnext --seeds 0
     python ablate.py --suite models --summarise-only   # the table from the runs already in --out
                                                        # (evaluating finished runs not yet evaluated)
+    python ablate.py --suite multilabel        # make ablation-multilabel: on the multi-label phantoms
 
 Each run is `python train.py --dataset demo --seed S <variant flags>` in <out>/<variant>_seed_<S>;
 the numbers are those of the checkpoint train.py kept as best, i.e. chosen on the validation split
@@ -16,6 +17,13 @@ branch's share of the similarity) and compares it with ConvNeXtV2 alone of the s
 same test images: the paired test mAP difference with its patient-bootstrap 95% interval
 (test.py --compare). It writes <out>/models.md (the table) and <out>/models.png (test mAP per
 variant, one point per seed).
+
+The multilabel suite trains on the NIH-layout multi-label phantoms (demo_data.py --multilabel
+nih, written to data/demo_nih when absent) with the small setup and P = 5: training on the
+findings against each finding combination as one class (what flattening the labels gives), and
+the hybrid against ConvNeXtV2 alone, all scored with shared-finding relevance; the paired
+comparisons are against the combination classes ("combinations"), and the hybrid's against
+ConvNeXtV2 alone is added.
 """
 import argparse
 import json
@@ -45,14 +53,26 @@ MODEL_VARIANTS = {
     "hybrid_patchify": (["--vit-stem", "patch"], "hybrid default with the patchify ViT"),
     "hybrid_no_mxa": (["--mxa", "none"], "hybrid default without MXA"),
 }
-SUITES = {"recipe": RECIPE_VARIANTS, "models": MODEL_VARIANTS}
+MULTILABEL_VARIANTS = {
+    "combinations": (["--label-mode", "combinations"], "hybrid, each finding combination one class"),
+    "findings": (["--label-mode", "findings"], "hybrid, trained on the findings (multi-label)"),
+    "convnext_findings": (["--model", "convnextv2", "--label-mode", "findings"],
+                          "ConvNeXtV2 alone, trained on the findings"),
+}
+SUITES = {"recipe": RECIPE_VARIANTS, "models": MODEL_VARIANTS, "multilabel": MULTILABEL_VARIANTS}
+# The multi-label phantoms of the multilabel suite, and how every run of it reads and trains on them.
+MULTILABEL_DATA = dict(folder="data/demo_nih", train_films=1000, test_films=400)
+MULTILABEL_TRAIN = ["--dataset", "nih", "--dataset-dir", MULTILABEL_DATA["folder"], "--setup", "small", "-p", "5"]
 # What `--suite models` runs without --variants: the comparison of HYBRID_MODEL_GUIDE.md (the
 # patchify variants are there for a closer look at the stem).
 DEFAULT_VARIANTS = {"recipe": list(RECIPE_VARIANTS),
                     "models": ["convnext", "vit", "hybrid_paper", "hybrid", "hybrid_no_branch_loss",
-                               "hybrid_no_mxa"]}
+                               "hybrid_no_mxa"],
+                    "multilabel": list(MULTILABEL_VARIANTS)}
 METRICS = ("val_R@1", "val_mAP", "test_R@1", "test_mAP")
-REFERENCE = "convnext"  # the model suite's paired comparisons are against this variant
+# The variant the paired comparisons of a suite are against, and further (variant, against) pairs.
+REFERENCES = {"models": "convnext", "multilabel": "combinations"}
+EXTRA_PAIRS = {"multilabel": [("findings", "convnext_findings")]}
 
 
 def run_dir(out, variant, seed):
@@ -82,11 +102,12 @@ def best_checkpoint(directory):
 
 
 def evaluate_run(directory):
-    """test.py on the run's best checkpoint (report with branch shares, embeddings file)."""
+    """test.py on the run's best checkpoint (report with branch shares, embeddings file), on the
+    checkpoint's own test list."""
     report = directory / "test_report.json"
     if not report.is_file():
-        command = [sys.executable, str(HERE / "test.py"), "--dataset", "demo",
-                   "--resume", str(best_checkpoint(directory)), "--report", str(report)]
+        command = [sys.executable, str(HERE / "test.py"), "--resume", str(best_checkpoint(directory)),
+                   "--report", str(report), "--no-plots"]
         with open(directory / "test.log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     data = json.loads(report.read_text())
@@ -107,12 +128,11 @@ def compare_runs(directory, reference):
 
 
 def forget_evaluations(out, variant, seed):
-    """Delete the reports and comparisons a run is about to make stale: its own, and when it
-    is the reference, every comparison against it."""
+    """Delete the reports and comparisons a run is about to make stale: its own, and every
+    comparison against it."""
     stale = list(run_dir(out, variant, seed).glob("test_report*.json"))
     stale += run_dir(out, variant, seed).glob("compare_vs_*.json")
-    if variant == REFERENCE:
-        stale += Path(out).glob(f"*/compare_vs_{run_dir(out, variant, seed).name}.json")
+    stale += Path(out).glob(f"*/compare_vs_{run_dir(out, variant, seed).name}.json")
     for path in stale:
         path.unlink()
 
@@ -127,8 +147,9 @@ def _mean_sd(values):
 def summarise(out, suite, variants, seeds):
     table = SUITES[suite]
     header = ["variant", "seeds", *(f"{m} (best on val)" for m in METRICS), "epoch"]
-    if suite == "models":
-        header += ["ViT share %", "s / epoch", f"test mAP - {REFERENCE} [95%] per seed"]
+    reference_variant = REFERENCES.get(suite)
+    if reference_variant:
+        header += ["ViT share %", "s / epoch", f"test mAP - {reference_variant} [95%] per seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     points = {}
     for variant in variants:
@@ -137,20 +158,26 @@ def summarise(out, suite, variants, seeds):
             continue
         cells = [_mean_sd([r[key] for _, r in runs]) for key in METRICS]
         cells.append(", ".join(str(r["best_epoch"]) for _, r in runs))
-        if suite == "models":
+        if reference_variant:
             shares, paired = [], []
             for seed, _ in runs:
                 directory = run_dir(out, variant, seed)
                 report, _ = evaluate_run(directory)
                 shares.append((report.get("branch_attribution") or {}).get("vit"))
-                reference = run_dir(out, REFERENCE, seed)
-                if variant != REFERENCE and result_of(reference):
+                reference = run_dir(out, reference_variant, seed)
+                if variant != reference_variant and result_of(reference):
                     difference, low, high = compare_runs(directory, reference)
                     paired.append(f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]")
             cells += [_mean_sd(shares), f"{statistics.mean(r['seconds_per_epoch'] for _, r in runs):.0f}",
                       "; ".join(paired) or "—"]
         points[table[variant][1]] = [r["test_mAP"] for _, r in runs]
         lines.append(f"| {table[variant][1]} | {len(runs)} | " + " | ".join(cells) + " |")
+    for variant, against in EXTRA_PAIRS.get(suite, []):
+        paired = [compare_runs(run_dir(out, variant, seed), run_dir(out, against, seed)) for seed in seeds
+                  if result_of(run_dir(out, variant, seed)) and result_of(run_dir(out, against, seed))]
+        if paired:
+            lines.append(f"\npaired test mAP, {table[variant][1]} - {table[against][1]}, per seed: "
+                         + "; ".join(f"{d:+.1f} [{low:+.1f}, {high:+.1f}]" for d, low, high in paired))
     return "\n".join(lines), points
 
 
@@ -185,7 +212,16 @@ def main():
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)} for --suite {args.suite}; "
                      f"choose from {', '.join(table)}")
-    out = Path(args.out or ("runs/ablation" if args.suite == "recipe" else "runs/ablation_models"))
+    out = Path(args.out or {"recipe": "runs/ablation", "models": "runs/ablation_models",
+                            "multilabel": "runs/ablation_multilabel"}[args.suite])
+    data_flags = ["--dataset", "demo"]
+    if args.suite == "multilabel":
+        data_flags = MULTILABEL_TRAIN
+        if not args.summarise_only and not Path(MULTILABEL_DATA["folder"]).exists():
+            from cxr.multilabel_demo import write_multilabel_demo
+
+            write_multilabel_demo(MULTILABEL_DATA["folder"], "nih", MULTILABEL_DATA["train_films"],
+                                  MULTILABEL_DATA["test_films"])
     if not args.summarise_only:
         for seed in args.seeds:  # seed-major: a stopped ablation still has every variant once
             for variant in variants:
@@ -193,7 +229,7 @@ def main():
                 if result_of(directory):
                     continue
                 forget_evaluations(out, variant, seed)
-                command = [sys.executable, str(HERE / "train.py"), "--dataset", "demo",
+                command = [sys.executable, str(HERE / "train.py"), *data_flags,
                            "--seed", str(seed), "--save-dir", str(directory), "--overwrite",
                            *table[variant][0]]
                 print("running:", " ".join(command), flush=True)
@@ -203,9 +239,11 @@ def main():
                 print(json.dumps({"variant": variant, "seed": seed, **result_of(directory)}), flush=True)
     text, points = summarise(out, args.suite, variants, args.seeds)
     print(text)
-    if args.suite == "models" and points:
-        (out / "models.md").write_text(text + "\n")
-        print(f"figure: {plot_points(points, out / 'models.png', 'Demo: which part of the hybrid gives what')}")
+    if args.suite in REFERENCES and points:
+        (out / f"{args.suite}.md").write_text(text + "\n")
+        title = {"models": "Demo: which part of the hybrid gives what",
+                 "multilabel": "Multi-label phantoms: findings vs combination classes"}[args.suite]
+        print(f"figure: {plot_points(points, out / f'{args.suite}.png', title)}")
 
 
 if __name__ == "__main__":

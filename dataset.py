@@ -45,6 +45,8 @@ from cxr.progress import progress as progress_of
 from cxr.public_lists import NO_FINDING, PUBLIC_FORMATS
 
 LIST_FORMATS = ("covidx", "csv", "folder", *PUBLIC_FORMATS)
+SHIPPED_LAYOUT = {"nih": "images/ or images_001/images/ ...", "chexpert": "CheXpert-v1.0-small/ (or CheXpert-v1.0/)",
+                  "mimic": "files/p10/ ... p19/"}
 
 
 class DatasetError(ValueError):
@@ -339,6 +341,11 @@ class ImageListDataset(Dataset):
         self.lines = [entry[2] for entry in entries]
         self.patients = [entry[3] for entry in entries]
         missing = [(p, entry[2]) for p, entry in zip(self.paths, entries) if not p.is_file()]
+        if missing and len(missing) == len(entries) and list_format in PUBLIC_FORMATS:
+            raise DatasetError(f"{source}: none of the list's {len(entries)} films is under {image_root} "
+                               f"(e.g. {missing[0][0]}); give the folder the data set unpacked into, which "
+                               f"holds {SHIPPED_LAYOUT[list_format]} (check "
+                               f"{folder_flag or 'the folder the list names its images under'})")
         if missing:
             named = "\n".join(f"  {p} (line {line})" for p, line in missing[:max_named_missing])
             raise DatasetError(f"{source}: {len(missing)} of {len(entries)} listed images do not "

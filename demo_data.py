@@ -4,6 +4,13 @@ trains on (generated there when absent), with COVIDx lists and lung, heart and l
     python demo_data.py --out data/demo --train-per-class 60 --test-per-class 20 \\
         --size 256 --seed 0 [--sixteen-bit] [--preview preview.png]
 
+Multi-label phantoms (20% of the films with two findings, follow-up films, lateral views,
+uncertain labels) in the layout of NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG or a CSV list, to
+try those readers and multi-label training (cxr/multilabel_demo.py):
+
+    python demo_data.py --multilabel nih --out data/demo_nih [--train-films 1500 --test-films 500]
+    python train.py --dataset nih --dataset-dir data/demo_nih --setup small
+
 What a phantom looks like (five findings, anatomy, confounders): cxr/phantom.py; the layout on
 disk: cxr/demo_dataset.py. Same arguments -> byte-identical files.
 """
@@ -15,6 +22,7 @@ from pathlib import Path
 from cxr.cli import add_debug_flag, run_cli
 from cxr.demo_dataset import save_preview, write_demo_dataset
 from cxr.errors import UserError
+from cxr.multilabel_demo import LAYOUTS, write_multilabel_demo
 from cxr.phantom import CLASSES
 
 
@@ -30,13 +38,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sixteen-bit", action="store_true", help="16-bit PNGs holding 12-bit values 0..4095")
     parser.add_argument("--preview", type=Path, default=None, help="also save a grid picture of samples per class")
+    group = parser.add_argument_group("multi-label phantoms")
+    group.add_argument("--multilabel", choices=LAYOUTS, help="write multi-label phantoms in this data set's layout")
+    group.add_argument("--train-films", type=int, default=1500, help="films of the training list")
+    group.add_argument("--test-films", type=int, default=500, help="films of the test list")
+    group.add_argument("--pair-share", type=float, default=0.2, help="share of films with two findings")
     return add_debug_flag(parser)
 
 
 def main(args: argparse.Namespace) -> None:
     if args.out is None and args.preview is None:
         raise SystemExit("nothing to do: give --out and/or --preview")
-    if args.out is not None:
+    if args.multilabel:
+        if args.out is None:
+            raise SystemExit("--multilabel needs --out, the folder to write the data set into")
+        write_multilabel_demo(args.out, args.multilabel, args.train_films, args.test_films, args.size, args.seed,
+                              args.pair_share)
+        print(f"Wrote {args.train_films} + {args.test_films} multi-label phantom films ({args.size}px, "
+              f"{args.multilabel} layout) to {args.out}")
+    elif args.out is not None:
         write_demo_dataset(
             args.out, args.train_per_class, args.test_per_class, args.size, args.seed, args.sixteen_bit
         )

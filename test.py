@@ -64,7 +64,9 @@ from cxr.checkpoints import (
 )
 from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
 from cxr.errors import UserError
-from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS
+from cxr.multilabel_metrics import RELEVANCE, evaluate_multilabel
+from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS, split_folder
+from cxr.public_lists import MIMIC_SPLITS
 from cxr.retrieval_metrics import evaluate_retrieval
 from cxr.runtime import AMP_DTYPES, ShardSampler, cleanup_runtime, log, resolve_amp, setup_runtime
 from dataset import ImageListDataset, build_transform
@@ -98,6 +100,12 @@ def get_args_parser(add_help=True):
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--gallery-dataset", choices=DATASETS, help="format of the gallery list when it "
                         "differs from the queries' (--dataset), e.g. a COVIDx query list against a CSV gallery")
+    cli.add_public_list_flags(parser, recorded=True)
+    parser.add_argument("--mimic-split", choices=MIMIC_SPLITS, default="test",
+                        help="MIMIC-CXR: the split of the split file the test list reads")
+    parser.add_argument("--relevance", choices=RELEVANCE, default="any",
+                        help="multi-label lists: a gallery film is relevant when it shares a finding with the "
+                        "query (any) or has the same findings (exact)")
     cli.add_workers_flag(parser, min(4, os.cpu_count() or 1))
     image_cache.add_argument(parser)
     parser.add_argument("--eval-batch-size", type=int, default=64, help="images per batch")
@@ -201,7 +209,14 @@ def print_report(report):
               + ", ".join(f"{branch} {share:.1f}%" for branch, share in shares.items()))
     print("  " + "   ".join(f"mP@{k} {v:6.2f}{_ci(intervals.get('precision_at_k', {}).get(k))}"
                             for k, v in report["precision_at_k"].items()))
-    print("\nmajority-vote kNN classification (%)")
+    print(f"  MAP@R {report['map_at_r']:6.2f}{_ci(intervals.get('map_at_r'))}   "
+          f"R-precision {report['r_precision']:6.2f}{_ci(intervals.get('r_precision'))}"
+          + (f"   ({report['queries_without_relevant']} queries without a relevant image, left out)"
+             if report["queries_without_relevant"] else ""))
+    if "ndcg_at_k" in report:
+        print_findings(report)
+    over = " over the finding combinations" if report.get("classification_over") else ""
+    print(f"\nmajority-vote kNN classification{over} (%)")
     columns = ("accuracy", "precision_macro", "recall_macro", "f1_macro",
                "precision_weighted", "recall_weighted", "f1_weighted")
     print("    k " + " ".join(f"{c:>18}" for c in columns))
@@ -238,6 +253,23 @@ def print_report(report):
               f"(set to accept {report['ood']['tpr']:.0%} of its calibration images): {counts}")
 
 
+def print_findings(report):
+    """The multi-label part of the report: relevance, nDCG, per finding, the kNN AUROC."""
+    print(f"  relevance: {'a shared finding' if report['relevance'] == 'any' else 'the same findings'}; "
+          + "   ".join(f"nDCG@{k} {v:6.2f}" for k, v in report["ndcg_at_k"].items()) + " (Jaccard gains)")
+    knn = report["knn"]
+    k = str(report.get("abstention", {}).get("vote_k"))
+    k = k if k in knn else next(iter(knn))
+    print(f"\nper finding        queries     AP   kNN AUROC (k={k})")
+    for name, row in report["per_finding"].items():
+        ap, auroc = row["ap"], knn[k]["auroc"].get(name)
+        print(f"  {name:<20} {row['queries']:>5} {'   n/a' if ap is None else f'{ap:6.2f}'} "
+              f"{'     n/a' if auroc is None else f'{auroc:8.2f}'}")
+    means = {size: row["auroc_mean"] for size, row in knn.items()}
+    print("  kNN AUROC, mean over findings: " + "   ".join(
+        f"k={size} {'n/a' if mean is None else f'{mean:.2f}'}" for size, mean in means.items()))
+
+
 def main(args):
     progress.set_mode(args.progress)
     if args.compare:
@@ -261,7 +293,8 @@ def training_splits(checkpoint, log):
         return found, ["the checkpoint records no training lists (bare weights): not checked"]
     formats = {"train": LIST_FORMAT[args["dataset"]],
                "validation": LIST_FORMAT[args.get("val_dataset") or args["dataset"]]}  # its own, if given
-    candidates = [("train", Path(args.get("dataset_dir") or ".") / "train", args.get("train_image_list"))]
+    candidates = [("train", split_folder(args["dataset"], args.get("dataset_dir") or ".", "train"),
+                   args.get("train_image_list"))]
     if run_data.separate_validation(args):
         candidates.append(("validation", args.get("val_dataset_dir"), args.get("val_image_list")))
     for name, root, list_file in candidates:
@@ -269,7 +302,8 @@ def training_splits(checkpoint, log):
         if (list_format != "folder" and not (list_file and Path(list_file).is_file())) or not Path(root).is_dir():
             notes.append(f"{name} list of the checkpoint ({list_file or root}) not found here: not checked")
             continue
-        found.append(splits.Split.from_list(name, root, list_file, list_format))
+        found.append(splits.Split.from_list(name, root, list_file, list_format,
+                                            run_data.list_options(args, "train" if name == "train" else "val")))
     for note in notes:
         log(f"note: {note}")
     return found, notes
@@ -392,9 +426,12 @@ def load_lists(args, runtime, checkpoint, config):
     classes = checkpoint.get("classes") if isinstance(checkpoint.get("classes"), list) else None
     transform = build_transform(config["img_size"], train=False)
     list_format = LIST_FORMAT[args.dataset]
+    options = list_options(args, checkpoint)
+    trained_findings = checkpoint.get("findings")
     query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth,
                                  folder_flag="--test-dataset-dir (the test images' folder; default: the "
-                                 "checkpoint's <dataset-dir>/test)")
+                                 "checkpoint's <dataset-dir>/test)", multilabel=trained_findings is not None,
+                                 list_options=options)
     gallery_set = None
     if args.gallery_image_list or args.gallery_dataset_dir:
         gallery_format = LIST_FORMAT[args.gallery_dataset or args.dataset]
@@ -408,9 +445,35 @@ def load_lists(args, runtime, checkpoint, config):
         gallery_set = ImageListDataset(args.gallery_dataset_dir, args.gallery_image_list,
                                        gallery_format, query_set.classes, transform,
                                        bit_depth=query_set.bit_depth or bit_depth,  # one depth for both
-                                       folder_flag="--gallery-dataset-dir (the gallery images' folder)")
+                                       folder_flag="--gallery-dataset-dir (the gallery images' folder)",
+                                       multilabel=query_set.multilabel, list_options={**options, "split": "train"})
+        if gallery_set.multilabel and not query_set.multilabel:
+            raise UserError(f"the gallery list {args.gallery_image_list} is multi-label but the test list is not; "
+                            "give both lists with their findings")
     run_data.use_cache([query_set, gallery_set], args.cache_dir, config["img_size"])
+    if query_set.multilabel:
+        trained = trained_findings if trained_findings is not None else classes
+        listed = findings_of(query_set, gallery_set)
+        if trained is not None and set(trained) != set(listed):
+            log(runtime, f"note: the findings of the lists ({', '.join(listed)}) differ from the checkpoint's "
+                         f"training findings ({', '.join(trained)}); retrieval is scored with the lists' own "
+                         "labels")
     return inputs, query_set, gallery_set
+
+
+def list_options(args, checkpoint):
+    """The public formats' reading options: each flag given, else the checkpoint's run's, else the
+    defaults; the test list reads the --mimic-split split."""
+    options = run_data.list_options(run_data.recorded_run(checkpoint), "test")
+    for key in ("views", "uncertain", "label_file", "metadata_file"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return {**options, "split": args.mimic_split}
+
+
+def findings_of(query_set, gallery_set):
+    """The findings of the query and gallery lists together, sorted: the columns of their tables."""
+    return sorted(set(query_set.findings) | set(gallery_set.findings if gallery_set is not None else []))
 
 
 def check_lists(args, runtime, checkpoint, inputs, query_set, gallery_set):
@@ -487,8 +550,14 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
         metrics, per_query = evaluate_retrieval(embedded.query, embedded.query_labels, embedded.gallery,
                                                 embedded.gallery_labels, ks=KS, vote_ks=vote_ks,
                                                 num_classes=len(classes), return_per_query=True, **groups)
+        if query_set.multilabel:
+            multilabel = score_findings(args, query_set, gallery_set, embedded, vote_ks, groups)
     except ValueError as error:  # e.g. a patient holding nearly the whole list
         raise UserError(f"{inputs['test_image_list']['value']}: {error}") from error
+    if query_set.multilabel:  # the retrieval numbers by finding relevance; the vote stays over combinations
+        multilabel_metrics, multilabel_per_query = multilabel
+        metrics = {**metrics, **multilabel_metrics, "classification_over": "finding combinations"}
+        per_query = {**per_query, **multilabel_per_query}
     num_gallery = len(query_set) if gallery_set is None else len(gallery_set)
     report = {"checkpoint": str(args.resume), "model": config["name"],
               "embedding_dim": config["embedding_dim"], "classes": classes,
@@ -502,7 +571,8 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "versions": library_versions()}
     report["lists"] = {split.name: splits.provenance(split) for split in lists}
     report["leakage"] = leakage
-    report["per_class"] = report_stats.per_class(per_query, classes, query_set.patients)
+    if not query_set.multilabel:  # per finding instead: metrics["per_finding"]
+        report["per_class"] = report_stats.per_class(per_query, classes, query_set.patients)
     if embedded.query_features:  # mean over the queries and their top-1 neighbour (the report contract)
         report["branch_attribution"] = mean_branch_shares(
             model, embedded.query_features[0], per_query["top_indices"][:, 0], embedded.ranked_against,
@@ -525,6 +595,18 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
         report["confidence_intervals"] = report_stats.bootstrap(per_query, query_set.patients, args.bootstrap,
                                                                 args.bootstrap_seed)
     return report, per_query
+
+
+def score_findings(args, query_set, gallery_set, embedded, vote_ks, groups):
+    """(metrics, per-query values) of evaluate_multilabel over the lists' findings."""
+    findings = findings_of(query_set, gallery_set)
+    tables = {"query_findings": query_set.combination_matrix(findings)[embedded.query_labels.cpu()]}
+    if gallery_set is not None:
+        tables["gallery_emb"] = embedded.gallery
+        tables["gallery_findings"] = gallery_set.combination_matrix(findings)[embedded.gallery_labels.cpu()]
+    metrics, per_query = evaluate_multilabel(embedded.query, ks=KS, knn_ks=vote_ks, relevance=args.relevance,
+                                             finding_names=findings, return_per_query=True, **tables, **groups)
+    return {**metrics, "findings": findings}, per_query
 
 
 def write_outputs(args, checkpoint, config, report, per_query, query_set, gallery_set, embedded):
@@ -571,6 +653,12 @@ def write_outputs(args, checkpoint, config, report, per_query, query_set, galler
               "query_patients": np.array([str(p) for p in query_set.patients]), "classes": np.array(classes),
               "protocol": np.array(protocol), "checkpoint": np.array(str(args.resume)),
               "model": np.array(config["name"]), "epoch": np.array(epoch)}
+    if query_set.multilabel:  # what test.py --compare scores multi-label lists by
+        findings = report["findings"]
+        arrays.update(findings=np.array(findings), relevance=np.array(args.relevance),
+                      query_findings=query_set.combination_matrix(findings)[embedded.query_labels.cpu()].numpy())
+        if gallery_set is not None:
+            arrays["gallery_findings"] = gallery_set.combination_matrix(findings)[embedded.gallery_labels.cpu()].numpy()
     if gallery_set is not None:
         arrays.update(gallery_embeddings=embedded.gallery.cpu().numpy(),
                       gallery_labels=embedded.gallery_labels.cpu().numpy(),

@@ -101,13 +101,16 @@ def add_dataset_flag(parser, help, default=None):
     parser.add_argument("--dataset", default=default, choices=DATASETS, help=help)
 
 
-def add_public_list_flags(parser):
-    """The options of the public data sets' lists (--dataset nih, chexpert, mimic)."""
+def add_public_list_flags(parser, recorded=False):
+    """The options of the public data sets' lists (--dataset nih, chexpert, mimic); recorded: the
+    defaults are the checkpoint's run's (test.py and the other programs that read a checkpoint)."""
     from cxr.public_lists import UNCERTAIN_POLICIES, VIEWS
 
-    parser.add_argument("--views", choices=VIEWS, default="frontal",
-                        help="CheXpert, MIMIC-CXR (and NIH): the films of which view (frontal: PA and AP)")
-    parser.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros",
+    defaults = (None, None) if recorded else ("frontal", "zeros")
+    source = " (default: the checkpoint's, else frontal)" if recorded else ""
+    parser.add_argument("--views", choices=VIEWS, default=defaults[0],
+                        help=f"CheXpert, MIMIC-CXR (and NIH): the films of which view (frontal: PA and AP){source}")
+    parser.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default=defaults[1],
                         help="CheXpert, MIMIC-CXR: an uncertain label (-1) counts as negative (zeros) or "
                         "positive (ones); blank is negative")
     parser.add_argument("--label-file", help="NIH: Data_Entry_2017.csv, MIMIC-CXR: mimic-cxr-2.0.0-chexpert.csv(.gz) "

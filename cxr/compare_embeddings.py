@@ -11,6 +11,7 @@ import numpy as np
 from cxr import report_inputs, report_stats
 from cxr.atomic_files import write_json
 from cxr.errors import UserError
+from cxr.multilabel_metrics import evaluate_multilabel
 from cxr.retrieval_metrics import evaluate_retrieval
 
 KS = report_inputs.KS
@@ -37,7 +38,8 @@ def compare(args, versions):
     `versions` (the libraries) go into the report."""
     paths = [Path(p) for p in args.compare]
     a, b = (load_embeddings(p) for p in paths)
-    for key in ("query_paths", "query_labels", "classes", "gallery_paths", "gallery_labels"):
+    for key in ("query_paths", "query_labels", "classes", "gallery_paths", "gallery_labels", "query_findings",
+                "gallery_findings", "findings", "relevance"):
         if (key in a) != (key in b) or (key in a and not np.array_equal(a[key], b[key])):
             raise UserError(f"--compare: {paths[0].name} and {paths[1].name} differ in {key}; "
                                   "compare embeddings of the same list(s), protocol and classes")
@@ -69,6 +71,12 @@ def compare(args, versions):
                                        data.get("gallery_embeddings"), data.get("gallery_labels"),
                                        ks=KS, vote_ks=vote_ks, num_classes=len(classes),
                                        return_per_query=True, **groups)
+        if "query_findings" in data:  # multi-label lists: the retrieval numbers by finding relevance
+            _, multilabel = evaluate_multilabel(data["query_embeddings"], data["query_findings"],
+                                                data.get("gallery_embeddings"), data.get("gallery_findings"),
+                                                ks=KS, knn_ks=vote_ks, relevance=str(data["relevance"]),
+                                                per_finding=False, return_per_query=True, **groups)
+            values = {**values, **multilabel}
         per_query.append(values)
     result = report_stats.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
     intervals = [report_stats.bootstrap(values, patients, n_resamples, args.bootstrap_seed) for values in per_query]
@@ -82,6 +90,7 @@ def compare(args, versions):
     report = {"a": describe(paths[0], a, intervals[0]), "b": describe(paths[1], b, intervals[1]),
               "protocol": "query-gallery" if "gallery_embeddings" in a else "leave-one-out",
               "num_queries": len(a["query_labels"]), "classes": classes,
+              "relevance": str(a["relevance"]) if "relevance" in a else None,
               "same_patient_excluded": bool(groups), "comparison": result,
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions}
@@ -100,7 +109,10 @@ def print_comparison(report):
     print(f"{report['protocol']}, {report['num_queries']} queries of {c['patients']} patients; paired "
           f"bootstrap, {c['resamples']} resamples; 95% intervals")
     print(f"  {'metric':<16}{'A':>8}{'B':>8}{'A - B':>8}   {'95% interval':<16}{'p':>7}")
+    if report.get("relevance"):
+        print(f"  multi-label relevance: {report['relevance']}; the votes are over the finding combinations")
     rows = [(f"R@{k}", v) for k, v in c["recall_at_k"].items()] + [("mAP", c["map"])]
+    rows += [(name, c[key]) for key, name in (("map_at_r", "MAP@R"), ("r_precision", "R-precision")) if key in c]
     rows += [(f"mP@{k}", v) for k, v in c["precision_at_k"].items()]
     for k, v in c["classification"].items():
         rows += [(f"vote acc k={k}", v["accuracy"]), (f"macro-F1 k={k}", v["f1_macro"])]

@@ -8,6 +8,7 @@ import torch
 from cxr import faults
 from cxr.checkpoints import checkpoint_name
 from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
+from cxr.multilabel_metrics import evaluate_multilabel
 from cxr.progress import progress
 from cxr.retrieval_metrics import evaluate_retrieval
 from cxr.runtime import log
@@ -91,7 +92,8 @@ def train_one_epoch(objective, optimizer, scheduler, scaler, loader, epoch, args
 
 def evaluate(model, loader, args, runtime, split, keep=None):
     """Leave-one-out R@1, mAP and mP@1 of one split, in percent, keys prefixed by the split
-    (main process only); images of the query's own patient are left out, as in test.py. For
+    (main process only); images of the query's own patient are left out, as in test.py. A
+    multi-label split is scored with shared-finding relevance (test.py's --relevance any). For
     the hybrid also each branch's share of the similarity to the top-1 neighbour. `keep` (a dict)
     receives the embeddings and labels on the main process (train.py --tensorboard's projector)."""
     with_branches = has_branches(model)
@@ -101,12 +103,21 @@ def evaluate(model, loader, args, runtime, split, keep=None):
         return {}
     if keep is not None:
         keep.update(embeddings=embeddings, labels=labels)
+    dataset = loader.dataset
+    if getattr(dataset, "multilabel", False):
+        table = dataset.combination_matrix().to(labels.device)[labels]
+
+        def score(**groups):
+            return evaluate_multilabel(embeddings, table, ks=(1,), knn_ks=(1,), per_finding=False,
+                                       return_per_query=True, **groups)
+    else:
+        def score(**groups):
+            return evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True, **groups)
     try:
-        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True,
-                                               query_groups=loader.dataset.patients)
+        result, per_query = score(query_groups=dataset.patients)
     except ValueError as error:  # e.g. every class of the split is one patient
         log(runtime, f"warning: {split}: {error}; this split is scored with same-patient images")
-        result, per_query = evaluate_retrieval(embeddings, labels, ks=(1,), vote_ks=(), return_per_query=True)
+        result, per_query = score()
     record = {f"{split}_R@1": result["recall_at_k"]["1"], f"{split}_mAP": result["map"],
               f"{split}_mP@1": result["precision_at_k"]["1"]}
     if with_branches:

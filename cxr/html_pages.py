@@ -151,6 +151,10 @@ def metric_rows(report):
     rows = [(f"R@{k}", f"{v:.1f}", interval("recall_at_k", k)) for k, v in report["recall_at_k"].items()]
     rows.append(("mAP", f"{report['map']:.1f}", interval("map")))
     rows += [(f"mP@{k}", f"{v:.1f}", interval("precision_at_k", k)) for k, v in report["precision_at_k"].items()]
+    rows += [(name, f"{report[key]:.1f}", interval(key)) for key, name in (("map_at_r", "MAP@R"),
+                                                                          ("r_precision", "R-precision"))
+             if key in report]
+    rows += [(f"nDCG@{k} (Jaccard gains)", f"{v:.1f}", "") for k, v in report.get("ndcg_at_k", {}).items()]
     for k, scores in report["classification"].items():
         rows.append((f"vote accuracy, k = {k}", f"{scores['accuracy']:.1f}", interval("classification", k, "accuracy")))
         rows.append((f"vote macro F1, k = {k}", f"{scores['f1_macro']:.1f}", interval("classification", k, "f1_macro")))
@@ -173,13 +177,21 @@ def report_page(report_path, report, figures, lowest, bit_depth=None):
                      "95% intervals.</p>")
     parts.append("<h2>Metrics (percent)</h2>" + table(["metric", "value", "95% interval (patients)"],
                                                       metric_rows(report), numeric=(1,)))
-    classes = report["per_class"]["classes"]
     vote_k = str(report.get("abstention", {}).get("vote_k", next(iter(report["classification"]))))
-    parts.append("<h2>Per class</h2>" + table(
-        ["class", "queries", "patients", "R@1", "AP", f"vote recall, k = {vote_k}"],
-        [(name, c["queries"], c["patients"], f"{c['recall_at_1']:.1f}", f"{c['ap']:.1f}",
-          f"{c['vote_recall'].get(vote_k, float('nan')):.1f}") for name, c in classes.items()],
-        numeric=(1, 2, 3, 4, 5)))
+    if "per_class" in report:
+        parts.append("<h2>Per class</h2>" + table(
+            ["class", "queries", "patients", "R@1", "AP", f"vote recall, k = {vote_k}"],
+            [(name, c["queries"], c["patients"], f"{c['recall_at_1']:.1f}", f"{c['ap']:.1f}",
+              f"{c['vote_recall'].get(vote_k, float('nan')):.1f}")
+             for name, c in report["per_class"]["classes"].items()],
+            numeric=(1, 2, 3, 4, 5)))
+    if "per_finding" in report:  # multi-label lists
+        knn = report["knn"].get(vote_k) or next(iter(report["knn"].values()))
+        parts.append(f"<h2>Per finding (relevance: {escape(report['relevance'])})</h2>" + table(
+            ["finding", "queries", "AP", "kNN AUROC"],
+            [(name, row["queries"], "n/a" if row["ap"] is None else f"{row['ap']:.1f}",
+              "n/a" if knn["auroc"].get(name) is None else f"{knn['auroc'][name]:.1f}")
+             for name, row in report["per_finding"].items()], numeric=(1, 2, 3)))
     if report.get("branch_attribution"):
         shares = ", ".join(f"{escape(b)} {v:.1f}%" for b, v in report["branch_attribution"].items())
         parts.append(f"<p>Each branch's share of the query-to-neighbour similarity: {shares}</p>")

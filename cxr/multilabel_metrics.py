@@ -44,7 +44,8 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     "ndcg_at_k", "queries_without_relevant", "per_finding": {name: {"ap", "queries"}},
     "knn": {k: {"auroc": {name: value or None}, "auroc_mean"}}}; with return_per_query also
     (Q,) arrays "ap", "map_at_r", "r_precision", "n_relevant", "ndcg" {k}, (Q, len(ks)) "hits",
-    (Q, max k) "top_indices" and "ks" (the keys report_stats.bootstrap reads).
+    (Q, max k) "top_indices", (Q,) bool "scored" (has a relevant film: the queries every mean is
+    over) and "ks" (the keys report_stats.bootstrap reads).
     """
     if relevance not in RELEVANCE:
         raise ValueError(f"unknown relevance '{relevance}'; choose one of {', '.join(RELEVANCE)}")
@@ -114,7 +115,7 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     per_query = {"ap": full(ap), "map_at_r": full(map_at_r), "r_precision": full(r_precision),
                  "n_relevant": ranked.n_relevant.cpu().numpy(), "ndcg": ndcg,
                  "hits": top_relevant[:, at_k].cpu().numpy(), "top_indices": top_indices.cpu().numpy(),
-                 "ks": ks}
+                 "scored": with_relevant.cpu().numpy(), "ks": ks}
     return result, per_query
 
 

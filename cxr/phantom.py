@@ -385,8 +385,10 @@ def make_phantom_with_info(
     ``ctr_ranges`` ({label: (low, high)}, opt-in) replaces the CTR range the heart width is
     drawn from for the labels it names; without it the phantoms are exactly the default ones.
     """
-    if label not in CLASSES:
-        raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
+    findings = label.split("|")  # co-occurring findings, e.g. "cardiomegaly|effusion"
+    if any(finding not in CLASSES for finding in findings) or ("normal" in findings and len(findings) > 1):
+        raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}, or findings other than "
+                         "normal joined by '|'")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     frame = _Frame(rng, size)
@@ -399,7 +401,7 @@ def make_phantom_with_info(
     lung_r = _lung_params(rng, drop=0.0)
     lung_l = _lung_params(rng, drop=rng.uniform(0.04, 0.09))
     hemithorax = np.where(on_right, _lung_region(lung_r, a, yb, frame), _lung_region(lung_l, a, yb, frame))
-    ctr_range = _CTR_CARDIOMEGALY if label == "cardiomegaly" else _CTR_NORMAL
+    ctr_range = _CTR_CARDIOMEGALY if "cardiomegaly" in findings else _CTR_NORMAL
     if ctr_ranges is not None and label in ctr_ranges:  # opt-in: rule_check.py's borderline set
         ctr_range = ctr_ranges[label]
     heart, heart_s = _heart_region(rng, rng.uniform(*ctr_range), lung_r, lung_l, xb, yb)
@@ -452,7 +454,10 @@ def make_phantom_with_info(
     lung_depth = rng.uniform(0.30, 0.40)
     air = lung_depth * (1.0 - 0.25 * np.clip(yb, 0.0, 1.1) ** 2 - 0.1 * _smoothstep(0.5, 1.0, a / lateral))
     air = air * (0.3 + 0.7 * np.minimum(1.4 * _wide_blur(lungs, 0.03 * size), 1.0))
-    opacity, lesion = _finding(rng, label, xb, yb, lung_r, lung_l, lungs)
+    opacity, lesion = _finding(rng, findings[0], xb, yb, lung_r, lung_l, lungs)
+    for finding in findings[1:]:  # a second finding adds its opacity and lesion
+        more_opacity, more_lesion = _finding(rng, finding, xb, yb, lung_r, lung_l, lungs)
+        opacity, lesion = np.maximum(opacity, more_opacity), lesion | more_lesion
     mottling = 1.0 + rng.uniform(0.04, 0.10) * _smooth_noise(rng, frame.canvas, int(rng.integers(6, 12)))
     density -= air * lungs * mottling * (1.0 - opacity)
     # Hila and vascular markings: denser around the lung roots, fanning out from them.

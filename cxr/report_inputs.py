@@ -20,7 +20,8 @@ from cxr import run_data
 from cxr.checkpoints import data_bit_depth
 from cxr.errors import UserError
 from cxr.images import BIT_DEPTHS
-from cxr.presets import LIST_FORMAT, setup_defaults
+from cxr.presets import LIST_FORMAT, WHOLE_FOLDER_FORMATS, setup_defaults, split_folder
+from cxr.public_lists import default_lists
 
 KS = (1, 5, 10)  # R@K and mP@K, the report's keys
 VOTE_KS = (1, 5, 10, 15, 20)
@@ -49,9 +50,9 @@ def resolve_inputs(args, checkpoint):
     if args.test_dataset_dir is not None:
         inputs["test_dataset_dir"] = _entry(str(args.test_dataset_dir), "flag")
     elif recorded.get("dataset_dir"):
-        inputs["test_dataset_dir"] = _entry(str(Path(recorded["dataset_dir"]) / "test"), "checkpoint")
+        inputs["test_dataset_dir"] = _entry(str(split_folder(dataset, recorded["dataset_dir"], "test")), "checkpoint")
     else:
-        inputs["test_dataset_dir"] = _entry(str(Path(defaults["dataset_dir"]) / "test"), "default")
+        inputs["test_dataset_dir"] = _entry(str(split_folder(dataset, defaults["dataset_dir"], "test")), "default")
 
     if LIST_FORMAT[dataset] == "folder":  # the folder is read, no list: name none
         if args.test_image_list is not None:
@@ -62,6 +63,8 @@ def resolve_inputs(args, checkpoint):
         inputs["test_image_list"] = _entry(str(args.test_image_list), "flag")
     elif recorded.get("test_image_list"):
         inputs["test_image_list"] = _entry(str(recorded["test_image_list"]), "checkpoint")
+    elif LIST_FORMAT[dataset] in WHOLE_FOLDER_FORMATS:  # the data set's own test list in its folder
+        inputs["test_image_list"] = _entry(default_lists(dataset, inputs["test_dataset_dir"]["value"])[1], "default")
     elif dataset == "demo":  # train.py's demo default: the list beside the images
         inputs["test_image_list"] = _entry(str(Path(defaults["dataset_dir"]) / "test_split.txt"), "default")
     else:

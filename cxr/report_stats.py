@@ -47,12 +47,21 @@ def _weighted_metrics(per_query, weights):
     total = weights.sum(1)  # (B,)
     out = {}
     hits = per_query["hits"]
-    for i, k in enumerate(per_query["ks"]):
-        out[("recall_at_k", str(k))] = 100.0 * (weights @ (hits[:, i] > 0)) / total
-        out[("precision_at_k", str(k))] = 100.0 * (weights @ (hits[:, i] / k)) / total
-    valid = ~np.isnan(per_query["ap"])
+    # Multi-label reports score R@K and mP@K over the queries with a relevant film ("scored").
+    scored = per_query.get("scored")
+    hit_weights = weights if scored is None else weights * scored
+    hit_total = total if scored is None else hit_weights.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[("map",)] = 100.0 * (weights[:, valid] @ per_query["ap"][valid]) / weights[:, valid].sum(1)
+        for i, k in enumerate(per_query["ks"]):
+            out[("recall_at_k", str(k))] = 100.0 * (hit_weights @ (hits[:, i] > 0)) / hit_total
+            out[("precision_at_k", str(k))] = 100.0 * (hit_weights @ (hits[:, i] / k)) / hit_total
+    for key in ("ap", "map_at_r", "r_precision"):  # NaN where the query has no relevant item
+        if key not in per_query:
+            continue
+        valid = ~np.isnan(per_query[key])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[("map" if key == "ap" else key,)] = (100.0 * (weights[:, valid] @ per_query[key][valid])
+                                                     / weights[:, valid].sum(1))
     classes = per_query["classes"]
     truth = per_query["y_true"][:, None] == classes[None, :]  # (Q, C) one-hot true class
     support = weights @ truth  # (B, C)

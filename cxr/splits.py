@@ -42,9 +42,10 @@ class Split:
         return [str((self.root / f).resolve()) for f in self.files]
 
     @classmethod
-    def from_list(cls, name, image_root, list_file, list_format):
-        """Read a list without opening its images (e.g. the training list of a checkpoint)."""
-        entries, source = read_entries(image_root, list_file, list_format)
+    def from_list(cls, name, image_root, list_file, list_format, options=None):
+        """Read a list without opening its images (e.g. the training list of a checkpoint);
+        options: the public formats' (dataset.read_entries)."""
+        entries, source = read_entries(image_root, list_file, list_format, options=options)
         return cls(name, str(source), Path(image_root), [e[0] for e in entries], [e[1] for e in entries],
                    [e[3] for e in entries])
 

@@ -19,7 +19,7 @@ def fake_run(out, variant, seed, test_map, vit_share=None, difference=None):
     (directory / "test_report.json").write_text(json.dumps(report))
     if difference is not None:
         comparison = {"comparison": {"map": {"difference": difference, "low": difference - 1, "high": difference + 1}}}
-        (directory / f"compare_vs_{ablate.REFERENCE}_seed_{seed}.json").write_text(json.dumps(comparison))
+        (directory / f"compare_vs_{ablate.REFERENCES['models']}_seed_{seed}.json").write_text(json.dumps(comparison))
     return directory
 
 
@@ -46,6 +46,6 @@ def test_retraining_the_reference_forgets_every_comparison_against_it(tmp_path):
     fake_run(tmp_path, "convnext", 0, 70.0)
     hybrid = fake_run(tmp_path, "hybrid", 0, 72.0, difference=2.0)
     ablate.forget_evaluations(tmp_path, "convnext", 0)
-    assert not (hybrid / f"compare_vs_{ablate.REFERENCE}_seed_0.json").exists()
+    assert not (hybrid / f"compare_vs_{ablate.REFERENCES['models']}_seed_0.json").exists()
     assert not (ablate.run_dir(tmp_path, "convnext", 0) / "test_report.json").exists()
     assert (hybrid / "test_report.json").exists()
