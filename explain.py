@@ -63,7 +63,7 @@ from cxr.embeddings import class_prototypes, extract_embeddings, has_branches
 from cxr.errors import UserError
 from cxr.gradcam import METHODS, RetrievalGradCAM, branch_attribution, branch_weights, default_layers, heatmaps
 from cxr.images import load_image
-from cxr.presets import LIST_FORMAT
+from cxr.presets import LIST_FORMAT, split_folder
 from cxr.retrieval_metrics import majority_vote
 from cxr.runtime import Runtime, refuse_distributed, setup_runtime
 from dataset import ImageListDataset, build_transform
@@ -201,12 +201,14 @@ def build_context(args):
     explained, fitting, gallery = explain_inputs.split_sets(args, run, runtime, classes, list_format, bit_depth)
     if gallery is None:
         gallery_list = args.gallery_image_list or run.get("train_image_list")
-        recorded_dir = Path(run["dataset_dir"]) / "train" if run.get("dataset_dir") else None
+        recorded_dir = split_folder(run["dataset"], run["dataset_dir"], "train") if run.get("dataset_dir") else None
         gallery_dir = args.gallery_dataset_dir or recorded_dir
         if not gallery_list or not gallery_dir:
             raise UserError(f"{args.resume} does not record its training list; give "
                                   "--gallery-image-list and --gallery-dataset-dir")
-        gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto")
+        gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto",
+                                   multilabel=checkpoint.get("findings") is not None,
+                                   list_options=run_data.list_options(run, "train"))
         if explained is not None:
             explain_inputs.check_gallery(args, gallery, explained)
     gallery.transform = transform

@@ -54,7 +54,7 @@ from cxr.atomic_files import write_json
 from cxr.checkpoints import data_bit_depth, load_trained_model
 from cxr.embeddings import extract_embeddings
 from cxr.ood_detector import SCORES, OODDetector, default_detector_path, detection_metrics
-from cxr.presets import LIST_FORMAT, setup_defaults
+from cxr.presets import LIST_FORMAT, setup_defaults, split_folder
 from cxr.runtime import refuse_distributed, resolve_amp, setup_runtime
 from dataset import ImageListDataset, build_transform
 
@@ -129,11 +129,13 @@ def main(args):
         scale = train_args.get("id_loss_scale") if train_args.get("id_loss_weight") else None
         temperature = 1.0 / (scale or 16.0)
 
-    def embed(dataset_or_folder, list_file=None, known_classes=None):
+    def embed(dataset_or_folder, list_file=None, known_classes=None, role="test"):
         data = dataset_or_folder
         if not isinstance(data, ImageListDataset):
             data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform,
-                                    bit_depth=data_bit_depth(checkpoint) or "auto")
+                                    bit_depth=data_bit_depth(checkpoint) or "auto",
+                                    multilabel=known_classes is not None and checkpoint.get("findings") is not None,
+                                    list_options=run_data.list_options(train_args, role))
             run_data.use_cache([data], args.cache_dir, config["img_size"])
         data.transform = transform
         loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
@@ -147,12 +149,14 @@ def main(args):
         splits = run_data.training_splits(train_args, runtime, dataset, root, data_bit_depth(checkpoint),
                                           args.cache_dir)
     if args.fit_image_list:
-        fit_emb, fit_labels = embed(args.fit_dataset_dir or root / "train", args.fit_image_list, classes)
+        fit_emb, fit_labels = embed(args.fit_dataset_dir or split_folder(dataset, root, "train"), args.fit_image_list,
+                                    classes, "train")
     else:
         fit_emb, fit_labels = embed(splits[0])
     detector = OODDetector(temperature, args.k, fingerprint).fit(fit_emb, fit_labels, classes)
     if args.calib_image_list:
-        calib_emb, _ = embed(args.calib_dataset_dir or root / "train", args.calib_image_list, classes)
+        calib_emb, _ = embed(args.calib_dataset_dir or split_folder(dataset, root, "train"), args.calib_image_list,
+                             classes, "val")
     elif splits[1] is not None:
         calib_emb, _ = embed(splits[1])
     else:
@@ -160,7 +164,7 @@ def main(args):
                          "(--val-fraction 0); give --calib-image-list")
     thresholds = detector.calibrate(calib_emb, args.tpr)
     in_list = args.in_image_list or train_args.get("test_image_list")
-    in_emb, _ = embed(args.in_dataset_dir or root / "test", in_list, classes)
+    in_emb, _ = embed(args.in_dataset_dir or split_folder(dataset, root, "test"), in_list, classes)
     in_scores = detector.scores(in_emb)
     results = []
     for name, list_file, folder in ood_sets(args):

@@ -13,6 +13,8 @@ from cxr import localisation, regions, run_data
 from cxr import masks as mask_sources
 from cxr.errors import UserError
 from cxr.gradcam import METHODS
+from cxr.presets import split_folder
+from cxr.public_lists import NO_FINDING
 from dataset import ImageListDataset
 
 REFERENCE_IMAGES = 500  # gallery images averaged into the integrated-gradients reference image
@@ -39,8 +41,9 @@ def split_sets(args, run, runtime, classes, list_format, bit_depth):
                                   "(--val-fraction 0); explain --split test or an --image-list")
         gallery = None if args.gallery_image_list else train_part  # another gallery: see check_gallery
         return val_part, train_part, gallery
-    test = ImageListDataset(Path(run["dataset_dir"]) / "test", run["test_image_list"], list_format, classes,
-                            bit_depth=bit_depth or "auto", folder_flag=recorded)
+    test = ImageListDataset(split_folder(run["dataset"], run["dataset_dir"], "test"), run["test_image_list"],
+                            list_format, classes, bit_depth=bit_depth or "auto", folder_flag=recorded,
+                            multilabel=train_part.multilabel, list_options=run_data.list_options(run, "test"))
     return test, train_part, None
 
 
@@ -63,19 +66,21 @@ def check_gallery(args, gallery, explained):
 
 def reference_class(args, classes):
     """The class the contrast target and the IG reference image are taken from: --reference-class,
-    else "normal" when the checkpoint has it, else None (--target contrast falls back to the
+    else "normal" or "No Finding" (NIH, CheXpert, MIMIC-CXR) when the checkpoint has it, else None
+    (--target contrast falls back to the
     prototype, the IG reference to the mean image of the whole gallery, with a note)."""
     if args.reference_class:
         if args.reference_class not in classes:
             raise UserError(f"--reference-class {args.reference_class}: not a class of this checkpoint "
                                   f"({', '.join(classes)})")
         return args.reference_class
-    if "normal" in classes:
-        return "normal"
+    for normal in ("normal", NO_FINDING):
+        if normal in classes:
+            return normal
     starts_from_reference = METHODS[args.method].needs_reference
     if starts_from_reference or args.target == "contrast":
-        print(f"note: no 'normal' class among {', '.join(classes)} and no --reference-class (give one to "
-              "choose): " + "; ".join(part for part, used in (
+        print(f"note: no 'normal' or '{NO_FINDING}' class among {', '.join(classes)} and no --reference-class "
+              "(give one to choose): " + "; ".join(part for part, used in (
                   ("--target contrast falls back to the predicted class's prototype", args.target == "contrast"),
                   (f"{METHODS[args.method].title} start from the mean gallery image", starts_from_reference)) if used))
     return None
