@@ -1,6 +1,7 @@
 """Benchmarks: retrieval metrics, embedding extraction, training steps and the data pipeline.
 
     python bench.py metrics [--sizes 5000,20000] [--big 100000]  # evaluate_retrieval vs the seed's
+    python bench.py multilabel [--sizes 5000,20000] [--big 100000]  # multi-label vs single-label metrics
     python bench.py embed [--device cuda --full] [--compile]     # embedding extraction vs plain fp32
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
@@ -33,7 +34,7 @@ import torch
 
 from cxr import bench_data, bench_metrics, bench_search, bench_train
 
-SUITES = ("metrics", "embed", "train", "data", "search")
+SUITES = ("metrics", "multilabel", "embed", "train", "data", "search")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +113,8 @@ def main(args):
         raise SystemExit(f"error: --img-size {args.img_size} must be a multiple of 32")
     if args.threads:
         torch.set_num_threads(args.threads)  # this process: the data suite's loader, the report
-    runners = {"metrics": bench_metrics.run_metrics, "embed": bench_train.run_embed, "train": bench_train.run_train,
+    runners = {"metrics": bench_metrics.run_metrics, "multilabel": bench_metrics.run_multilabel,
+               "embed": bench_train.run_embed, "train": bench_train.run_train,
                "data": bench_data.run_data, "search": bench_search.run_search}
     suites = SUITES if args.suite == "all" else (args.suite,)
     return {suite: runners[suite](args) for suite in suites}

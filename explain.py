@@ -97,6 +97,19 @@ def explanation_targets(ctx, votes, neighbours):
     return ctx["gallery"][neighbours[:, ctx["neighbour_rank"] - 1]]
 
 
+def target_name(ctx, predicted):
+    """What the map explains, in words: e.g. "prototype of Cardiomegaly|Effusion minus prototype of
+    No Finding" for a film retrieved with two findings."""
+    if ctx["target"] == "prototype":
+        return f"prototype of {predicted}"
+    if ctx["target"] == "contrast":
+        reference = ctx["classes"][ctx["reference"]] if isinstance(ctx["reference"], int) else None
+        if reference is None or predicted == reference:
+            return f"prototype of {predicted}"
+        return f"prototype of {predicted} minus prototype of {reference}"
+    return f"neighbour {ctx['neighbour_rank']}"
+
+
 def explain_batch(ctx, paths, labels=None, masks=None):
     """Records for images at `paths` (their original files); `masks` a list of dicts with
     lungs/heart/lesion bool arrays (and per-lung "sides"), None, or functions of the image's
@@ -131,7 +144,8 @@ def explain_batch(ctx, paths, labels=None, masks=None):
             "peak_xy": stats["peak_xy"], "top_zone": stats["top_zone"], "ctr": stats["ctr"],
             "rules_fired": reasoning["rules_fired"], "contradicting": reasoning["contradicting"],
             "rules_not_evaluated": sorted(reasoning["not_evaluated"]),
-            "target": ctx["target"], "target_similarity": float(maps["similarity"][i]),
+            "target": ctx["target"], "target_name": target_name(ctx, predicted),
+            "target_similarity": float(maps["similarity"][i]),
             "neighbours": [{"path": ctx["gallery_paths"][j], "label": ctx["classes"][int(ctx["gallery_labels"][j])],
                             "similarity": float(s)} for s, j in zip(scores[i].tolist(), neighbours[i].tolist())],
             "branch_attribution": attribution[i] if attribution else None,

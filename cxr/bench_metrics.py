@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from cxr import retrieval_metrics
+from cxr import multilabel_metrics, retrieval_metrics
 from cxr.bench_harness import MB, TARGETS, fmt, isolated, markdown_table, peak_memory, report, status, sync, times
 
 # evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see retrieval_metrics.py);
@@ -80,9 +80,10 @@ def _flatten(value, path=""):
 
 
 def max_difference(a, b):
-    """Largest absolute difference between two metric dicts; inf when their entries differ."""
+    """Largest absolute difference between two metric dicts over the entries of a (the seed's
+    algorithm, which has no MAP@R or R-precision); inf when b lacks one of them."""
     a, b = dict(_flatten(a)), dict(_flatten(b))
-    if a.keys() != b.keys():
+    if not a.keys() <= b.keys():
         return float("inf")
     return max(abs(a[key] - b[key]) for key in a)
 
@@ -95,16 +96,33 @@ def random_embeddings(n, dim, classes, seed=0):
     return embeddings, torch.randint(classes, (n,), generator=generator)
 
 
+def random_findings(n, findings=14, seed=0):
+    """(N, F) bool: each film 1 to 3 findings (about 1.3 on average, as NIH's films with findings)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    table = torch.zeros(n, findings, dtype=torch.bool)
+    rows = torch.arange(n)
+    table[rows, torch.randint(findings, (n,), generator=generator)] = True
+    for share in (0.25, 0.05):
+        extra = torch.rand(n, generator=generator) < share
+        table[rows[extra], torch.randint(findings, (int(extra.sum()),), generator=generator)] = True
+    return table
+
+
 def metrics_case(algorithm, n, dim, classes, device):
-    """Create the embeddings, then run `algorithm` ("seed", "fast", "patients" or None: set-up only)."""
+    """Create the embeddings, then run `algorithm` ("seed", "fast", "patients", "multilabel",
+    "multilabel_core" (without the per-finding AP) or None: set-up only)."""
     device = torch.device(device)
     embeddings, labels = (t.to(device) for t in random_embeddings(n, dim, classes))
     if algorithm is None:
         return {}
     evaluate = seed_evaluate_retrieval if algorithm == "seed" else retrieval_metrics.evaluate_retrieval
-    if algorithm == "patients":  # the same-patient exclusion test.py applies: two films per patient
-        groups = torch.arange(n, device=device) // 2
+    groups = torch.arange(n, device=device) // 2  # test.py's same-patient exclusion: two films per patient
+    if algorithm == "patients":
         evaluate = functools.partial(retrieval_metrics.evaluate_retrieval, query_groups=groups)
+    if algorithm.startswith("multilabel"):  # as test.py scores a multi-label list (vote ks as knn ks)
+        labels = random_findings(n).to(device)
+        evaluate = functools.partial(multilabel_metrics.evaluate_multilabel, query_groups=groups,
+                                     per_finding=algorithm == "multilabel")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -116,6 +134,46 @@ def metrics_case(algorithm, n, dim, classes, device):
     if device.type == "cuda":
         out["gpu_peak"] = torch.cuda.max_memory_allocated(device) - before
     return out
+
+
+def run_multilabel(args):
+    """evaluate_multilabel against the single-label path, both with the same-patient exclusion, in
+    the same run at each N (the target: multi-label within 2x the single-label time and memory)."""
+    device = torch.device(args.device)
+    table, rows = [], []
+    for n in [*args.sizes, *([args.big] if args.big else [])]:
+        baseline = isolated(args.threads, metrics_case, None, n, args.dim, args.classes, args.device)
+        cases = {name: isolated(args.threads, metrics_case, name, n, args.dim, args.classes, args.device)
+                 for name in ("patients", "multilabel_core", "multilabel")}
+        errors = "; ".join(case["error"] for case in (baseline, *cases.values()) if "error" in case)
+        if errors:
+            table.append([f"{n:,}", *[""] * 7, errors])
+            continue
+        memory = {name: peak_memory(case, baseline, device) for name, case in cases.items()}
+        single = cases["patients"]
+        row = {"n": n, **{f"{name}_seconds": case["seconds"] for name, case in cases.items()},
+               **{f"{name}_bytes": value for name, value in memory.items()}}
+        rows.append(row)
+        ratios = [cases[name]["seconds"] / single["seconds"] for name in ("multilabel_core", "multilabel")]
+        memory_ratios = [memory[name] / memory["patients"] if memory["patients"] > 0 else None
+                         for name in ("multilabel_core", "multilabel")]
+        verdict = status(ratios[0] <= 2 and (memory_ratios[0] is None or memory_ratios[0] <= 2))
+        table.append([f"{n:,}", f"{single['seconds']:.2f}", f"{cases['multilabel_core']['seconds']:.2f}",
+                      f"{cases['multilabel']['seconds']:.2f}", " / ".join(times(r) for r in ratios),
+                      fmt(memory["patients"], ".0f", MB), " / ".join(fmt(memory[name], ".0f", MB) for name in
+                                                                  ("multilabel_core", "multilabel")),
+                      " / ".join(fmt(r, ".2f") for r in memory_ratios), verdict])
+    header = ["N", "single-label s", "multi-label s", "+ per finding s", "time ratio", "single MB",
+              "multi MB (core / + per finding)", "memory ratio", "core within 2x"]
+    report(args, "multilabel", f"metrics: multi-label against single-label ({args.device})",
+           markdown_table(header, table),
+           [f"leave-one-out, random unit vectors, D = {args.dim}, two films per patient left out of each "
+            "other's ranking; single-label: evaluate_retrieval with 3 classes; multi-label: evaluate_multilabel "
+            "with 14 findings, 1.3 a film (R@K, mAP, mP@K, MAP@R, R-precision, nDCG@K, kNN AUROC at "
+            "k = 1, 5, 10, 15, 20), then with the per-finding AP (one more ranking of each finding's "
+            "carriers); memory: " + ("GPU max_memory_allocated" if device.type == "cuda" else
+                                     "peak RSS above the set-up")])
+    return rows
 
 
 def run_metrics(args):

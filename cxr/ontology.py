@@ -56,6 +56,15 @@ def validate(data, path="ontology"):
     findings, signs = data["findings"], data["signs"]
     if not isinstance(findings, dict) or not findings:
         fail("findings", "must be a non-empty object {name: {description}}")
+    alias_of = {}
+    for name, entry in findings.items():
+        aliases = entry.get("aliases", []) if isinstance(entry, dict) else None
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            fail(f"findings '{name}'", "'aliases' must be a list of names (the public data sets' spellings)")
+        for alias in [name, *aliases]:
+            if alias.casefold() in alias_of and alias_of[alias.casefold()] != name:
+                fail(f"findings '{name}'", f"the name {alias!r} is also finding '{alias_of[alias.casefold()]}''s")
+            alias_of[alias.casefold()] = name
     if not isinstance(signs, dict):
         fail("signs", "must be an object {id: name}")
     if not isinstance(data["rules"], list):
@@ -113,8 +122,22 @@ def _holds(condition, stats):
         return False
 
 
+def ontology_findings(ontology, label):
+    """The ontology's findings a retrieved label names: its own names or their aliases ("Pleural
+    Effusion" is effusion), each finding of a combination ("Cardiomegaly|Effusion"); a name the
+    ontology does not know is left out."""
+    names = {}
+    for name, entry in ontology["findings"].items():
+        for alias in [name, *entry.get("aliases", [])]:
+            names[alias.casefold()] = name
+    return {names[part.strip().casefold()] for part in (label or "").split("|") if part.strip().casefold() in names}
+
+
 def reason(ontology, stats, predicted=None):
-    """The rules that fire on `stats`, which support or contradict `predicted`, and sentences."""
+    """The rules that fire on `stats`, which support or contradict `predicted` (a finding, an
+    alias or a combination of them joined by '|': a rule supports it when it supports any of its
+    findings), and sentences."""
+    predicted_findings = ontology_findings(ontology, predicted)
     fired, supporting, contradicting, cautions, sentences = [], [], [], [], []
     not_evaluated = {}  # rule id -> the statistics it needs that this image lacks (no mask)
     for rule in ontology["rules"]:
@@ -130,9 +153,9 @@ def reason(ontology, stats, predicted=None):
                   "supports": rule.get("supports", []), "contradicts": rule.get("contradicts", [])}
         fired.append(record)
         sentence = rule["sentence"].format(**values, **limits, top_zone=stats.get("top_zone"))
-        if predicted in record["supports"]:
+        if predicted_findings & set(record["supports"]):
             supporting.append(rule["id"])
-        if predicted in record["contradicts"]:
+        if predicted_findings & set(record["contradicts"]):
             contradicting.append(rule["id"])
             sentence += f" This speaks against {predicted}."
         if rule.get("caution"):

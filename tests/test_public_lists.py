@@ -183,3 +183,26 @@ def test_multilabel_triplet_positives_share_a_finding_and_identity_is_per_findin
     logits = 4.0 * embeddings @ torch.nn.functional.normalize(head.weight.detach(), dim=1).T
     expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, table.float())
     assert float(head(embeddings, table)) == pytest.approx(float(expected_bce), abs=1e-5)
+
+
+def test_ontology_reads_the_public_names_and_combinations():
+    from cxr.ontology import load_ontology, ontology_findings, reason
+
+    ontology = load_ontology()
+    assert ontology_findings(ontology, "Cardiomegaly|Pleural Effusion") == {"cardiomegaly", "effusion"}
+    assert ontology_findings(ontology, "No Finding") == {"normal"}
+    assert ontology_findings(ontology, "Infiltration|Fracture") == {"lung_opacity"}  # unknown names left out
+    for finding in ("cardiomegaly", "effusion", "consolidation", "atelectasis", "lung_opacity", "pneumothorax"):
+        assert any(finding in rule["supports"] for rule in ontology["rules"]), finding
+    stats = {"ctr": 0.6}
+    assert reason(ontology, stats, "Cardiomegaly|Effusion")["supporting"] == ["enlarged_cardiac_silhouette"]
+    assert reason(ontology, stats, "No Finding")["contradicting"] == ["enlarged_cardiac_silhouette"]
+
+
+def test_no_finding_is_the_default_reference_class():
+    from types import SimpleNamespace
+
+    from cxr.explain_inputs import reference_class
+
+    args = SimpleNamespace(reference_class=None, method="ig", target="contrast")
+    assert reference_class(args, ["Cardiomegaly", "Cardiomegaly|Effusion", "No Finding"]) == "No Finding"
