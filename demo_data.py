@@ -8,7 +8,7 @@ Multi-label phantoms (20% of the films with two findings, follow-up films, later
 uncertain labels) in the layout of NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG or a CSV list, to
 try those readers and multi-label training (cxr/multilabel_demo.py):
 
-    python demo_data.py --multilabel nih --out data/demo_nih [--train-films 1500 --test-films 500]
+    python demo_data.py --multilabel nih --out data/demo_nih [--train-films 1000 --test-films 400]
     python train.py --dataset nih --dataset-dir data/demo_nih --setup small
 
 What a phantom looks like (five findings, anatomy, confounders): cxr/phantom.py; the layout on
@@ -40,8 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preview", type=Path, default=None, help="also save a grid picture of samples per class")
     group = parser.add_argument_group("multi-label phantoms")
     group.add_argument("--multilabel", choices=LAYOUTS, help="write multi-label phantoms in this data set's layout")
-    group.add_argument("--train-films", type=int, default=1500, help="films of the training list")
-    group.add_argument("--test-films", type=int, default=500, help="films of the test list")
+    group.add_argument("--train-films", type=int, default=1000, help="films of the training list")
+    group.add_argument("--test-films", type=int, default=400, help="films of the test list")
     group.add_argument("--pair-share", type=float, default=0.2, help="share of films with two findings")
     return add_debug_flag(parser)
 

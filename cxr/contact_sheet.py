@@ -6,7 +6,8 @@
 as many lines as they need, so a file name is never cut (the name is how a user finds the film
 again). A query from a labelled list ("label", "correct" in the record) shows its label, its tile
 is framed green when the vote equals the label, red when not, and each neighbour is captioned
-right (green) or WRONG (red) by that label. An unlabelled query's neighbours have nothing to be
+right (green) or WRONG (red) by that label (right: the same label, or for finding combinations
+such as "Cardiomegaly|Effusion" a finding in common). An unlabelled query's neighbours have nothing to be
 right about: those that differ from the vote are captioned in grey.
 """
 import re
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxr import explain_figures
 from cxr.images import load_image
+from cxr.multilabel_metrics import shares_a_finding
 
 LINE_H = 16  # pixels per caption line at the 14-pixel font
 FRAME = 3  # width of the right/wrong frame of a labelled query's tile
@@ -68,7 +70,7 @@ def captions(query_path, record):
     tiles = [(query_path, texts, colour)]
     for rank, n in enumerate(record["neighbours"], start=1):
         if "label" in record:  # right or wrong by the query's own label, not by the vote
-            right = n["label"] == record["label"]
+            right = shares_a_finding(n["label"], record["label"])
             tiles.append((n["path"], [f"#{rank} {n['label']} {'right' if right else 'WRONG'}",
                                       f"sim {n['similarity']:.3f}"], "darkgreen" if right else "red"))
         else:  # an unlabelled query: nothing to be right about; grey where it differs from the vote

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cxr.explain_figures import overlay
 from cxr.images import load_image
+from cxr.multilabel_metrics import shares_a_finding
 
 THUMBNAIL = 192  # pixels of a film's picture on a page
 
@@ -81,14 +82,14 @@ def table(header, rows, numeric=()):
 
 def neighbour_figures(neighbours, folder, prefix, query_label, bit_depth=None, maps=None):
     """The figures of a query's ranked neighbours: rank, label, similarity, patient and, for a
-    labelled query, right (same label) or wrong."""
+    labelled query, right (same label, or a finding in common) or wrong."""
     out = []
     for rank, n in enumerate(neighbours, start=1):
         src = picture(n["path"], folder, f"{prefix}_n{rank:02d}.png", bit_depth,
                       None if maps is None else maps[rank])
         verdict, css = "", ""
         if query_label is not None:
-            right = n["label"] == query_label
+            right = shares_a_finding(n["label"], query_label)
             verdict, css = ("right" if right else "wrong"), ("right" if right else "wrong")
         patient = f"<br>patient {escape(n['patient'])}" if n.get("patient") is not None else ""
         caption = (f"#{rank} {escape(n['label'])} <span class=\"verdict\">{verdict}</span><br>"

@@ -2,7 +2,7 @@
 training on several findings a film) can be tried without the real data (demo_data.py
 --multilabel is its command):
 
-    write_multilabel_demo(out_dir, list_format="nih", train_films=1500, test_films=500, ...)
+    write_multilabel_demo(out_dir, list_format="nih", train_films=1000, test_films=400, ...)
 
 The films: a share `pair_share` carries two findings at once, drawn with the rates of
 PAIR_WEIGHTS (cardiomegaly with an effusion most often, as in NIH ChestX-ray14), the others
@@ -101,7 +101,7 @@ def _render_all(films, size, seed):
     return [render(film) for film in films]
 
 
-def write_multilabel_demo(out_dir, list_format="nih", train_films=1500, test_films=500, size=128, seed=0,
+def write_multilabel_demo(out_dir, list_format="nih", train_films=1000, test_films=400, size=128, seed=0,
                           pair_share=0.2, followup_share=0.15, lateral_share=0.1, uncertain_share=0.1) -> Path:
     """Write the films into out_dir (which must not exist or be empty) in `list_format`'s layout;
     written in a hidden sibling folder and renamed into place. Same arguments -> same files."""
