@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from cxr import multilabel_metrics, retrieval_metrics
 from cxr.bench_harness import MB, TARGETS, fmt, isolated, markdown_table, peak_memory, report, status, sync, times
 
-# evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see retrieval_metrics.py);
+# evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see cxr/ranking.py);
 # every other number, confusion matrices included, matches to rounding.
 EQUAL_TOL = 1e-6  # percentage points
 

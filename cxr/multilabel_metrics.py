@@ -18,7 +18,7 @@ own, so two normal films are relevant to each other.
   findings that have both positive and negative queries.
 
 Same-patient films leave the ranking as in retrieval_metrics.py (query_groups, gallery_groups).
-The ranking pass is retrieval_metrics.rank_with_relevance with the findings as int64 bit sets,
+The ranking pass is ranking.rank_with_relevance with the findings as int64 bit sets,
 so it is exact, chunked and deterministic in the same way; tests/test_multilabel_metrics.py
 checks every number against a slow reference.
 """
@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxr.metric_inputs import as_embeddings, as_gallery, check_chunk_size, check_ks, exclusion_codes, group_name
-from cxr.retrieval_metrics import AP_FIXED_POINT, rank_with_relevance
+from cxr.ranking import AP_FIXED_POINT, rank_with_relevance
 
 RELEVANCE = ("any", "exact")
 MAX_FINDINGS = 62  # bits of an int64 bit set, less the sign bit

@@ -46,7 +46,7 @@ def test_seed_algorithm_equals_evaluate_retrieval(seed, dim, classes):
     fast = dict(bench_metrics._flatten(retrieval_metrics.evaluate_retrieval(embeddings, labels)))
     assert reference.keys() <= fast.keys()  # and MAP@R, R-precision, which the seed lacks
     for key, value in reference.items():
-        if key == "/map":  # AP terms are summed in float32-rounded fixed point (retrieval_metrics.py)
+        if key == "/map":  # AP terms are summed in float32-rounded fixed point (cxr/ranking.py)
             assert fast[key] == pytest.approx(value, abs=1e-6), key
         elif isinstance(value, int):  # confusion matrices
             assert fast[key] == value, key

@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cxr import retrieval_metrics
+from cxr import ranking, retrieval_metrics
 from cxr.retrieval_metrics import evaluate_retrieval, majority_vote, rank_topk
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "retrieval_metrics_golden.json").read_text())
@@ -201,7 +201,7 @@ def case(request):
 def backend(request, monkeypatch):
     """Rank with numpy in threads (the CPU path) or with torch ops (the GPU path, run on CPU)."""
     if request.param == "torch":
-        monkeypatch.setattr(retrieval_metrics, "_on_cpu", lambda device: False)
+        monkeypatch.setattr(ranking, "_on_cpu", lambda device: False)
     return request.param
 
 
@@ -247,10 +247,10 @@ def test_chunk_and_block_sizes_do_not_change_results(case, monkeypatch):
     expected = evaluate_retrieval(**case)
     for chunk_size in (1, 3, 7, None):
         assert evaluate_retrieval(**case, chunk_size=chunk_size) == expected
-    monkeypatch.setattr(retrieval_metrics, "_ELEMENTS_PER_BLOCK", 100)  # blocks of one or two rows
-    monkeypatch.setattr(retrieval_metrics, "_ELEMENTS_PER_CHUNK", 500)
+    monkeypatch.setattr(ranking, "_ELEMENTS_PER_BLOCK", 100)  # blocks of one or two rows
+    monkeypatch.setattr(ranking, "_ELEMENTS_PER_CHUNK", 500)
     assert evaluate_retrieval(**case) == expected
-    monkeypatch.setattr(retrieval_metrics, "_on_cpu", lambda device: False)  # the torch path
+    monkeypatch.setattr(ranking, "_on_cpu", lambda device: False)  # the torch path
     assert evaluate_retrieval(**case) == expected
 
 
@@ -322,12 +322,12 @@ def test_ties_and_signed_zeros_rank_by_index(backend):
     # Hand-made similarity rows through the ranking core: -0.0 and +0.0 are
     # equal, so they tie and go by gallery index, as do equal values.
     sims = np.array([[-0.0, 0.0, -0.0, 1e-45, -1e-45, -1.0, 1.0, 0.25, 0.25]], np.float32)
-    job = retrieval_metrics._Job(9, False, np.arange(9, dtype=np.int32) << 1)
+    job = ranking._Job(9, False, np.arange(9, dtype=np.int32) << 1)
     top = np.empty((1, 9), np.int64)
     if backend == "torch":
         sims, job, top = torch.from_numpy(sims), job._replace(index_bits=torch.from_numpy(job.index_bits)), \
             torch.from_numpy(top)
-    retrieval_metrics._rank_rows(sims, 0, job, top, None)
+    ranking._rank_rows(sims, 0, job, top, None)
     assert ((np.asarray(top) & 0xFFFFFFFF) >> 1).tolist() == [[6, 7, 8, 3, 0, 1, 2, 4, 5]]
 
 
