@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxr.metric_inputs import as_embeddings, as_gallery, check_chunk_size, check_ks, exclusion_codes, group_name
-from cxr.ranking import AP_FIXED_POINT, rank_with_relevance
+from cxr.ranking import AP_FIXED_POINT, finding_slots, rank_with_relevance
 
 RELEVANCE = ("any", "exact")
 MAX_FINDINGS = 62  # bits of an int64 bit set, less the sign bit
@@ -68,12 +68,19 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     query_codes, gallery_codes = exclusion_codes(query_groups, gallery_groups, len(query), len(gallery),
                                               leave_one_out, device)
     max_k = max(ks + knn_ks)
-    _check_neighbours(query_codes, gallery_codes, len(gallery), leave_one_out, max_k, query_groups)
+    tail = left_out(query_codes, gallery_codes, len(query), leave_one_out, device)
+    worst = int(tail.argmax()) if len(tail) else 0
+    if len(tail) and max_k > len(gallery) - int(tail[worst]):
+        raise ValueError(f"query {worst} (group {group_name(query_groups, worst)!r}) has only "
+                         f"{len(gallery) - int(tail[worst])} gallery films outside its own group, fewer than the "
+                         f"{max_k} neighbours asked for; use smaller k or a larger gallery")
 
     query_bits, gallery_bits = bit_sets(query_table), bit_sets(gallery_table)
+    slots = finding_slots(query_table) if per_finding else None
     ranked = rank_with_relevance(query, gallery, query_bits, gallery_bits, max_k, share=relevance == "any",
                                  exclude_self=leave_one_out, query_codes=query_codes,
-                                 gallery_codes=gallery_codes, chunk_size=chunk_size)
+                                 gallery_codes=gallery_codes, chunk_size=chunk_size, finding_bits=gallery_bits,
+                                 slot_findings=slots, tail=tail)
     with_relevant = ranked.n_relevant > 0
     if not bool(with_relevant.any()):
         raise ValueError("no query has a relevant gallery film (a shared finding); check that queries and "
@@ -102,8 +109,7 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
         "knn": knn_auroc(query_table, gallery_table, top_indices, knn_ks, names),
     }
     if per_finding:
-        result["per_finding"] = per_finding_ap(query, gallery, query_table, gallery_table, names, query_codes,
-                                               gallery_codes, leave_one_out, chunk_size)
+        result["per_finding"] = per_finding_ap(slots, ranked.slots, names)
     if not return_per_query:
         return result
 
@@ -144,18 +150,14 @@ def bit_sets(table):
     return (table.long() * weights).sum(1)
 
 
-def _check_neighbours(query_codes, gallery_codes, n_gallery, leave_one_out, max_k, query_groups):
+def left_out(query_codes, gallery_codes, n_query, leave_one_out, device):
+    """(Q,) int64: how many gallery films leave each query's ranking: those of its own group,
+    and in leave-one-out the query itself (which is of its own group)."""
     if query_codes is None:
-        return
+        return torch.full((n_query,), int(leave_one_out), dtype=torch.int64, device=device)
     unique, counts = torch.unique(gallery_codes, return_counts=True)
     position = torch.searchsorted(unique, query_codes).clamp(max=len(unique) - 1)
-    same = torch.where(unique[position] == query_codes, counts[position], torch.zeros_like(query_codes))
-    available = n_gallery - same  # in leave-one-out the query is of its own group
-    worst = int(available.argmin())
-    if max_k > int(available[worst]):
-        raise ValueError(f"query {worst} (group {group_name(query_groups, worst)!r}) has only "
-                         f"{int(available[worst])} gallery films outside its own group, fewer than the "
-                         f"{max_k} neighbours asked for; use smaller k or a larger gallery")
+    return torch.where(unique[position] == query_codes, counts[position], torch.zeros_like(query_codes))
 
 
 def same_group_pairs(query_codes, gallery_codes, n_query, leave_one_out, device):
@@ -222,27 +224,16 @@ def ndcg_at_k(query_table, gallery_table, top_indices, ks, query_codes, gallery_
     return out
 
 
-def per_finding_ap(query, gallery, query_table, gallery_table, names, query_codes, gallery_codes, leave_one_out,
-                   chunk_size=None):
+def per_finding_ap(slots, slot_sums, names):
     """{finding: {"ap": % or None, "queries": int}}: the mean AP of the queries carrying the finding,
-    relevant = carrying it; queries whose ranking holds no other carrier are left out."""
-    device = query.device
-    if leave_one_out and query_codes is None:  # leaving the query out = leaving its own "group" out
-        query_codes = gallery_codes = torch.arange(len(query), device=device)
+    relevant = carrying it, from the AP sums of each query's findings (ranking.rank_with_relevance);
+    queries whose ranking holds no other carrier are left out."""
+    ap_sum, n_relevant = slot_sums[..., 0], slot_sums[..., 1]
     out = {}
     for f, name in enumerate(names):
-        carriers = torch.nonzero(query_table[:, f])[:, 0]
-        if len(carriers) == 0:
-            out[name] = {"ap": None, "queries": 0}
-            continue
-        ranked = rank_with_relevance(query[carriers], gallery, torch.ones(len(carriers), dtype=torch.int64,
-                                                                          device=device),
-                                     gallery_table[:, f].long(), 1,
-                                     query_codes=None if query_codes is None else query_codes[carriers],
-                                     gallery_codes=gallery_codes, chunk_size=chunk_size)
-        valid = ranked.n_relevant > 0
-        ap = ranked.ap_sums[valid].double() / AP_FIXED_POINT / ranked.n_relevant[valid]
-        out[name] = {"ap": 100.0 * float(ap.mean()) if len(ap) else None, "queries": int(valid.sum())}
+        scored = (slots == f) & (n_relevant > 0)
+        ap = ap_sum[scored].double() / AP_FIXED_POINT / n_relevant[scored]
+        out[name] = {"ap": 100.0 * float(ap.mean()) if len(ap) else None, "queries": int(scored.sum())}
     return out
 
 

@@ -70,6 +70,13 @@ class _Job(NamedTuple):
     gallery_codes: object = None  # (G,)
     share: bool = False  # ids are bit sets of findings: relevant when they share a bit (else: equal)
     rank_index: object = None  # (G,) int64 ranks 0..G-1, for the MAP@R terms at ranks below R
+    finding_bits: object = None  # (G,) int64 bit sets; with slot_findings, the AP of each finding
+    slot_findings: object = None  # (Q, S) int64 the query's findings (NO_SLOT where it has fewer)
+    tail: object = None  # (Q,) int64 gallery items that leave the query's ranking (rank last)
+
+
+# slot_findings' value where a query has no more findings: bit 63 of a bit set is always 0.
+NO_SLOT = 63
 
 
 class Ranked(NamedTuple):
@@ -82,36 +89,54 @@ class Ranked(NamedTuple):
     hits_at_r: torch.Tensor
     ap_sums: torch.Tensor
     map_at_r_sums: torch.Tensor
+    slots: torch.Tensor | None = None  # (Q, S, 2): AP sum and R of each of the query's findings
+
+
+def finding_slots(query_table):
+    """(Q, S) int64: the findings of each query ((Q, F) bool), in order, NO_SLOT-padded."""
+    counts = query_table.sum(1)
+    width = max(int(counts.max()) if len(counts) else 0, 1)
+    order = torch.argsort((~query_table).to(torch.int8), dim=1, stable=True)[:, :width]  # carried first
+    carried = torch.arange(width, device=query_table.device)[None] < counts[:, None]
+    return torch.where(carried, order, torch.full_like(order, NO_SLOT))
 
 
 def rank_with_relevance(query, gallery, query_ids, gallery_ids, k, share=False, exclude_self=False,
-                        query_codes=None, gallery_codes=None, chunk_size=None):
+                        query_codes=None, gallery_codes=None, chunk_size=None, finding_bits=None,
+                        slot_findings=None, tail=None):
     """Rank the gallery for every query with the relevance of each item: ids equal (share=False)
     or, ids being int64 bit sets, sharing a bit (share=True); gallery items of the query's own
-    group (codes, see metric_inputs.exclusion_codes) leave the ranking. Returns Ranked; the
-    fixed-point sums divide by AP_FIXED_POINT."""
-    top_keys, ap_sums, extra = rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids, gallery_ids,
-                                     query_codes=query_codes, gallery_codes=gallery_codes, share=share)
-    return Ranked(top_keys, extra[:, 0], extra[:, 1], ap_sums, extra[:, 2])
+    group (codes, see metric_inputs.exclusion_codes) leave the ranking. With finding_bits
+    (the gallery's bit sets), slot_findings (finding_slots) and tail (how many items leave each
+    query's ranking), also the AP of each finding of the query, relevant = carrying it, from the
+    same ranking. Returns Ranked; the fixed-point sums divide by AP_FIXED_POINT."""
+    top_keys, ap_sums, extra, slots = rank_chunks(
+        query, gallery, k, chunk_size, exclude_self, query_ids, gallery_ids, query_codes=query_codes,
+        gallery_codes=gallery_codes, share=share, finding_bits=finding_bits, slot_findings=slot_findings, tail=tail)
+    return Ranked(top_keys, extra[:, 0], extra[:, 1], ap_sums, extra[:, 2], slots)
 
 
 def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_ids=None, on_chunk=None,
-          query_codes=None, gallery_codes=None, share=False):
+                query_codes=None, gallery_codes=None, share=False, finding_bits=None, slot_findings=None, tail=None):
     """Rank the gallery for every query, chunk by chunk.
 
     Returns the keys of each query's top k, (Q, k) int64 in ranking order,
     and, when label ids are given, the AP sums (Q,) int64 (sum of j / r over
     relevant items, in units of 2**-32) and (Q, 3) int64: R, the relevant
     items in the top R, and the sum of j / r over the top R (MAP@R, same
-    units). on_chunk(start, sims, top_keys) sees each chunk's (c, G)
-    similarities and (c, k) top keys. With group codes, gallery items of the
-    query's group rank last, as irrelevant.
+    units), and with slot_findings (Q, S, 2) int64: the AP sum and R of
+    each of the query's findings (rank_with_relevance), else None.
+    on_chunk(start, sims, top_keys) sees each chunk's (c, G) similarities and
+    (c, k) top keys. With group codes, gallery items of the query's group
+    rank last, as irrelevant.
     """
     n_queries, n_gallery, device = len(query), len(gallery), query.device
     with_ap = query_ids is not None
     top_keys = torch.empty(n_queries, k, dtype=torch.int64, device=device)
     ap_sums = torch.empty(n_queries, dtype=torch.int64, device=device) if with_ap else None
     extra = torch.empty(n_queries, 3, dtype=torch.int64, device=device) if with_ap else None
+    with_slots = with_ap and slot_findings is not None
+    slots = torch.zeros(n_queries, slot_findings.shape[1], 2, dtype=torch.int64, device=device) if with_slots else None
     job = _Job(k, exclude_self, torch.arange(n_gallery, dtype=torch.int32, device=device) << 1,
                query_codes=query_codes, gallery_codes=gallery_codes, share=share)
     if with_ap:
@@ -119,13 +144,16 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
         job = job._replace(query_ids=query_ids, gallery_ids=gallery_ids,
                            ap_scale=(AP_FIXED_POINT / ranks).float(),
                            rank_index=torch.arange(n_gallery, dtype=torch.int64, device=device))
+    if with_slots:
+        job = job._replace(finding_bits=finding_bits, slot_findings=slot_findings, tail=tail)
     on_cpu = _on_cpu(device)
     if on_cpu:  # numpy views share the tensors' memory
         job = job._replace(**{name: value.numpy() for name, value in job._asdict().items()
                               if isinstance(value, torch.Tensor)})
-        top_out, ap_out = top_keys.numpy(), (ap_sums.numpy(), extra.numpy()) if with_ap else None
+        top_out = top_keys.numpy()
+        ap_out = (ap_sums.numpy(), extra.numpy(), slots.numpy() if with_slots else None) if with_ap else None
     else:
-        top_out, ap_out = top_keys, (ap_sums, extra) if with_ap else None
+        top_out, ap_out = top_keys, (ap_sums, extra, slots) if with_ap else None
 
     if chunk_size is None:
         chunk_size = _ELEMENTS_PER_CHUNK // n_gallery
@@ -148,7 +176,7 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
         def rank_range(a, b):
             rows = slice(a - start, b - start)
             _rank_rows(chunk_sims[rows], a, job, top_out[a:b],
-                       None if ap_out is None else (ap_out[0][a:b], ap_out[1][a:b]))
+                       None if ap_out is None else tuple(None if out is None else out[a:b] for out in ap_out))
 
         if n_threads > 1:
             list(_thread_pool(n_threads).map(rank_range, bounds[:-1], bounds[1:]))
@@ -156,7 +184,7 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
             rank_range(start, start + c)
         if on_chunk is not None:
             on_chunk(start, sims[:c], top_keys[start:start + c])
-    return top_keys, ap_sums, extra
+    return top_keys, ap_sums, extra, slots
 
 
 def _rank_rows(sims, first, job, top_out, ap_out):
@@ -177,6 +205,8 @@ def _rank_rows(sims, first, job, top_out, ap_out):
     low = ops.empty((block_rows, n_gallery), ops.int32, sims)
     relevant = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_ap else None
     same = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_groups else None
+    with_slots = with_ap and job.slot_findings is not None
+    ranked = ops.empty((block_rows, n_gallery), ops.int64, sims) if with_slots else None  # bit sets, ranked
 
     for b0 in range(0, n_rows, block_rows):
         n = min(block_rows, n_rows - b0)
@@ -222,10 +252,14 @@ def _rank_rows(sims, first, job, top_out, ap_out):
             continue
         ops.sort_rows_(key)
         top_out[b0:b0 + n] = key[:, :job.k]
+        if with_slots:  # the gallery's findings in ranking order, for each finding's AP below
+            lo[...] = words[:, 0::2]
+            lo >>= 1
+            ops.take(job.finding_bits, lo, ranked[:n])
         lo[...] = words[:, 0::2]
         lo &= 1  # relevance in ranking order
         ops.cumsum_rows(lo, h)  # relevant items up to each rank
-        ap_sum, extra = ap_out[0][b0:b0 + n], ap_out[1][b0:b0 + n]
+        ap_sum, extra, slot_out = (None if out is None else out[b0:b0 + n] for out in ap_out)
         extra[:, 0] = h[:, -1]  # R
         extra[:, 1] = ops.take_column(h, ops.clip_below(extra[:, 0] - 1, 0))  # relevant in the top R
         extra[:, 1] *= extra[:, 0] > 0
@@ -240,6 +274,31 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         ops.greater_equal(job.rank_index[None, :], extra[:, 0:1], relevant[:n])
         ops.fill_where(key, relevant[:n], 0)
         extra[:, 2] = key.sum(1)
+        if with_slots:
+            _finding_aps(ops, job, q0, ranked[:n], key, h, lo, s, relevant[:n], slot_out)
+
+
+def _finding_aps(ops, job, q0, ranked, key, h, lo, s, mask, out):
+    """The AP sum and R of each of the rows' findings (job.slot_findings), relevant = carrying it,
+    over the ranking already sorted: `ranked` holds the gallery's bit sets in ranking order; the
+    last job.tail items of a row left its ranking. Overwrites key, h, lo, s and mask."""
+    n, n_gallery = ranked.shape
+    ops.greater_equal(job.rank_index[None, :], n_gallery - job.tail[q0:q0 + n, None], mask)
+    for slot in range(job.slot_findings.shape[1]):
+        finding = job.slot_findings[q0:q0 + n, slot]
+        if not bool((finding != NO_SLOT).any()):
+            continue
+        ops.right_shift(ranked, finding[:, None], key)
+        key &= 1
+        ops.fill_where(key, mask, 0)
+        lo[...] = key
+        ops.cumsum_rows(lo, h)
+        out[:, slot, 1] = h[:, -1]
+        h *= lo
+        s[...] = h
+        s *= job.ap_scale
+        key[...] = s
+        out[:, slot, 0] = key.sum(1)
 
 
 class _NumpyOps:
@@ -280,6 +339,14 @@ class _NumpyOps:
     @staticmethod
     def clip_below(x, low):
         return np.maximum(x, low)
+
+    @staticmethod
+    def take(values, index, out):
+        np.take(values, index, out=out)
+
+    @staticmethod
+    def right_shift(x, shift, out):
+        np.right_shift(x, shift, out=out)
 
     @staticmethod
     def fill_where(x, mask, value):
@@ -338,6 +405,14 @@ class _TorchOps:
     @staticmethod
     def clip_below(x, low):
         return x.clamp_min(low)
+
+    @staticmethod
+    def take(values, index, out):
+        torch.take(values, index.long(), out=out)
+
+    @staticmethod
+    def right_shift(x, shift, out):
+        torch.bitwise_right_shift(x, shift, out=out)
 
     @staticmethod
     def fill_where(x, mask, value):

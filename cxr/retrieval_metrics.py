@@ -138,7 +138,7 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
         raise ValueError("no query has a relevant gallery item (same label), so mAP is undefined; "
                          "check that queries and gallery share labels")
 
-    top_keys, ap_sums, extra = rank_chunks(query, gallery, max_k, chunk_size, leave_one_out,
+    top_keys, ap_sums, extra, _ = rank_chunks(query, gallery, max_k, chunk_size, leave_one_out,
                                      query_ids, gallery_ids, query_codes=query_codes, gallery_codes=gallery_codes)
     top_relevant = (top_keys & 1).cumsum(1)  # (Q, max_k) relevant items within the top k
     top_ids = gallery_ids[(top_keys & 0xFFFFFFFF) >> 1]  # (Q, max_k) neighbour label ids

@@ -127,6 +127,18 @@ def test_chunks_and_torch_agree():
     assert_close(torched, base, tol=1e-9)
 
 
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_torch_ops_path_agrees(monkeypatch, with_groups):
+    # What runs on a GPU: the ranking on torch tensors, a whole chunk at a time.
+    from cxr import ranking
+
+    emb, table, groups = random_case(5, n=50)
+    args = dict(ks=KS, knn_ks=KNN_KS, query_groups=groups if with_groups else None)
+    base = evaluate_multilabel(emb, table, **args)
+    monkeypatch.setattr(ranking, "_on_cpu", lambda device: False)
+    assert_close(evaluate_multilabel(emb, table, **args, chunk_size=9), base, tol=1e-9)
+
+
 def test_single_finding_tables_give_the_single_label_metrics():
     from cxr.retrieval_metrics import evaluate_retrieval
 
