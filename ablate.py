@@ -107,7 +107,7 @@ def evaluate_run(directory):
     report = directory / "test_report.json"
     if not report.is_file():
         command = [sys.executable, str(HERE / "test.py"), "--resume", str(best_checkpoint(directory)),
-                   "--report", str(report), "--no-plots"]
+                   "--report", str(report)]
         with open(directory / "test.log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     data = json.loads(report.read_text())

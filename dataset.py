@@ -472,9 +472,12 @@ def split_by_patient(dataset, fraction, seed=0):
         images_of.setdefault(patient, []).append(index)
     rng = np.random.default_rng(seed)
     targets = dataset.targets.tolist()
+    patients_of = {}  # class -> its patients, in list order (grouped once: a multi-label list has
+    for patient, indices in images_of.items():  # thousands of finding combinations)
+        patients_of.setdefault(targets[indices[0]], []).append(patient)
     held_out = []
     for label in range(len(dataset.classes)):
-        patients = [p for p, idx in images_of.items() if targets[idx[0]] == label]
+        patients = patients_of.get(label, [])
         total = sum(len(images_of[p]) for p in patients)
         # At most half of a class, so it stays in training; at least 2 images where patients
         # allow, so a validation query has a relevant item.

@@ -222,10 +222,11 @@ def build_context(args):
                                   "--gallery-image-list and --gallery-dataset-dir")
         gallery = ImageListDataset(gallery_dir, gallery_list, list_format, classes, bit_depth=bit_depth or "auto",
                                    multilabel=checkpoint.get("findings") is not None,
-                                   list_options=run_data.list_options(run, "train"))
+                                   list_options={**run_data.given_list_options(args, run, "train"), "split": "train"})
         if explained is not None:
             explain_inputs.check_gallery(args, gallery, explained)
     gallery.transform = transform
+    classes = gallery.classes  # a multi-label gallery may add finding combinations to the checkpoint's
     run_data.use_cache([gallery], args.cache_dir, img_size)
     embeddings, labels, means = embed_gallery(model, gallery, device, args.batch_size, args.workers)
     prototypes = class_prototypes(embeddings, labels, len(classes))
@@ -256,7 +257,8 @@ def build_context(args):
             "list_format": list_format, "names": None, "layers": layers, "salient": args.salient,
             "bit_depth": bit_depth or gallery.bit_depth, "seen": 0,
             "tolerances": localisation.tolerances(args.pointing_tolerance), "prior": None,
-            "class_maps": {}, "faithfulness_queue": [], "explained": explained, "fitting": fitting}
+            "class_maps": {}, "faithfulness_queue": [], "explained": explained, "fitting": fitting,
+            "run": run, "multilabel": checkpoint.get("findings") is not None}
 
 
 def main(args):
@@ -333,7 +335,9 @@ def main(args):
         print(f"wrote {out / 'explanation.json'} and the figures in {out}")
         return record
     dataset = ctx["explained"] or ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"],
-                                                   ctx["classes"], bit_depth=ctx["bit_depth"])
+                                                   ctx["classes"], bit_depth=ctx["bit_depth"],
+                                                   multilabel=ctx["multilabel"],
+                                                   list_options=run_data.given_list_options(args, ctx["run"], "test"))
     ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, dataset.paths)
     records = []
     reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
@@ -399,6 +403,7 @@ def get_args_parser():
                         "list (prior from the training list less validation): choose settings on val, "
                         "report on test")
     cli.add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
+    cli.add_public_list_flags(parser, recorded=True, mimic_split="test")
     parser.add_argument("--gallery-image-list", help="labelled gallery (default: the run's training list)")
     parser.add_argument("--gallery-dataset-dir", help="its folder (default: <run's dataset-dir>/train)")
     parser.add_argument("--lung-mask", help="binary lung mask PNG of --image")

@@ -64,6 +64,7 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fit and evaluate the OOD detector", add_help=add_help)
     cli.add_resume_flag(parser, "trained checkpoint (train.py)")
     cli.add_dataset_flag(parser, "list format, as in train.py (default: the checkpoint's)")
+    cli.add_public_list_flags(parser, recorded=True)
     cli.add_dataset_dir_flag(parser, "the folder holding train/ and test/, as in train.py (default: the checkpoint's)")
     parser.add_argument("--fit-image-list", help="images the detector is fitted on, e.g. a gallery "
                         "(default: the checkpoint's training images without its validation split)")
@@ -135,7 +136,7 @@ def main(args):
             data = ImageListDataset(dataset_or_folder, list_file, list_format, known_classes, transform,
                                     bit_depth=data_bit_depth(checkpoint) or "auto",
                                     multilabel=known_classes is not None and checkpoint.get("findings") is not None,
-                                    list_options=run_data.list_options(train_args, role))
+                                    list_options=run_data.given_list_options(args, train_args, role))
             run_data.use_cache([data], args.cache_dir, config["img_size"])
         data.transform = transform
         loader = torch.utils.data.DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)

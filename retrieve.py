@@ -79,6 +79,7 @@ def build_index(args):
     out = Path(args.out)
     dataset = ImageListDataset(args.dataset_dir, args.image_list, LIST_FORMAT[args.dataset],
                                transform=build_transform(config["img_size"], train=False),
+                               list_options=run_data.given_list_options(args, {}, "train"),
                                bit_depth=data_bit_depth(checkpoint) or "auto",
                                folder_flag="--dataset-dir (the folder the list's paths are relative to)")
     run_data.use_cache([dataset], args.cache_dir, config["img_size"])
@@ -182,6 +183,7 @@ def query_inputs(args, classes):
                                   "list too (or --dataset folder for a folder per label)")
         root = args.dataset_dir or Path(args.image_list).parent
         listed = ImageListDataset(root, args.image_list, LIST_FORMAT[args.dataset], bit_depth=None,
+                                  list_options=run_data.given_list_options(args, {}, "test"),
                                   folder_flag="--dataset-dir (the folder the query list's paths are relative to; "
                                   "default: the list's own folder)")
         paths += [str(path) for path in listed.paths]
@@ -319,6 +321,7 @@ def get_args_parser():
     cli.add_dataset_dir_flag(index, "the folder the list's paths are relative to (not train.py's folder of train/ "
                          "and test/)", required=True)
     cli.add_dataset_flag(index, "list format, as in train.py", default="covid")
+    cli.add_public_list_flags(index, mimic_split="train")
     index.add_argument("--out", required=True, help="index folder (created; re-run to resume)")
     index.add_argument("--append", action="store_true", help="add the list's images the index lacks")
     index.add_argument("--dtype", choices=("float32", "float16"),
@@ -341,6 +344,7 @@ def get_args_parser():
     cli.add_dataset_dir_flag(ask, "the folder the list's paths are relative to (default: the list's folder; for "
                          "--dataset folder, the folder per label)")
     cli.add_dataset_flag(ask, "list format, as in index", default="covid")
+    cli.add_public_list_flags(ask, mimic_split="test")
     ask.add_argument("--index", required=True, help="index folder")
     cli.add_resume_flag(ask, "the checkpoint that built the index")
     ask.add_argument("--topk", type=int, default=10, help="neighbours per query")

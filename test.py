@@ -74,7 +74,6 @@ from cxr.embeddings import extract_embeddings, has_branches, mean_branch_shares
 from cxr.errors import UserError
 from cxr.multilabel_metrics import RELEVANCE, evaluate_multilabel
 from cxr.presets import DATASETS, LIST_FORMAT, PAPER_DEFAULTS, split_folder
-from cxr.public_lists import MIMIC_SPLITS
 from cxr.retrieval_metrics import evaluate_retrieval
 from cxr.runtime import AMP_DTYPES, ShardSampler, cleanup_runtime, log, resolve_amp, setup_runtime
 from dataset import ImageListDataset, build_transform
@@ -108,9 +107,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--gallery-image-list", help="gallery list, e.g. the training list")
     parser.add_argument("--gallery-dataset", choices=DATASETS, help="format of the gallery list when it "
                         "differs from the queries' (--dataset), e.g. a COVIDx query list against a CSV gallery")
-    cli.add_public_list_flags(parser, recorded=True)
-    parser.add_argument("--mimic-split", choices=MIMIC_SPLITS, default="test",
-                        help="MIMIC-CXR: the split of the split file the test list reads")
+    cli.add_public_list_flags(parser, recorded=True, mimic_split="test")
     parser.add_argument("--relevance", choices=RELEVANCE, default="any",
                         help="multi-label lists: a gallery film is relevant when it shares a finding with the "
                         "query (any) or has the same findings (exact)")
@@ -351,7 +348,7 @@ def load_lists(args, runtime, checkpoint, config):
     classes = checkpoint.get("classes") if isinstance(checkpoint.get("classes"), list) else None
     transform = build_transform(config["img_size"], train=False)
     list_format = LIST_FORMAT[args.dataset]
-    options = list_options(args, checkpoint)
+    options = run_data.given_list_options(args, run_data.recorded_run(checkpoint), "test")
     trained_findings = checkpoint.get("findings")
     query_set = ImageListDataset(test_dir, test_list, list_format, classes, transform, bit_depth=bit_depth,
                                  folder_flag="--test-dataset-dir (the test images' folder; default: the "
@@ -371,14 +368,23 @@ def load_lists(args, runtime, checkpoint, config):
                                        gallery_format, query_set.classes, transform,
                                        bit_depth=query_set.bit_depth or bit_depth,  # one depth for both
                                        folder_flag="--gallery-dataset-dir (the gallery images' folder)",
-                                       multilabel=query_set.multilabel, list_options={**options, "split": "train"})
+                                       multilabel=query_set.multilabel,
+                                       list_options=gallery_list_options(options, gallery_format, list_format))
         if gallery_set.multilabel and not query_set.multilabel:
             raise UserError(f"the gallery list {args.gallery_image_list} is multi-label but the test list is not; "
                             "give both lists with their findings")
+        if query_set.multilabel:  # the gallery's classes extend the queries': one id space for both
+            query_set.classes = gallery_set.classes
+            mine, theirs = set(query_set.findings), set(gallery_set.findings)
+            only = [mine - theirs, theirs - mine]
+            if any(only):
+                log(runtime, "note: findings of only the test list: " + (", ".join(sorted(only[0])) or "none")
+                             + "; of only the gallery: " + (", ".join(sorted(only[1])) or "none")
+                             + " (films carrying only these have no relevant film on the other side)")
     run_data.use_cache([query_set, gallery_set], args.cache_dir, config["img_size"])
     if query_set.multilabel:
         trained = trained_findings if trained_findings is not None else classes
-        listed = findings_of(query_set, gallery_set)
+        listed = lists_findings(query_set, gallery_set)
         if trained is not None and set(trained) != set(listed):
             log(runtime, f"note: the findings of the lists ({', '.join(listed)}) differ from the checkpoint's "
                          f"training findings ({', '.join(trained)}); retrieval is scored with the lists' own "
@@ -386,17 +392,16 @@ def load_lists(args, runtime, checkpoint, config):
     return inputs, query_set, gallery_set
 
 
-def list_options(args, checkpoint):
-    """The public formats' reading options: each flag given, else the checkpoint's run's, else the
-    defaults; the test list reads the --mimic-split split."""
-    options = run_data.list_options(run_data.recorded_run(checkpoint), "test")
-    for key in ("views", "uncertain", "label_file", "metadata_file"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    return {**options, "split": args.mimic_split}
+def gallery_list_options(options, gallery_format, test_format):
+    """The gallery list's reading options: the test list's, its MIMIC split "train", and the label
+    files beside the gallery list when it is of another format."""
+    options = {**options, "split": "train"}
+    if gallery_format != test_format:
+        options.update(label_file=None, metadata_file=None)
+    return options
 
 
-def findings_of(query_set, gallery_set):
+def lists_findings(query_set, gallery_set):
     """The findings of the query and gallery lists together, sorted: the columns of their tables."""
     return sorted(set(query_set.findings) | set(gallery_set.findings if gallery_set is not None else []))
 
@@ -524,7 +529,7 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
 
 def score_findings(args, query_set, gallery_set, embedded, vote_ks, groups):
     """(metrics, per-query values) of evaluate_multilabel over the lists' findings."""
-    findings = findings_of(query_set, gallery_set)
+    findings = lists_findings(query_set, gallery_set)
     tables = {"query_findings": query_set.combination_matrix(findings)[embedded.query_labels.cpu()]}
     if gallery_set is not None:
         tables["gallery_emb"] = embedded.gallery

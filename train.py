@@ -183,15 +183,17 @@ def check_resume_fits(args, config, checkpoint, warm_start):
                              "saved before --fusion existed: --fusion seed --vit-stem patch "
                              "--branch-loss-weight 0), or drop the contradicting flags")
     if checkpoint is not None:
+        # The loss, and how the labels are read (a multi-label run's views, uncertain-label policy,
+        # label files: other values are other labels for the same films).
         loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing",
-                     "branch_loss_weight")
+                     "label_mode", "views", "uncertain", "label_file", "metadata_file", "branch_loss_weight")
         trained_with = {"soft_margin": False, **checkpoint.get("args", {})}
         if args.model != "hybrid_convnext_vit":  # the weight of heads that only the hybrid has
             loss_args = loss_args[:-1]
         changed = [f"--{k.replace('_', '-')} {trained_with[k]} -> {getattr(args, k)}"
                    for k in loss_args if k in trained_with and trained_with[k] != getattr(args, k)]
         if changed:
-            raise SystemExit(f"error: --resume {args.resume} was trained with another loss ("
+            raise SystemExit(f"error: --resume {args.resume} was trained with another loss or labels ("
                              f"{', '.join(changed)}); give the checkpoint's values, or start a new "
                              "run in another --save-dir")
 

@@ -31,13 +31,13 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 # What a weights-only checkpoint keeps of train.py's state: enough to rebuild, evaluate and
 # explain the model and to know which run and selection it came from.
-WEIGHTS_ONLY_KEYS = ("format_version", "model", "model_config", "classes", "epoch", "criterion",
+WEIGHTS_ONLY_KEYS = ("format_version", "model", "model_config", "classes", "findings", "epoch", "criterion",
                      "branch_criteria", "args", "best_metric", "best_epoch", "selection", "split",
                      "bit_depth", "param_grouping", "metrics")
 
 
 # Of those, what the safetensors file's metadata carries as JSON (the weights are its tensors).
-METADATA_KEYS = ("format_version", "model_config", "classes", "epoch", "args", "best_metric",
+METADATA_KEYS = ("format_version", "model_config", "classes", "findings", "epoch", "args", "best_metric",
                  "best_epoch", "selection", "split", "bit_depth", "metrics")
 
 

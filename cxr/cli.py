@@ -101,11 +101,16 @@ def add_dataset_flag(parser, help, default=None):
     parser.add_argument("--dataset", default=default, choices=DATASETS, help=help)
 
 
-def add_public_list_flags(parser, recorded=False):
+def add_public_list_flags(parser, recorded=False, mimic_split=None):
     """The options of the public data sets' lists (--dataset nih, chexpert, mimic); recorded: the
-    defaults are the checkpoint's run's (test.py and the other programs that read a checkpoint)."""
-    from cxr.public_lists import UNCERTAIN_POLICIES, VIEWS
+    defaults are the checkpoint's run's (test.py and the other programs that read a checkpoint);
+    mimic_split: the default of --mimic-split, the split of MIMIC-CXR's split file the program's
+    list reads (None: no such flag; train.py reads train, validate and test by role)."""
+    from cxr.public_lists import MIMIC_SPLITS, UNCERTAIN_POLICIES, VIEWS
 
+    if mimic_split:
+        parser.add_argument("--mimic-split", choices=MIMIC_SPLITS, default=mimic_split,
+                            help="MIMIC-CXR: the split of the split file the list reads")
     defaults = (None, None) if recorded else ("frontal", "zeros")
     source = " (default: the checkpoint's, else frontal)" if recorded else ""
     parser.add_argument("--views", choices=VIEWS, default=defaults[0],

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cxr import explain_figures
 from cxr.images import load_image
-from cxr.multilabel_metrics import shares_a_finding
+from cxr.public_lists import shares_a_finding
 
 LINE_H = 16  # pixels per caption line at the 14-pixel font
 FRAME = 3  # width of the right/wrong frame of a labelled query's tile

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cxr.explain_figures import overlay
 from cxr.images import load_image
-from cxr.multilabel_metrics import shares_a_finding
+from cxr.public_lists import shares_a_finding
 
 THUMBNAIL = 192  # pixels of a film's picture on a page
 

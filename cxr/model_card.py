@@ -93,9 +93,16 @@ def model_card(checkpoint, checkpoint_path, parameters, report=None, report_path
             accuracy = report["classification"][vote_k]["accuracy"]
             interval = _interval(ci, "classification", vote_k, "accuracy")
             lines.append(f"| vote accuracy, k = {vote_k} | {accuracy:.1f}{interval} |")
-        lines += ["", "| class | queries | R@1 | AP |", "|---|---|---|---|"]
-        lines += [f"| {name} | {c['queries']} | {c['recall_at_1']:.1f} | {c['ap']:.1f} |"
-                  for name, c in report["per_class"]["classes"].items()]
+        if "per_class" in report:
+            lines += ["", "| class | queries | R@1 | AP |", "|---|---|---|---|"]
+            lines += [f"| {name} | {c['queries']} | {c['recall_at_1']:.1f} | {c['ap']:.1f} |"
+                      for name, c in report["per_class"]["classes"].items()]
+        if "per_finding" in report:  # a multi-label list: relevance = a shared finding (or --relevance exact)
+            lines += ["", f"Relevance: {report['relevance']}; MAP@R {report['map_at_r']:.1f}, R-precision "
+                      f"{report['r_precision']:.1f}.", "", "| finding | queries | AP |", "|---|---|---|"]
+            for name, row in report["per_finding"].items():
+                ap = "n/a" if row["ap"] is None else f"{row['ap']:.1f}"
+                lines.append(f"| {name} | {row['queries']} | {ap} |")
         lines.append("")
     else:
         lines += ["No test report was given (export.py --report REPORT.json, written by test.py): the card holds "

@@ -125,13 +125,6 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     return result, per_query
 
 
-def shares_a_finding(label, other):
-    """Whether two label names are relevant to each other under relevance "any": equal, or
-    finding combinations ("Cardiomegaly|Effusion") with a finding in common. Pictures and pages
-    mark a neighbour right or wrong with it."""
-    return label == other or bool(set(label.split("|")) & set(other.split("|")))
-
-
 def as_finding_table(table, name, n, device):
     """(n, F) bool on `device` from a 0/1 table of any integer, bool or float type."""
     table = torch.as_tensor(np.asarray(table) if not isinstance(table, torch.Tensor) else table)

@@ -14,13 +14,17 @@ relevance, sampling and the losses use the findings (see cxr/multilabel_metrics.
               files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg; patient = subject_id
 
 CheXpert-style labels (CheXpert, MIMIC): 1 positive, 0 or blank negative, -1 uncertain (negative
-with uncertain="zeros", the default; positive with "ones"). A film without a positive observation
-is "No Finding". Views: "frontal" (the default: PA and AP films), "lateral" or "all".
+with uncertain="zeros", the default; positive with "ones"). The findings are the positive
+observations other than "Support Devices" (not a pathology: CheXpert's own "No Finding" allows
+devices, and as a finding it would make every film with a line or tube relevant to every other);
+a film without one is "No Finding". Views: "frontal" (the default: PA and AP films), "lateral"
+or "all". MIMIC-CXR studies missing from the label file are left out, with one warning.
 """
 import csv
 import gzip
 import os
 import re
+import warnings
 from pathlib import Path
 
 NO_FINDING = "No Finding"
@@ -33,11 +37,12 @@ CHEXPERT_OBSERVATIONS = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
     "Fracture", "Support Devices")
-NIH_LABEL_FILE = "Data_Entry_2017.csv"
+NOT_FINDINGS = ("Support Devices",)  # observations that are not findings (see above)
+NIH_LABEL_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 MIMIC_LABEL_FILE = "mimic-cxr-2.0.0-chexpert.csv"
 MIMIC_METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
 FRONTAL_POSITIONS = {"PA", "AP"}
-LATERAL_POSITIONS = {"LATERAL", "LL", "RL"}
+LATERAL_POSITIONS = {"LATERAL", "LL", "RL", "XTABLE LATERAL"}
 
 
 def default_lists(dataset, dataset_dir):
@@ -75,9 +80,9 @@ def view_kept(view, views):
 
 def open_text(path):
     """A text file, read through gzip when it ends in .gz (MIMIC ships its CSVs compressed)."""
-    path = Path(path)
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz" else \
-        open(path, encoding="utf-8", newline="")
+    path = Path(path)  # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark
+    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.suffix == ".gz" else \
+        open(path, encoding="utf-8-sig", newline="")
 
 
 def csv_rows(path, required, what):
@@ -92,21 +97,25 @@ def csv_rows(path, required, what):
         return [(row, reader.line_num) for row in reader]
 
 
-def beside(list_file, name, given=None, flag="--label-file"):
-    """The file `name` (or name.gz) in the list file's folder, or `given`; an error when absent."""
+def beside(list_file, names, given=None, flag="--label-file"):
+    """The first of the files `names` (or name.gz) in the list file's folder, or `given`; an error
+    when absent."""
+    names = (names,) if isinstance(names, str) else names
     if given:
         if not Path(given).is_file():
             raise ListError(f"label file not found: {given} (check {flag})")
         return Path(given)
-    for candidate in (Path(list_file).parent / name, Path(list_file).parent / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise ListError(f"{list_file}: the labels are read from {name}(.gz) beside the list, which is not in "
-                    f"{Path(list_file).parent}; put it there or give it with {flag}")
+    for name in names:
+        for candidate in (Path(list_file).parent / name, Path(list_file).parent / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise ListError(f"{list_file}: the labels are read from {' or '.join(names)}(.gz) beside the list, which is "
+                    f"not in {Path(list_file).parent}; put it there or give it with {flag}")
 
 
-def findings_of(row, columns, where, uncertain):
-    """'A|B' of a CheXpert-style label row: the positive observations, 'No Finding' for none."""
+def row_findings(row, columns, where, uncertain):
+    """'A|B' of a CheXpert-style label row: the positive observations that are findings (not
+    NOT_FINDINGS), 'No Finding' for none."""
     positive = []
     for column in columns:
         value = (row.get(column) or "").strip()
@@ -120,7 +129,7 @@ def findings_of(row, columns, where, uncertain):
         else:
             raise ListError(f"{where}: column '{column}' holds {value!r}; CheXpert-style labels are "
                             "1 (positive), 0 or blank (negative) and -1 (uncertain)")
-    positive = [name for name in positive if name != NO_FINDING]
+    positive = [name for name in positive if name != NO_FINDING and name not in NOT_FINDINGS]
     return "|".join(sorted(positive)) if positive else NO_FINDING
 
 
@@ -140,12 +149,12 @@ def nih_image_index(image_root):
 
 def read_nih_list(list_file, image_root, label_file=None, views="frontal"):
     check_options(views, "zeros")
-    label_path = beside(list_file, NIH_LABEL_FILE, label_file)
+    label_path = beside(list_file, NIH_LABEL_FILES, label_file)
     rows = csv_rows(label_path, ("Image Index", "Finding Labels", "Patient ID"), "the NIH label file")
     labels = {row["Image Index"].strip(): (row, line) for row, line in rows}
     index = nih_image_index(image_root)
     entries = []
-    with open(list_file, encoding="utf-8") as f:
+    with open(list_file, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             name = line.strip()
             if not name or name.startswith("#"):
@@ -195,7 +204,7 @@ def read_chexpert_list(list_file, views="frontal", uncertain="zeros"):
         if side not in ("frontal", "lateral"):
             raise ListError(f"{where}: 'Frontal/Lateral' holds {row['Frontal/Lateral']!r}; expected Frontal or Lateral")
         if view_kept(side, views):
-            entries.append((path, findings_of(row, columns, where, uncertain), line, patient.group(1)))
+            entries.append((path, row_findings(row, columns, where, uncertain), line, patient.group(1)))
     return entries
 
 
@@ -212,7 +221,7 @@ def read_mimic_list(split_file, split="train", views="frontal", uncertain="zeros
     studies = {(row["subject_id"].strip(), row["study_id"].strip()): (row, line) for row, line in label_rows}
     positions = {row["dicom_id"].strip(): row.get("ViewPosition", "")
                  for row, _ in csv_rows(metadata_path, ("dicom_id", "ViewPosition"), "the MIMIC-CXR metadata file")}
-    entries = []
+    entries, unlabelled = [], []
     for row, line in csv_rows(split_file, ("dicom_id", "study_id", "subject_id", "split"), "the MIMIC-CXR split file"):
         if row["split"].strip() != split:
             continue
@@ -222,10 +231,21 @@ def read_mimic_list(split_file, split="train", views="frontal", uncertain="zeros
             raise ListError(f"{where}: {dicom} is not in the metadata file {metadata_path}")
         if not view_kept(view_of_position(positions[dicom]), views):
             continue
-        if (subject, study) not in studies:
-            raise ListError(f"{where}: study s{study} of p{subject} is not in the label file {label_path}")
+        if (subject, study) not in studies:  # a few studies of the release have no labels
+            unlabelled.append(f"s{study} of p{subject} (line {line})")
+            continue
         label_row, label_line = studies[(subject, study)]
-        findings = findings_of(label_row, columns, f"{label_path}:{label_line}", uncertain)
+        findings = row_findings(label_row, columns, f"{label_path}:{label_line}", uncertain)
         path = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
         entries.append((str(path), findings, line, subject))
+    if unlabelled:
+        warnings.warn(f"{split_file}: {len(unlabelled)} films of split '{split}' belong to studies the label file "
+                      f"{label_path} does not hold and are left out, e.g. {unlabelled[0]}", stacklevel=2)
     return entries
+
+
+def shares_a_finding(label, other):
+    """Whether two label names are relevant to each other under relevance "any": equal, or
+    finding combinations ("Cardiomegaly|Effusion") with a finding in common. Pictures and pages
+    mark a neighbour right or wrong with it."""
+    return label == other or bool(set(label.split("|")) & set(other.split("|")))

@@ -69,6 +69,22 @@ def list_options(args, role):
             "split": MIMIC_SPLIT_OF[role]}
 
 
+def given_list_options(args, run, role):
+    """The reading options of a list a program (test.py, explain.py, ood.py, retrieve.py) reads:
+    each flag given (--views, --uncertain, --label-file, --metadata-file, --mimic-split), else
+    the recorded run's (its label files only when it read the same data set), else the defaults."""
+    options = list_options(run or {}, role)
+    dataset = getattr(args, "dataset", None)
+    if dataset and (run or {}).get("dataset") != dataset:  # another data set's label files do not apply
+        options.update(label_file=None, metadata_file=None)
+    for key in ("views", "uncertain", "label_file", "metadata_file"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    if getattr(args, "mimic_split", None):
+        options["split"] = args.mimic_split
+    return options
+
+
 def separate_validation(run):
     """Whether the run (train.py's arguments as a dict) validates on data of its own rather than
     a --val-fraction of the training list: a --val-image-list, or for a folder layout a

@@ -234,6 +234,8 @@ RULE_CASES = {  # rule id: (stats where it fires, stats where it stays silent)
     "focal_consolidation": (dict(dominant_lung_share=0.9, top_zone_share=0.6),
                             dict(dominant_lung_share=0.6, top_zone_share=0.6)),
     "attention_outside_lungs": (dict(outside_share=0.7, lungs_share=0.2), dict(outside_share=0.3)),
+    "apical_peripheral_lucency": (dict(peak_level="upper", peripheral_share=0.7),
+                                  dict(peak_level="upper", peripheral_share=0.2)),
 }
 
 

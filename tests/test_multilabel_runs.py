@@ -110,6 +110,20 @@ def test_cross_dataset_chexpert_copy_matches_a_recomputation(trained, tmp_path, 
     assert exact["map"] <= report["map"]  # the same set is stricter than a shared finding
 
 
+def test_query_gallery_across_formats(trained, tmp_path, capsys):
+    # NIH test films against a CheXpert-layout gallery: other finding names, other combinations,
+    # the gallery's label file beside its own list.
+    data, checkpoint = trained
+    folder = data["chexpert"]
+    report = run_test_py("--resume", str(checkpoint), "--gallery-dataset", "chexpert", "--gallery-dataset-dir",
+                         str(folder), "--gallery-image-list", str(folder / "CheXpert-v1.0-small" / "train.csv"),
+                         "--report", str(tmp_path / "g.json"), "--save-dir", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "findings of only the test list: Effusion, Infiltration" in out
+    assert report["protocol"] == "query-gallery" and report["num_gallery"] > 0
+    assert set(report["findings"]) >= {"Cardiomegaly", "No Finding", "Pleural Effusion", "Effusion"}
+
+
 def test_combination_training_and_paired_comparison(trained, tmp_path):
     data, findings_checkpoint = trained
     save_dir = tmp_path / "combinations"
