@@ -144,8 +144,11 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
         job = job._replace(query_ids=query_ids, gallery_ids=gallery_ids,
                            ap_scale=(AP_FIXED_POINT / ranks).float(),
                            rank_index=torch.arange(n_gallery, dtype=torch.int64, device=device))
-    if with_slots:
-        job = job._replace(finding_bits=finding_bits, slot_findings=slot_findings, tail=tail)
+    if with_slots:  # int32 bit sets where the findings fit (NIH 15, CheXpert 13): half the memory traffic
+        narrow = finding_bits.numel() == 0 or int(finding_bits.max()) < 2**31
+        bits_type = torch.int32 if narrow else torch.int64
+        job = job._replace(finding_bits=finding_bits.to(bits_type), slot_findings=slot_findings.to(bits_type),
+                           tail=tail)
     on_cpu = _on_cpu(device)
     if on_cpu:  # numpy views share the tensors' memory
         job = job._replace(**{name: value.numpy() for name, value in job._asdict().items()
@@ -206,7 +209,9 @@ def _rank_rows(sims, first, job, top_out, ap_out):
     relevant = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_ap else None
     same = ops.empty((block_rows, n_gallery), ops.bool, sims) if with_groups else None
     with_slots = with_ap and job.slot_findings is not None
-    ranked = ops.empty((block_rows, n_gallery), ops.int64, sims) if with_slots else None  # bit sets, ranked
+    if with_slots:  # the gallery's bit sets in ranking order, and a copy of the rows with a k-th finding
+        ranked = ops.empty((block_rows, n_gallery), job.finding_bits.dtype, sims)
+        some = ops.empty((block_rows, n_gallery), job.finding_bits.dtype, sims)
 
     for b0 in range(0, n_rows, block_rows):
         n = min(block_rows, n_rows - b0)
@@ -275,30 +280,41 @@ def _rank_rows(sims, first, job, top_out, ap_out):
         ops.fill_where(key, relevant[:n], 0)
         extra[:, 2] = key.sum(1)
         if with_slots:
-            _finding_aps(ops, job, q0, ranked[:n], key, h, lo, s, relevant[:n], slot_out)
+            _finding_aps(ops, job, q0, ranked[:n], some, keys, high, low, sims[b0:b0 + n], relevant, slot_out)
 
 
-def _finding_aps(ops, job, q0, ranked, key, h, lo, s, mask, out):
+def _finding_aps(ops, job, q0, ranked, some, key, h, lo, s, mask, out):
     """The AP sum and R of each of the rows' findings (job.slot_findings), relevant = carrying it,
     over the ranking already sorted: `ranked` holds the gallery's bit sets in ranking order; the
-    last job.tail items of a row left its ranking. Overwrites key, h, lo, s and mask."""
+    last job.tail items of a row left its ranking. A query's k-th finding is scored on the rows
+    that have one only (most films have one or two). Overwrites some, key, h, lo, s and mask."""
     n, n_gallery = ranked.shape
-    ops.greater_equal(job.rank_index[None, :], n_gallery - job.tail[q0:q0 + n, None], mask)
     for slot in range(job.slot_findings.shape[1]):
         finding = job.slot_findings[q0:q0 + n, slot]
-        if not bool((finding != NO_SLOT).any()):
+        rows = ops.flatnonzero(finding != NO_SLOT)
+        m = len(rows)
+        if m == 0:
             continue
-        ops.right_shift(ranked, finding[:, None], key)
-        key &= 1
-        ops.fill_where(key, mask, 0)
-        lo[...] = key
-        ops.cumsum_rows(lo, h)
-        out[:, slot, 1] = h[:, -1]
-        h *= lo
-        s[...] = h
-        s *= job.ap_scale
-        key[...] = s
-        out[:, slot, 0] = key.sum(1)
+        source = ranked if m == n else ops.take_rows(ranked, rows, some[:m])
+        shift, left = (finding, job.tail[q0:q0 + n]) if m == n else (finding[rows], job.tail[q0:q0 + n][rows])
+        k, hh, ll, ss, mm = key[:m], h[:m], lo[:m], s[:m], mask[:m]
+        ops.greater_equal(job.rank_index[None, :], n_gallery - left[:, None], mm)
+        ops.right_shift(source, shift[:, None], some[:m])  # never in place on `ranked`: the next slot reads it
+        ll[...] = some[:m]
+        ll &= 1
+        ops.fill_where(ll, mm, 0)
+        ops.cumsum_rows(ll, hh)
+        # R of each row, as an int64 copy (hh changes below)
+        counts = hh[:, -1].astype(np.int64) if isinstance(hh, np.ndarray) else hh[:, -1].to(torch.int64)
+        hh *= ll
+        ss[...] = hh
+        ss *= job.ap_scale
+        k[...] = ss
+        sums = k.sum(1)
+        if m == n:
+            out[:, slot, 1], out[:, slot, 0] = counts, sums
+        else:
+            out[rows, slot, 1], out[rows, slot, 0] = counts, sums
 
 
 class _NumpyOps:
@@ -343,6 +359,14 @@ class _NumpyOps:
     @staticmethod
     def take(values, index, out):
         np.take(values, index, out=out)
+
+    @staticmethod
+    def take_rows(x, rows, out):
+        return np.take(x, rows, axis=0, out=out)
+
+    @staticmethod
+    def flatnonzero(mask):
+        return np.flatnonzero(mask)
 
     @staticmethod
     def right_shift(x, shift, out):
@@ -409,6 +433,14 @@ class _TorchOps:
     @staticmethod
     def take(values, index, out):
         torch.take(values, index.long(), out=out)
+
+    @staticmethod
+    def take_rows(x, rows, out):
+        return torch.index_select(x, 0, rows, out=out)
+
+    @staticmethod
+    def flatnonzero(mask):
+        return torch.nonzero(mask)[:, 0]
 
     @staticmethod
     def right_shift(x, shift, out):

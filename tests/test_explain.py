@@ -470,7 +470,8 @@ def test_reference_class_gallery_checks_and_split_without_a_recorded_run(phantom
 
     assert explain_inputs.reference_class(args(), classes) == "normal"
     assert explain_inputs.reference_class(args(reference_class="effusion"), classes) == "effusion"
-    assert explain_inputs.reference_class(args(), ["No Finding", "Pneumonia"]) is None
+    assert explain_inputs.reference_class(args(), ["No Finding", "Pneumonia"]) == "No Finding"  # NIH, CheXpert
+    assert explain_inputs.reference_class(args(), ["Effusion", "Pneumonia"]) is None
     assert "--target contrast falls back" in capsys.readouterr().out
     assert explain_inputs.reference_class(args(method="gradnorm", target="neighbour"), ["a", "b"]) is None
     assert capsys.readouterr().out == ""  # nothing falls back: nothing to say

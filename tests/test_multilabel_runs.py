@@ -55,7 +55,8 @@ def chexpert_truth(folder, list_name):
     for row in rows:
         if row["Frontal/Lateral"] != "Frontal":
             continue
-        positive = {c for c in observations if row[c] == "1.0" and c != "No Finding"}  # -1 (uncertain): negative
+        # -1 (uncertain) is negative; devices are not a finding
+        positive = {c for c in observations if row[c] == "1.0" and c not in ("No Finding", "Support Devices")}
         truth[Path(row["Path"]).as_posix()] = (positive or {"No Finding"}, row["Path"].split("/")[2])
     return truth
 
