@@ -1,7 +1,10 @@
 """Files written so that a crash, kill, power cut or full disk leaves either the old file or
 the new one, never a half-written one."""
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -48,3 +51,21 @@ def atomic_write(path, write):
 def write_json(path, data):
     """Atomic JSON write (see atomic_write)."""
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
+
+
+@contextlib.contextmanager
+def new_folder(out_dir):
+    """A hidden sibling folder of out_dir to write a whole data set into, renamed to out_dir (absent
+    or empty) when the block ends and deleted when it fails: an interrupted run never leaves a half
+    data set that looks complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():  # an empty folder: replace it
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

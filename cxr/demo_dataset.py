@@ -17,8 +17,6 @@ import functools
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxr import phantom
+from cxr.atomic_files import new_folder
 from cxr.phantom import CLASSES, MASK_NAMES
 
 SOURCE = "phantom"
@@ -75,6 +74,18 @@ def _render_to(root: Path, size: int, seed: int, sixteen_bit: bool, job) -> dict
     return info
 
 
+def map_in_processes(function, jobs):
+    """[function(job)] with one process per core: generation is pure numpy per image, and an
+    image depends only on its job, so the files are the same whatever the number of processes.
+    fork only (Linux): other start methods re-import the caller, which may be a script without a
+    __main__ guard; elsewhere the jobs run one by one."""
+    workers = min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(jobs) > 50 and "fork" in multiprocessing.get_all_start_methods():
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(function, jobs, chunksize=16))
+    return [function(job) for job in jobs]
+
+
 def write_demo_dataset(
     out_dir, train_per_class=60, test_per_class=20, size=256, seed=0, sixteen_bit=False
 ) -> Path:
@@ -90,9 +101,7 @@ def write_demo_dataset(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; delete it or choose another folder")
     params = _params(train_per_class, test_per_class, size, seed, sixteen_bit)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with new_folder(out_dir) as tmp:
         for sub in ("train", "test", *(f"masks/{name}" for name in MASK_NAMES)):
             (tmp / sub).mkdir(parents=True)
         jobs = []  # (split, split_code, index, label), in list order
@@ -101,17 +110,7 @@ def write_demo_dataset(
             labels = np.repeat(np.arange(len(CLASSES)), per_class)
             labels = np.random.default_rng([seed, split_code, 1]).permutation(labels)
             jobs += [(split, split_code, i, CLASSES[label]) for i, label in enumerate(labels)]
-        render = functools.partial(_render_to, tmp, size, seed, sixteen_bit)
-        # One process per core: generation is pure numpy per image, and an image depends only
-        # on (seed, split, index), so the files are the same whatever the number of processes.
-        workers = min(os.cpu_count() or 1, 8)
-        # fork only (Linux): other start methods re-import the caller, which may be a script
-        # without a __main__ guard; elsewhere the images are drawn one by one.
-        if workers > 1 and len(jobs) > 50 and "fork" in multiprocessing.get_all_start_methods():
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                infos = list(pool.map(render, jobs, chunksize=16))
-        else:
-            infos = [render(job) for job in jobs]
+        infos = map_in_processes(functools.partial(_render_to, tmp, size, seed, sixteen_bit), jobs)
         images, lines = {}, {"train": [], "test": []}
         for patient, ((split, _, i, label), info) in enumerate(zip(jobs, infos)):
             name = f"phantom_{split}_{i:05d}.png"
@@ -129,12 +128,6 @@ def write_demo_dataset(
             (tmp / f"{split}_split.txt").write_text("".join(split_lines))
         meta = {"params": params, "classes": list(CLASSES), "source": SOURCE, "images": images}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if out_dir.exists():  # an empty folder: replace it
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

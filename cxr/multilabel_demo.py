@@ -27,17 +27,14 @@ import functools
 import gzip
 import io
 import json
-import multiprocessing
-import os
-import shutil
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cxr import phantom
+from cxr.atomic_files import new_folder
+from cxr.demo_dataset import map_in_processes
 from cxr.public_lists import CHEXPERT_OBSERVATIONS, NO_FINDING
 
 LAYOUTS = ("nih", "chexpert", "mimic", "csv")
@@ -92,15 +89,6 @@ def _render(size, seed, film):
     return image, {name: mask.astype(np.uint8) * 255 for name, mask in masks.items()}
 
 
-def _render_all(films, size, seed):
-    render = functools.partial(_render, size, seed)
-    workers = min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(films) > 50 and "fork" in multiprocessing.get_all_start_methods():
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(render, films, chunksize=16))
-    return [render(film) for film in films]
-
-
 def write_multilabel_demo(out_dir, list_format="nih", train_films=1000, test_films=400, size=128, seed=0,
                           pair_share=0.2, followup_share=0.15, lateral_share=0.1, uncertain_share=0.1) -> Path:
     """Write the films into out_dir (which must not exist or be empty) in `list_format`'s layout;
@@ -117,22 +105,14 @@ def write_multilabel_demo(out_dir, list_format="nih", train_films=1000, test_fil
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; delete it or choose another folder")
     films = draw_films(train_films, test_films, seed, pair_share, followup_share, lateral_share, uncertain_share)
-    rendered = _render_all(films, size, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    rendered = map_in_processes(functools.partial(_render, size, seed), films)
+    with new_folder(out_dir) as tmp:
         {"nih": _write_nih, "chexpert": _write_chexpert, "mimic": _write_mimic, "csv": _write_csv}[list_format](
             tmp, films, rendered)
         params = dict(list_format=list_format, train_films=train_films, test_films=test_films, size=size, seed=seed,
                       pair_share=pair_share, followup_share=followup_share, lateral_share=lateral_share,
                       uncertain_share=uncertain_share)
         (tmp / META_NAME).write_text(json.dumps({"params": params, "films": films}, indent=1) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
