@@ -68,7 +68,10 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     query_codes, gallery_codes = exclusion_codes(query_groups, gallery_groups, len(query), len(gallery),
                                               leave_one_out, device)
     max_k = max(ks + knn_ks)
-    tail = left_out(query_codes, gallery_codes, len(query), leave_one_out, device)
+    # The films that leave each query's ranking (own patient; itself in leave-one-out): their count
+    # is the ranking's tail, and nDCG's ideal order leaves them out.
+    pairs = same_group_pairs(query_codes, gallery_codes, len(query), leave_one_out, device)
+    tail = torch.bincount(pairs[0], minlength=len(query))
     worst = int(tail.argmax()) if len(tail) else 0
     if len(tail) and max_k > len(gallery) - int(tail[worst]):
         raise ValueError(f"query {worst} (group {group_name(query_groups, worst)!r}) has only "
@@ -93,7 +96,7 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     ap = ranked.ap_sums[with_relevant].double() / AP_FIXED_POINT / n_relevant
     map_at_r = ranked.map_at_r_sums[with_relevant].double() / AP_FIXED_POINT / n_relevant
     r_precision = ranked.hits_at_r[with_relevant].double() / n_relevant
-    ndcg = ndcg_at_k(query_table, gallery_table, top_indices, ks, query_codes, gallery_codes, leave_one_out)
+    ndcg = ndcg_at_k(query_table, gallery_table, top_indices, ks, pairs)
     without = (~with_relevant).cpu().numpy()
     for values in ndcg.values():  # the same queries as every other mean
         values[without] = np.nan
@@ -143,16 +146,6 @@ def bit_sets(table):
     return (table.long() * weights).sum(1)
 
 
-def left_out(query_codes, gallery_codes, n_query, leave_one_out, device):
-    """(Q,) int64: how many gallery films leave each query's ranking: those of its own group,
-    and in leave-one-out the query itself (which is of its own group)."""
-    if query_codes is None:
-        return torch.full((n_query,), int(leave_one_out), dtype=torch.int64, device=device)
-    unique, counts = torch.unique(gallery_codes, return_counts=True)
-    position = torch.searchsorted(unique, query_codes).clamp(max=len(unique) - 1)
-    return torch.where(unique[position] == query_codes, counts[position], torch.zeros_like(query_codes))
-
-
 def same_group_pairs(query_codes, gallery_codes, n_query, leave_one_out, device):
     """(query index, gallery index) of every gallery film that leaves a query's ranking: of its
     own group, and in leave-one-out the query itself; sorted by query."""
@@ -172,9 +165,10 @@ def same_group_pairs(query_codes, gallery_codes, n_query, leave_one_out, device)
     return queries, order[torch.repeat_interleave(start, counts) + offsets]
 
 
-def ndcg_at_k(query_table, gallery_table, top_indices, ks, query_codes, gallery_codes, leave_one_out):
+def ndcg_at_k(query_table, gallery_table, top_indices, ks, pairs):
     """{k: (Q,) nDCG@k as a fraction, NaN where no gallery film shares a finding}; gains are the
-    Jaccard overlaps, the ideal order is over the gallery films each query ranks."""
+    Jaccard overlaps, the ideal order is over the gallery films each query ranks (all but the
+    (query, gallery film) `pairs` of same_group_pairs)."""
     device = query_table.device
     max_k = max(ks)
     discounts = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=device))
@@ -190,8 +184,7 @@ def ndcg_at_k(query_table, gallery_table, top_indices, ks, query_codes, gallery_
     first = torch.zeros(len(combos), dtype=torch.int64, device=device).scatter_(
         0, combo_of, torch.arange(len(combo_of), device=device))
     combo_table = gallery_float[first]  # (U, F)
-    pair_queries, pair_gallery = same_group_pairs(query_codes, gallery_codes, len(query_table), leave_one_out,
-                                                  device)
+    pair_queries, pair_gallery = pairs
     ideal = torch.empty(len(query_table), max_k, dtype=torch.float64, device=device)
     positions = torch.arange(1, max_k + 1, device=device)
     for start in range(0, len(query_table), _NDCG_ROWS):
@@ -234,12 +227,14 @@ def knn_auroc(query_table, gallery_table, top_indices, knn_ks, names):
     """{k: {"auroc": {finding: % or None}, "auroc_mean": % or None}} of the neighbour-share scores."""
     truth = query_table.cpu().numpy()
     gallery_float = gallery_table.float()
+    counts, carried = {}, torch.zeros(query_table.shape, dtype=torch.float32, device=query_table.device)
+    for j in range(max(knn_ks)):  # a loop over ranks, not queries: neighbours carrying each finding
+        carried += gallery_float[top_indices[:, j]]
+        if j + 1 in knn_ks:
+            counts[j + 1] = carried.clone()
     out = {}
     for k in knn_ks:
-        scores = torch.zeros(query_table.shape, dtype=torch.float32, device=query_table.device)
-        for j in range(k):  # a loop over ranks, not queries
-            scores += gallery_float[top_indices[:, j]]
-        scores = (scores / k).cpu().numpy()
+        scores = (counts[k] / k).cpu().numpy()
         auroc = {}
         for f, name in enumerate(names):
             column = truth[:, f]
