@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_CKPT := $(DEMO_DIR)/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
 
-.PHONY: demo demo-multilabel test smoke install ablation ablation-models ablation-multilabel saliency
+.PHONY: demo demo-multilabel test smoke install ablation ablation-models ablation-multilabel ablation-defaults saliency
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ ablation-models: install
 # the hybrid against ConvNeXtV2 alone, 3 seeds each on the NIH-layout phantoms (about 35 minutes).
 ablation-multilabel: install
 	$(PYTHON) ablate.py --suite multilabel
+
+# The defaults check of HYBRID_MODEL_GUIDE.md: the hybrid's fusion and branch losses on the
+# phantoms and on scikit-learn's digits (real scans in its wheel), 3 seeds each (about 70 minutes).
+ablation-defaults: install
+	$(PYTHON) ablate.py --suite defaults --data digits
+	$(PYTHON) ablate.py --suite defaults --data demo
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
 # demo checkpoint's validation phantoms, the winner on its test phantoms (about 8 minutes).

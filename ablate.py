@@ -6,6 +6,7 @@
     python ablate.py --suite models --summarise-only   # the table from the runs already in --out
                                                        # (evaluating finished runs not yet evaluated)
     python ablate.py --suite multilabel        # make ablation-multilabel: on the multi-label phantoms
+    python ablate.py --suite defaults --data digits   # make ablation-defaults: phantoms and digits
 
 Each run is `python train.py --dataset demo --seed S <variant flags>` in <out>/<variant>_seed_<S>;
 the numbers are those of the checkpoint train.py kept as best, i.e. chosen on the validation split
@@ -24,6 +25,11 @@ findings against each finding combination as one class (what flattening the labe
 the hybrid against ConvNeXtV2 alone, all scored with shared-finding relevance; the paired
 comparisons are against the combination classes ("combinations"), and the hybrid's against
 ConvNeXtV2 alone is added.
+
+The defaults suite asks whether the hybrid's fusion and branch losses, chosen on the phantoms,
+hold on real images: the same three variants on the phantoms (--data demo) and on scikit-learn's
+digits (--data digits, small setup, P = 5), paired against the default; its table is
+<out>/defaults.md.
 """
 import argparse
 import json
@@ -59,7 +65,25 @@ MULTILABEL_VARIANTS = {
     "convnext_findings": (["--model", "convnextv2", "--label-mode", "findings"],
                           "ConvNeXtV2 alone, trained on the findings"),
 }
-SUITES = {"recipe": RECIPE_VARIANTS, "models": MODEL_VARIANTS, "multilabel": MULTILABEL_VARIANTS}
+# The hybrid's two choices that were made on the phantoms alone (issue: do they hold on real
+# images?), against what the paper and the previous release did, on both data sets of --data.
+DEFAULTS_VARIANTS = {
+    "default": ([], "hybrid default (per-branch LayerNorm fusion, branch losses 0.5)"),
+    "no_branch_loss": (["--branch-loss-weight", "0"], "hybrid default without the branch losses"),
+    "seed_fusion": (["--fusion", "seed", "--branch-loss-weight", "0"],
+                    "raw concatenation, no branch losses (the previous release's hybrid)"),
+}
+SUITES = {"recipe": RECIPE_VARIANTS, "models": MODEL_VARIANTS, "multilabel": MULTILABEL_VARIANTS,
+          "defaults": DEFAULTS_VARIANTS}
+# The data sets of the defaults suite: the phantoms of the demo, and scikit-learn's digits (real
+# scans shipped inside its wheel, written by demo_data.py --real digits), both with the small setup.
+DIGITS_FOLDER = "data/digits"
+DATA_FLAGS = {
+    "demo": ["--dataset", "demo"],
+    "digits": ["--dataset", "covid", "--dataset-dir", DIGITS_FOLDER, "--setup", "small", "-p", "5",
+               "--train-image-list", f"{DIGITS_FOLDER}/train_split.txt",
+               "--test-image-list", f"{DIGITS_FOLDER}/test_split.txt"],
+}
 # The multi-label phantoms of the multilabel suite, and how every run of it reads and trains on them.
 MULTILABEL_DATA = dict(folder="data/demo_nih", train_films=1000, test_films=400)
 MULTILABEL_TRAIN = ["--dataset", "nih", "--dataset-dir", MULTILABEL_DATA["folder"], "--setup", "small", "-p", "5"]
@@ -68,10 +92,10 @@ MULTILABEL_TRAIN = ["--dataset", "nih", "--dataset-dir", MULTILABEL_DATA["folder
 DEFAULT_VARIANTS = {"recipe": list(RECIPE_VARIANTS),
                     "models": ["convnext", "vit", "hybrid_paper", "hybrid", "hybrid_no_branch_loss",
                                "hybrid_no_mxa"],
-                    "multilabel": list(MULTILABEL_VARIANTS)}
+                    "multilabel": list(MULTILABEL_VARIANTS), "defaults": list(DEFAULTS_VARIANTS)}
 METRICS = ("val_R@1", "val_mAP", "test_R@1", "test_mAP")
 # The variant the paired comparisons of a suite are against, and further (variant, against) pairs.
-REFERENCES = {"models": "convnext", "multilabel": "combinations"}
+REFERENCES = {"models": "convnext", "multilabel": "combinations", "defaults": "default"}
 EXTRA_PAIRS = {"multilabel": [("findings", "convnext_findings")]}
 
 
@@ -205,6 +229,8 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", help="one folder per run (default runs/ablation or runs/ablation_models)")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--data", choices=tuple(DATA_FLAGS), default="demo",
+                        help="the defaults suite's data set: the phantoms or scikit-learn's digits")
     args = parser.parse_args()
     table = SUITES[args.suite]
     variants = args.variants or DEFAULT_VARIANTS[args.suite]
@@ -213,8 +239,13 @@ def main():
         parser.error(f"unknown variant(s) {', '.join(unknown)} for --suite {args.suite}; "
                      f"choose from {', '.join(table)}")
     out = Path(args.out or {"recipe": "runs/ablation", "models": "runs/ablation_models",
-                            "multilabel": "runs/ablation_multilabel"}[args.suite])
-    data_flags = ["--dataset", "demo"]
+                            "multilabel": "runs/ablation_multilabel",
+                            "defaults": f"runs/defaults_{args.data}"}[args.suite])
+    data_flags = DATA_FLAGS[args.data] if args.suite == "defaults" else DATA_FLAGS["demo"]
+    if args.data == "digits" and not args.summarise_only and not Path(DIGITS_FOLDER).exists():
+        from cxr.digits_data import write_digits_dataset
+
+        write_digits_dataset(DIGITS_FOLDER)
     if args.suite == "multilabel":
         data_flags = MULTILABEL_TRAIN
         if not args.summarise_only and not Path(MULTILABEL_DATA["folder"]).exists():
@@ -242,7 +273,8 @@ def main():
     if args.suite in REFERENCES and points:
         (out / f"{args.suite}.md").write_text(text + "\n")
         title = {"models": "Demo: which part of the hybrid gives what",
-                 "multilabel": "Multi-label phantoms: findings vs combination classes"}[args.suite]
+                 "multilabel": "Multi-label phantoms: findings vs combination classes",
+                 "defaults": f"The hybrid's defaults on {args.data}"}[args.suite]
         print(f"figure: {plot_points(points, out / f'{args.suite}.png', title)}")
 
 

@@ -11,6 +11,12 @@ try those readers and multi-label training (cxr/multilabel_demo.py):
     python demo_data.py --multilabel nih --out data/demo_nih [--train-films 1000 --test-films 400]
     python train.py --dataset nih --dataset-dir data/demo_nih --setup small
 
+A real labelled image set that ships inside scikit-learn (its 1,797 handwritten digits), in the
+same COVIDx layout, to check that a choice made on the phantoms holds on real images
+(cxr/digits_data.py):
+
+    python demo_data.py --real digits --out data/digits
+
 What a phantom looks like (five findings, anatomy, confounders): cxr/phantom.py; the layout on
 disk: cxr/demo_dataset.py. Same arguments -> byte-identical files.
 """
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from cxr.cli import add_debug_flag, run_cli
 from cxr.demo_dataset import save_preview, write_demo_dataset
+from cxr.digits_data import REAL_SETS, write_digits_dataset
 from cxr.errors import UserError
 from cxr.multilabel_demo import LAYOUTS, write_multilabel_demo
 from cxr.phantom import CLASSES
@@ -43,13 +50,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-films", type=int, default=1000, help="films of the training list")
     group.add_argument("--test-films", type=int, default=400, help="films of the test list")
     group.add_argument("--pair-share", type=float, default=0.2, help="share of films with two findings")
+    parser.add_argument("--real", choices=REAL_SETS,
+                        help="write a real labelled image set shipped inside a package (scikit-learn's digits)")
     return add_debug_flag(parser)
 
 
 def main(args: argparse.Namespace) -> None:
     if args.out is None and args.preview is None:
         raise SystemExit("nothing to do: give --out and/or --preview")
-    if args.multilabel:
+    if args.real:
+        if args.out is None:
+            raise SystemExit("--real needs --out, the folder to write the data set into")
+        write_digits_dataset(args.out, args.seed)
+        print(f"Wrote scikit-learn's digits in the COVIDx layout to {args.out}")
+    elif args.multilabel:
         if args.out is None:
             raise SystemExit("--multilabel needs --out, the folder to write the data set into")
         write_multilabel_demo(args.out, args.multilabel, args.train_films, args.test_films, args.size, args.seed,

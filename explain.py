@@ -54,11 +54,12 @@ from cxr import (
     progress,
     regions,
     run_data,
+    sanity_checks,
 )
 from cxr import masks as mask_sources
 from cxr import ontology as onto
 from cxr.atomic_files import write_json
-from cxr.checkpoints import data_bit_depth, load_trained_model
+from cxr.checkpoints import data_bit_depth, load_checkpoint, load_trained_model
 from cxr.embeddings import class_prototypes, extract_embeddings, has_branches
 from cxr.errors import UserError
 from cxr.gradcam import METHODS, RetrievalGradCAM, branch_attribution, branch_weights, default_layers, heatmaps
@@ -157,6 +158,8 @@ def explain_batch(ctx, paths, labels=None, masks=None):
             record["masks"] = mask["info"]
         record["peaks"] = {b: [int(v) for v in xy] for b, xy in record["peaks"].items()}
         fused = maps["fused"][i].detach().cpu()
+        if ctx["keep_maps"]:  # at the model's resolution, for the sanity checks' rank correlation
+            ctx["fused_maps"].append(fused.numpy())
         total, count = ctx["class_maps"].get(predicted, (0, 0))
         ctx["class_maps"][predicted] = (total + fused, count + 1)  # the image-independent baseline
         if ctx["faithfulness_steps"] and ctx["faithfulness_left"] > 0:
@@ -201,11 +204,17 @@ def aggregate(records, branches, tolerance_keys=None, prior=None, zones_from=Non
 
 
 # ---------------------------------------------------------------------- command line
-def build_context(args):
+def build_context(args, model=None):
+    """Everything explain_batch needs for the checkpoint --resume; `model`: another model of its
+    config in place of its weights (a randomised copy, cxr/sanity_checks.py), explained with a
+    gallery, prototypes and votes of its own."""
     refuse_distributed("explain.py")
     runtime = setup_runtime(args.device)
     device = runtime.device
-    model, checkpoint, _ = load_trained_model(args.resume, device)
+    if model is None:
+        model, checkpoint, _ = load_trained_model(args.resume, device)
+    else:
+        checkpoint = load_checkpoint(args.resume)
     run = run_data.recorded_run(checkpoint)
     list_format = LIST_FORMAT[args.dataset or run.get("dataset", "covid")]
     classes = checkpoint["classes"]
@@ -258,7 +267,8 @@ def build_context(args):
             "bit_depth": bit_depth or gallery.bit_depth, "seen": 0,
             "tolerances": localisation.tolerances(args.pointing_tolerance), "prior": None,
             "class_maps": {}, "faithfulness_queue": [], "explained": explained, "fitting": fitting,
-            "run": run, "multilabel": checkpoint.get("findings") is not None}
+            "run": run, "multilabel": checkpoint.get("findings") is not None, "road": args.road,
+            "model_config": checkpoint["model_config"], "keep_maps": args.sanity != "none", "fused_maps": []}
 
 
 def main(args):
@@ -282,6 +292,9 @@ def main(args):
     if args.chexmask and (args.lung_mask or args.heart_mask):
         raise UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
                               "or as --chexmask rows, not both")
+    if args.sanity != "none" and args.image:
+        raise UserError(f"--sanity {args.sanity} compares the maps of a list with those of randomised copies; "
+                        "give --image-list or --split, or drop --sanity for one --image")
     if args.ig_steps < 1:
         raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
     if args.smooth < 0:
@@ -339,30 +352,14 @@ def main(args):
                                                    multilabel=ctx["multilabel"],
                                                    list_options=run_data.given_list_options(args, ctx["run"], "test"))
     ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, dataset.paths)
-    records = []
-    reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root)) for p in dataset.paths])
-    for start in range(0, len(dataset), args.batch_size):
-        part = list(range(start, min(start + args.batch_size, len(dataset))))
-        paths = [dataset.paths[i] for i in part]
-        ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
-        labels = [dataset.classes[int(dataset.targets[i])] for i in part]
-        sources = [reader.source(name) for name in ctx["names"]]
-        ctx["seen"] = start  # the list position of the batch's first image (seeds its random map)
-        for record, full, original in explain_batch(ctx, paths, labels, sources):
-            records.append(record)
-            if len(records) <= args.save_overlays:
-                explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
-        print(f"  {len(records)}/{len(dataset)} explained", flush=True)
-    # Baselines that need the whole list: other images' lesions, the class mean maps.
-    localisation.mismatched_hits(records, lambda name, size: explain_inputs.read_lesion(args.mask_dir, name, size),
-                                 ctx["tolerances"], ctx["branches"])
-    zones_from = localisation.zone_prior_agreement(records, ctx["prior"])
-    faithfulness.add_to_records(ctx)
+    records, zones_from = explain_list(ctx, args, dataset, out, args.save_overlays)
     summary = {"images": records,
                "aggregate": aggregate(records, ctx["branches"], ctx["tolerances"], ctx["prior"], zones_from),
                "layers": ctx["layers"], "target": ctx["target"], "saliency": ctx["saliency"],
                "split": args.split, "checkpoint": str(args.resume)}
-    m = reader.summary()  # CheXmask: how many images had usable masks
+    if args.sanity != "none":
+        summary["aggregate"]["sanity"] = randomisation_checks(args, ctx, dataset, records, out)
+    m = ctx["mask_reader"].summary()  # CheXmask: how many images had usable masks
     if m:
         summary["aggregate"]["masks"] = m
     write_json(out / "summary.json", summary)
@@ -374,6 +371,48 @@ def main(args):
                                      if m["sides_swapped"] else ""))
     print(f"wrote {out / 'summary.json'}")
     return summary
+
+
+def explain_list(ctx, args, dataset, out, save_overlays=0):
+    """(records, where the zone prior came from) of every image of `dataset`, in batches, with
+    the baselines that need the whole list: other images' lesions, the class mean maps."""
+    records = []
+    ctx["mask_reader"] = reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root))
+                                                           for p in dataset.paths])
+    for start in range(0, len(dataset), args.batch_size):
+        part = list(range(start, min(start + args.batch_size, len(dataset))))
+        paths = [dataset.paths[i] for i in part]
+        ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
+        labels = [dataset.classes[int(dataset.targets[i])] for i in part]
+        sources = [reader.source(name) for name in ctx["names"]]
+        ctx["seen"] = start  # the list position of the batch's first image (seeds its random map)
+        for record, full, original in explain_batch(ctx, paths, labels, sources):
+            records.append(record)
+            if len(records) <= save_overlays:
+                explain_figures.write_overlays(out / "overlays" / Path(record["image"]).stem, original, full)
+        print(f"  {len(records)}/{len(dataset)} explained", flush=True)
+    localisation.mismatched_hits(records, lambda name, size: explain_inputs.read_lesion(args.mask_dir, name, size),
+                                 ctx["tolerances"], ctx["branches"])
+    zones_from = localisation.zone_prior_agreement(records, ctx["prior"])
+    faithfulness.add_to_records(ctx)
+    return records, zones_from
+
+
+def randomisation_checks(args, ctx, dataset, records, out):
+    """The aggregate's "sanity" entry (cxr/sanity_checks.py): the same list explained again by
+    each randomised copy of --sanity, its summary.json under <out>/sanity/<level>/."""
+    def explain_copy(name, model):
+        print(f"== sanity check: weights re-initialised at level {name}", flush=True)
+        copy = build_context(args, model)
+        copy["prior"] = ctx["prior"]  # fitted on lesion masks: the data's, as the reference image
+        copy_records, zones_from = explain_list(copy, args, dataset, out)
+        result = aggregate(copy_records, copy["branches"], copy["tolerances"], copy["prior"], zones_from)
+        write_json(out / "sanity" / name / "summary.json", {"images": copy_records, "aggregate": result,
+                                                            "randomised": name, "seed": args.sanity_seed})
+        return copy_records, result, copy["fused_maps"]
+
+    return sanity_checks.run(ctx["model"], ctx["model_config"], args.sanity, args.sanity_seed, records,
+                             ctx["fused_maps"], explain_copy)
 
 
 def neighbour_heatmaps(ctx, record, count):
@@ -456,6 +495,15 @@ def get_args_parser():
                         "with a smooth random map and the predicted class's mean map over the same images")
     parser.add_argument("--faithfulness-images", type=int, default=60,
                         help="batch mode: curves for the first N images (each costs 6 x (steps + 1) forward passes)")
+    parser.add_argument("--road", action=argparse.BooleanOptionalAction, default=True,
+                        help="ROAD curves beside deletion/insertion (removed pixels imputed from their "
+                        "neighbours, cxr/road.py; each costs a sparse solve per step); --no-road skips them")
+    parser.add_argument("--sanity", choices=("none", "all", "cascade"), default="none",
+                        help="batch mode: the model-parameter randomisation test (cxr/sanity_checks.py): "
+                        "the list explained again with every weight re-initialised (all), or with each "
+                        "cascade level from the head down as well (cascade); each level costs one more run")
+    parser.add_argument("--sanity-seed", type=int, default=sanity_checks.SEED,
+                        help="seed of the re-initialised weights of --sanity")
     parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)

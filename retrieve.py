@@ -33,6 +33,9 @@ The OOD guard is on by default where ood.py saved a detector beside the checkpoi
 exact scan (linear in the gallery) is too slow: `index --faiss-ivf NLIST` adds an approximate
 faiss inverted-file index and `query --search faiss --nprobe N` uses it (faiss is optional:
 `pip install faiss-cpu`).
+`query --rerank aqe|dba|kreciprocal` re-ranks the exact scan of the whole index (cxr/reranking.py;
+dba and kreciprocal first find every indexed image's neighbours, quadratic in the index's size:
+see BENCHMARKS.md); each neighbour's "similarity" stays the cosine, its "rerank_score" ranked it.
 """
 import argparse
 import os
@@ -66,6 +69,7 @@ from cxr.images import load_image
 from cxr.masks import read_masks
 from cxr.presets import LIST_FORMAT
 from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
+from cxr.reranking import search_reranked
 from cxr.search import search
 from dataset import DatasetError, ImageListDataset, build_transform
 
@@ -204,6 +208,10 @@ def query(args):
     if args.mask_dir and not args.explain:
         raise SystemExit("error: --mask-dir gives the masks the ontology reads with the heat maps: add --explain "
                          "(or drop --mask-dir)")
+    rerank = cli.rerank_from_args(args)
+    if rerank.active and args.search == "faiss":
+        raise UserError(f"--rerank {args.rerank} re-ranks the exact scan of the whole index; drop "
+                        "--search faiss (or --rerank)")
     device = setup_runtime(args.device).device
     manifest, gallery, gallery_labels, gallery_paths = gallery_index.load_index(args.index)
     classes = manifest["classes"]
@@ -218,7 +226,11 @@ def query(args):
     bit_depth = data_bit_depth(checkpoint) or manifest.get("bit_depth")
     embeddings, kept = embed_images(model, query_paths, checkpoint["model_config"]["img_size"], device,
                                     args.skip_bad_images, resolve_amp("auto", str(device)), bit_depth)
-    if args.search == "faiss":
+    rerank_scores = None
+    if rerank.active:  # an exact second pass over the whole index (cxr/reranking.py)
+        rerank_scores, similarities, indices = search_reranked(embeddings, torch.from_numpy(gallery).to(device),
+                                                               args.topk, rerank)
+    elif args.search == "faiss":
         similarities, indices = gallery_index.faiss_search(args.index, manifest, embeddings,
                                                            min(args.topk, len(gallery)), args.nprobe)
     else:
@@ -239,6 +251,9 @@ def query(args):
         neighbours = [{"path": gallery_paths[i], "label": classes[gallery_labels[i]],
                        "similarity": round(float(s), 6)}
                       for s, i in zip(similarities[q].tolist(), indices[q].tolist()) if i >= 0]
+        if rerank_scores is not None:  # ranked by the re-ranked score; "similarity" stays the cosine
+            for n, score in zip(neighbours, rerank_scores[q].tolist()):
+                n["rerank_score"] = round(float(score), 6)
         votes = {}
         for n in neighbours:  # counts in order of first appearance: a tie goes to the better ranked
             votes[n["label"]] = votes.get(n["label"], 0) + 1
@@ -273,7 +288,8 @@ def query(args):
         results.append(record)
         if maps is not None:
             maps_by_query[q] = maps
-    summary = {"index": str(args.index), "checkpoint": str(args.resume), "topk": args.topk}
+    summary = {"index": str(args.index), "checkpoint": str(args.resume), "topk": args.topk,
+               "rerank": rerank.describe()}
     if detector is not None:  # the count a reader needs before trusting any vote
         summary["ood"] = {"detector": str(detector_path), "score": args.ood_score,
                           "flagged": sum(r["ood"]["flagged"] for r in results), "queries": len(results)}
@@ -352,6 +368,7 @@ def get_args_parser():
     ask.add_argument("--search", choices=("exact", "faiss"), default="exact",
                      help="exact chunked scan, or the index's faiss IVF index (approximate)")
     ask.add_argument("--nprobe", type=int, default=16, help="clusters a faiss query visits")
+    cli.add_rerank_flags(ask)
     ask.add_argument("--ood", action=argparse.BooleanOptionalAction,
                      help="flag queries the OOD detector of ood.py rejects; on by default when the "
                      "detector is there, --ood makes a missing or stale one an error, --no-ood turns it off")

@@ -166,6 +166,7 @@ def get_args_parser(add_help=True):
                         help="paired comparison of two models' embeddings of the same list (files "
                         "written by test.py): differences A - B with patient-bootstrap intervals "
                         "and p-values (--bootstrap, default 1000); no checkpoint needed")
+    cli.add_rerank_flags(parser)
     cli.add_debug_flag(parser)
     return parser
 
@@ -319,6 +320,7 @@ def check_flags(args, runtime):
                          "resamples (1000 is usual)")
     if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
         raise SystemExit(f"error: --abstain-below {args.abstain_below} is a vote share between 0 and 1")
+    cli.rerank_from_args(args)  # a wrong re-ranking parameter fails before the embedding
 
 
 def load_model(args, runtime):
@@ -476,18 +478,8 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
         groups["query_groups"] = query_set.patients
         if gallery_set is not None:
             groups["gallery_groups"] = gallery_set.patients
-    try:
-        metrics, per_query = evaluate_retrieval(embedded.query, embedded.query_labels, embedded.gallery,
-                                                embedded.gallery_labels, ks=KS, vote_ks=vote_ks,
-                                                num_classes=len(classes), return_per_query=True, **groups)
-        if query_set.multilabel:
-            multilabel = score_findings(args, query_set, gallery_set, embedded, vote_ks, groups)
-    except ValueError as error:  # e.g. a patient holding nearly the whole list
-        raise UserError(f"{inputs['test_image_list']['value']}: {error}") from error
-    if query_set.multilabel:  # the retrieval numbers by finding relevance; the vote stays over combinations
-        multilabel_metrics, multilabel_per_query = multilabel
-        metrics = {**metrics, **multilabel_metrics, "classification_over": "finding combinations"}
-        per_query = {**per_query, **multilabel_per_query}
+    rerank = cli.rerank_from_args(args)
+    metrics, per_query = evaluate_lists(args, inputs, query_set, gallery_set, embedded, vote_ks, groups, rerank)
     num_gallery = len(query_set) if gallery_set is None else len(gallery_set)
     report = {"checkpoint": str(args.resume), "model": config["name"],
               "embedding_dim": config["embedding_dim"], "classes": classes,
@@ -521,13 +513,43 @@ def build_report(args, checkpoint, config, model, inputs, query_set, gallery_set
                                       "flagged": {name: bool(flags[name][i]) for name in flags}}
                                      for i, path in enumerate(query_set.paths)]}
     report["abstention"] = report_stats.abstention(per_query, args.vote_k, args.abstain_below, ood_scores)
+    if rerank.active:
+        report["rerank"] = rerank_report(args, inputs, query_set, gallery_set, embedded, vote_ks, groups, rerank,
+                                         per_query)
     if args.bootstrap:
         report["confidence_intervals"] = report_stats.bootstrap(per_query, query_set.patients, args.bootstrap,
                                                                 args.bootstrap_seed)
     return report, per_query
 
 
-def score_findings(args, query_set, gallery_set, embedded, vote_ks, groups):
+def evaluate_lists(args, inputs, query_set, gallery_set, embedded, vote_ks, groups, rerank=None):
+    """(metrics, per-query values): the retrieval and vote numbers, and for multi-label lists the
+    retrieval numbers by finding relevance (the votes stay over the finding combinations)."""
+    try:
+        metrics, per_query = evaluate_retrieval(embedded.query, embedded.query_labels, embedded.gallery,
+                                                embedded.gallery_labels, ks=KS, vote_ks=vote_ks,
+                                                num_classes=len(query_set.classes), return_per_query=True,
+                                                rerank=rerank, **groups)
+        if query_set.multilabel:
+            multilabel_metrics, multilabel_per_query = score_findings(args, query_set, gallery_set, embedded,
+                                                                      vote_ks, groups, rerank)
+            metrics = {**metrics, **multilabel_metrics, "classification_over": "finding combinations"}
+            per_query = {**per_query, **multilabel_per_query}
+    except ValueError as error:  # e.g. a patient holding nearly the whole list
+        raise UserError(f"{inputs['test_image_list']['value']}: {error}") from error
+    return metrics, per_query
+
+
+def rerank_report(args, inputs, query_set, gallery_set, embedded, vote_ks, groups, rerank, per_query):
+    """The re-ranking's parameters and its paired patient-bootstrap difference from the plain
+    ranking of the same embeddings (--bootstrap resamples, 1000 when not given)."""
+    _, plain = evaluate_lists(args, inputs, query_set, gallery_set, embedded, vote_ks, groups)
+    comparison = report_stats.paired_comparison(per_query, plain, query_set.patients, args.bootstrap or 1000,
+                                                args.bootstrap_seed)
+    return {**rerank.describe(), "vs_plain": comparison}
+
+
+def score_findings(args, query_set, gallery_set, embedded, vote_ks, groups, rerank=None):
     """(metrics, per-query values) of evaluate_multilabel over the lists' findings."""
     findings = lists_findings(query_set, gallery_set)
     tables = {"query_findings": query_set.combination_matrix(findings)[embedded.query_labels.cpu()]}
@@ -535,7 +557,8 @@ def score_findings(args, query_set, gallery_set, embedded, vote_ks, groups):
         tables["gallery_emb"] = embedded.gallery
         tables["gallery_findings"] = gallery_set.combination_matrix(findings)[embedded.gallery_labels.cpu()]
     metrics, per_query = evaluate_multilabel(embedded.query, ks=KS, knn_ks=vote_ks, relevance=args.relevance,
-                                             finding_names=findings, return_per_query=True, **tables, **groups)
+                                             finding_names=findings, return_per_query=True, rerank=rerank,
+                                             **tables, **groups)
     return {**metrics, "findings": findings}, per_query
 
 

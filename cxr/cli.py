@@ -128,3 +128,32 @@ def add_dataset_dir_flag(parser, meaning, required=False):
     """--dataset-dir is the folder holding train/ and test/ for train.py and ood.py, and the
     images' own folder for retrieve.py and explain.py: `meaning` is this program's."""
     parser.add_argument("--dataset-dir", required=required, help=meaning)
+
+
+def add_rerank_flags(parser):
+    """--rerank and its parameters (cxr/reranking.py); rerank_from_args reads them."""
+    from cxr.reranking import METHODS, Rerank
+
+    defaults = Rerank()
+    group = parser.add_argument_group("re-ranking (a training-free second pass; cxr/reranking.py)")
+    group.add_argument("--rerank", choices=METHODS, default="none",
+                       help="none (default), aqe (alpha query expansion), dba (database-side "
+                       "augmentation), kreciprocal (k-reciprocal Jaccard re-ranking)")
+    group.add_argument("--rerank-k", type=int, default=defaults.k, help="aqe, dba: neighbours (0: plain ranking)")
+    group.add_argument("--rerank-alpha", type=float, default=defaults.alpha,
+                       help="aqe, dba: neighbour weight max(similarity, 0) ** alpha (0: plain mean)")
+    group.add_argument("--rerank-k1", type=int, default=defaults.k1, help="kreciprocal: reciprocal neighbourhood")
+    group.add_argument("--rerank-k2", type=int, default=defaults.k2, help="kreciprocal: local query expansion")
+    group.add_argument("--rerank-jaccard-weight", type=float, default=defaults.jaccard_weight,
+                       help="kreciprocal: weight of the Jaccard distance (Zhong et al.'s 1 - lambda; 0: plain ranking)")
+
+
+def rerank_from_args(args):
+    """The reranking.Rerank of the flags; a wrong value is the user's error, naming the flag."""
+    from cxr.reranking import Rerank
+
+    try:
+        return Rerank(args.rerank, k=args.rerank_k, alpha=args.rerank_alpha, k1=args.rerank_k1,
+                      k2=args.rerank_k2, jaccard_weight=args.rerank_jaccard_weight)
+    except ValueError as error:
+        raise UserError(f"--rerank {args.rerank}: {error} (see --help, re-ranking)") from error

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import report_inputs, report_stats
+from cxr import cli, report_inputs, report_stats
 from cxr.atomic_files import write_json
 from cxr.errors import UserError
 from cxr.multilabel_metrics import evaluate_multilabel
@@ -65,17 +65,19 @@ def compare(args, versions):
         list(patients) if patients is not None else list(range(len(a["query_labels"]))),
         gallery_patients, exclude_same_patient=bool(groups))
     vote_ks, _ = report_inputs.choose_vote_ks(args.vote_ks, available)
+    rerank = cli.rerank_from_args(args)  # both files re-ranked alike (default: none)
     per_query = []
     for data in (a, b):
         _, values = evaluate_retrieval(data["query_embeddings"], data["query_labels"],
                                        data.get("gallery_embeddings"), data.get("gallery_labels"),
                                        ks=KS, vote_ks=vote_ks, num_classes=len(classes),
-                                       return_per_query=True, **groups)
+                                       return_per_query=True, rerank=rerank, **groups)
         if "query_findings" in data:  # multi-label lists: the retrieval numbers by finding relevance
             _, multilabel = evaluate_multilabel(data["query_embeddings"], data["query_findings"],
                                                 data.get("gallery_embeddings"), data.get("gallery_findings"),
                                                 ks=KS, knn_ks=vote_ks, relevance=str(data["relevance"]),
-                                                per_finding=False, return_per_query=True, **groups)
+                                                per_finding=False, return_per_query=True, rerank=rerank,
+                                                **groups)
             values = {**values, **multilabel}
         per_query.append(values)
     result = report_stats.paired_comparison(*per_query, patients, n_resamples, args.bootstrap_seed)
@@ -91,7 +93,7 @@ def compare(args, versions):
               "protocol": "query-gallery" if "gallery_embeddings" in a else "leave-one-out",
               "num_queries": len(a["query_labels"]), "classes": classes,
               "relevance": str(a["relevance"]) if "relevance" in a else None,
-              "same_patient_excluded": bool(groups), "comparison": result,
+              "same_patient_excluded": bool(groups), "comparison": result, "rerank": rerank.describe(),
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions}
     print_comparison(report)

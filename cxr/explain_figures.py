@@ -130,13 +130,44 @@ def print_aggregate(aggregate):
         zones = aggregate["zone_agreement"]["overall"]
         print(f"  zone agreement {rate(zones['map'])} (most frequent zone of the class {rate(zones['prior_zone'])})")
     if "faithfulness" in aggregate:
-        f = aggregate["faithfulness"]
-        r, i = f["smooth_random"], f["image_independent"]
-        print(f"  deletion AUC {f['map']['deletion_auc']:.3f} (smooth random {r['deletion_auc']:.3f}, "
-              f"image-independent {i['deletion_auc']:.3f}), insertion AUC {f['map']['insertion_auc']:.3f} "
-              f"({r['insertion_auc']:.3f}, {i['insertion_auc']:.3f}): the map "
-              + ("beats both beyond the 95% intervals of the differences" if f["beats_both_beyond_ci"] else
-                 "beats both on the means, not beyond the 95% intervals" if f["beats_both"] else
-                 "does not beat both"))
+        print("  " + faithfulness_line(aggregate["faithfulness"]))
+    if "sanity" in aggregate:
+        print_sanity(aggregate["sanity"], rate, diff)
     if "convnext_share_of_similarity" in aggregate:
         print(f"  ConvNeXt branch share of the similarity {pct(aggregate['convnext_share_of_similarity'])}")
+
+
+def faithfulness_line(f):
+    """Deletion/insertion and ROAD areas beside their two baselines, in one or two lines."""
+    def verdict(part):
+        return ("beats both beyond the 95% intervals of the differences" if part["beats_both_beyond_ci"] else
+                "beats both on the means, not beyond the 95% intervals" if part["beats_both"] else "does not beat both")
+
+    def areas(part, lower, higher, names):
+        r, i = part["smooth_random"], part["image_independent"]
+        return (f"{names[0]} AUC {part['map'][lower]:.3f} (smooth random {r[lower]:.3f}, image-independent "
+                f"{i[lower]:.3f}), {names[1]} AUC {part['map'][higher]:.3f} ({r[higher]:.3f}, {i[higher]:.3f}): "
+                f"the map {verdict(part)}")
+
+    line = areas(f, "deletion_auc", "insertion_auc", ("deletion", "insertion"))
+    if f.get("road"):
+        line += "\n  ROAD (imputed) " + areas(f["road"], "road_morf_auc", "road_lerf_auc", ("MoRF", "LeRF"))
+    return line
+
+
+def print_sanity(sanity, rate, diff):
+    """One row per randomised copy (cxr/sanity_checks.py) under the trained model's numbers."""
+    print(f"  sanity check, {sanity['test']}, seed {sanity['seed']}: weights re-initialised at")
+    for name, copy in sanity["copies"].items():
+        rho = copy["spearman"]
+        ci = f" [{rho['ci95'][0]:.2f}, {rho['ci95'][1]:.2f}]" if rho["ci95"] else ""
+        spearman = "n/a" if rho["mean"] is None else f"{rho['mean']:.2f}{ci} over {rho['n']} images"
+        faithful = copy["faithfulness"]
+        deletion = "" if not faithful else (f"; deletion AUC {faithful['map']['deletion_auc']:.3f}"
+                                            + (f", ROAD MoRF {faithful['road']['map']['road_morf_auc']:.3f} "
+                                               f"LeRF {faithful['road']['map']['road_lerf_auc']:.3f}"
+                                               if faithful.get("road") else ""))
+        print(f"    {name}: pointing {rate(copy['pointing'])}, gain {diff(copy['image_specific_gain'])}, "
+              f"trained gain beyond it {diff(copy['gain_beyond'])}; Spearman with the trained maps "
+              f"{spearman}{deletion}")
+    print(f"  gain beyond the all-layers randomised copy: {diff(sanity['gain_beyond_randomised'])}")

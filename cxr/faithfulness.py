@@ -10,6 +10,10 @@ nothing of the image at hand, over the same images:
 
 A faithful map has a smaller deletion and a larger insertion area than both (summary: paired
 per-image advantages with t intervals, localisation.paired_difference).
+
+Beside them the ROAD curves (cxr/road.py: removed pixels imputed from their neighbours, most
+and least relevant first), against the same two baselines: a fill that leaks nothing of the
+removed pixels' shape, where grey patches and blurs are out of the training distribution.
 """
 from collections import Counter
 
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cxr import road
 from cxr.localisation import paired_difference
 
 SMOOTH_RANDOM_SIGMA = 0.05  # of the map's width: blobs about the size of a lesion
@@ -65,8 +70,8 @@ def add_to_records(ctx):
     """Curves of the queued images (the first --faithfulness-images), once the whole list is
     explained: the image-independent baseline is the mean map of the image's predicted class
     over the *other* explained images (its own map would leak into it), or a centred Gaussian
-    when the class has no other image; the smooth random map is seeded by the image's position
-    in the list."""
+    when the class has no other image; the smooth random map, and the noise of the ROAD
+    imputation, are seeded by the image's position in the list. ctx["road"] False: no ROAD."""
     for record, index, image, target, saliency in ctx["faithfulness_queue"]:
         total, count = ctx["class_maps"][record["predicted"]]
         if count > 1:
@@ -75,8 +80,11 @@ def add_to_records(ctx):
             independent, kind = centred_blob(tuple(saliency.shape)), "centred_gaussian"
         baselines = {"smooth_random": smooth_random_map(tuple(saliency.shape), seed=[0, index]),
                      "image_independent": independent}
-        record["faithfulness"] = curves(ctx["model"], image.to(ctx["device"]), target.to(ctx["device"]),
-                                              saliency, baselines, ctx["faithfulness_steps"])
+        image, target = image.to(ctx["device"]), target.to(ctx["device"])
+        record["faithfulness"] = curves(ctx["model"], image, target, saliency, baselines, ctx["faithfulness_steps"])
+        if ctx.get("road", True):
+            record["faithfulness"].update(road.curves(ctx["model"], image, target, saliency, baselines,
+                                                      ctx["faithfulness_steps"], seed=index))
         record["faithfulness"]["image_independent_map"] = kind
     ctx["faithfulness_queue"] = []
 
@@ -98,26 +106,35 @@ def centred_blob(shape, sigma=BLOB_SIGMA):
 def summary(records):
     """Mean deletion/insertion areas of the maps and of both baselines over the same images,
     each baseline's paired advantage (deletion: baseline - map; insertion: map - baseline;
-    positive = the map is more faithful), and whether the map beats each and both."""
+    positive = the map is more faithful), and whether the map beats each and both; the same
+    for the ROAD areas (MoRF as deletion, LeRF as insertion) under "road" where they were run."""
     curves = [r["faithfulness"] for r in records if "faithfulness" in r]
     if not curves:
         return None
+    out = {"num_images": len(curves),
+           "image_independent_maps": dict(Counter(c["image_independent_map"] for c in curves)),
+           **compare(curves, "deletion", "insertion")}
+    with_road = [c for c in curves if "road_morf_auc" in c]
+    if with_road:
+        out["road"] = {"num_images": len(with_road), "noise": road.NOISE,
+                       **compare(with_road, "road_morf", "road_lerf")}
+    return out
 
+
+def compare(curves, lower, higher):
+    """The map's mean `lower`_auc (more faithful when lower) and `higher`_auc (more faithful when
+    higher) beside each baseline's, with the paired advantages and whether the map beats them."""
     def mean(key):
         return float(np.mean([c[key] for c in curves]))
 
-    out = {"num_images": len(curves),
-           "image_independent_maps": dict(Counter(c["image_independent_map"] for c in curves)),
-           "map": {"deletion_auc": mean("deletion_auc"), "insertion_auc": mean("insertion_auc")}}
+    out = {"map": {f"{lower}_auc": mean(f"{lower}_auc"), f"{higher}_auc": mean(f"{higher}_auc")}}
     for base in ("smooth_random", "image_independent"):
-        deletion = paired_difference([c[f"{base}_deletion_auc"] for c in curves],
-                                     [c["deletion_auc"] for c in curves])
-        insertion = paired_difference([c["insertion_auc"] for c in curves],
-                                      [c[f"{base}_insertion_auc"] for c in curves])
-        out[base] = {"deletion_auc": mean(f"{base}_deletion_auc"), "insertion_auc": mean(f"{base}_insertion_auc"),
-                     "deletion_advantage": deletion, "insertion_advantage": insertion,
-                     "beaten": deletion["mean"] > 0 and insertion["mean"] > 0,
-                     "beaten_beyond_ci": all(d["ci95"] is not None and d["ci95"][0] > 0 for d in (deletion, insertion))}
+        removal = paired_difference([c[f"{base}_{lower}_auc"] for c in curves], [c[f"{lower}_auc"] for c in curves])
+        keeping = paired_difference([c[f"{higher}_auc"] for c in curves], [c[f"{base}_{higher}_auc"] for c in curves])
+        out[base] = {f"{lower}_auc": mean(f"{base}_{lower}_auc"), f"{higher}_auc": mean(f"{base}_{higher}_auc"),
+                     f"{lower}_advantage": removal, f"{higher}_advantage": keeping,
+                     "beaten": removal["mean"] > 0 and keeping["mean"] > 0,
+                     "beaten_beyond_ci": all(d["ci95"] is not None and d["ci95"][0] > 0 for d in (removal, keeping))}
     out["beats_both"] = out["smooth_random"]["beaten"] and out["image_independent"]["beaten"]
     out["beats_both_beyond_ci"] = (out["smooth_random"]["beaten_beyond_ci"]
                                    and out["image_independent"]["beaten_beyond_ci"])

@@ -36,9 +36,11 @@ _NDCG_ROWS = 4096  # queries per chunk of the ideal-gain computation
 
 def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_findings=None, ks=(1, 5, 10),
                         knn_ks=(1, 5, 10, 15, 20), relevance="any", finding_names=None, query_groups=None,
-                        gallery_groups=None, per_finding=True, chunk_size=None, return_per_query=False):
+                        gallery_groups=None, per_finding=True, chunk_size=None, return_per_query=False,
+                        rerank=None):
     """The metrics above, percentages 0-100 (AUROC too). findings: (Q, F) and (G, F) 0/1 tables
-    over the same F findings (named by finding_names); no gallery: leave-one-out.
+    over the same F findings (named by finding_names); no gallery: leave-one-out. rerank: a
+    reranking.Rerank, every number then of the re-ranked order.
 
     Returns {"relevance", "recall_at_k", "map", "precision_at_k", "map_at_r", "r_precision",
     "ndcg_at_k", "queries_without_relevant", "per_finding": {name: {"ap", "queries"}},
@@ -83,7 +85,9 @@ def evaluate_multilabel(query_emb, query_findings, gallery_emb=None, gallery_fin
     ranked = rank_with_relevance(query, gallery, query_bits, gallery_bits, max_k, share=relevance == "any",
                                  exclude_self=leave_one_out, query_codes=query_codes,
                                  gallery_codes=gallery_codes, chunk_size=chunk_size, finding_bits=gallery_bits,
-                                 slot_findings=slots, tail=tail)
+                                 slot_findings=slots, tail=tail,
+                                 rescore=rerank.bind(query, gallery, query_codes, gallery_codes, leave_one_out)
+                                 if rerank else None)
     with_relevant = ranked.n_relevant > 0
     if not bool(with_relevant.any()):
         raise ValueError("no query has a relevant gallery film (a shared finding); check that queries and "

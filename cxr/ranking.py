@@ -103,21 +103,24 @@ def finding_slots(query_table):
 
 def rank_with_relevance(query, gallery, query_ids, gallery_ids, k, share=False, exclude_self=False,
                         query_codes=None, gallery_codes=None, chunk_size=None, finding_bits=None,
-                        slot_findings=None, tail=None):
+                        slot_findings=None, tail=None, rescore=None):
     """Rank the gallery for every query with the relevance of each item: ids equal (share=False)
     or, ids being int64 bit sets, sharing a bit (share=True); gallery items of the query's own
     group (codes, see metric_inputs.exclusion_codes) leave the ranking. With finding_bits
     (the gallery's bit sets), slot_findings (finding_slots) and tail (how many items leave each
     query's ranking), also the AP of each finding of the query, relevant = carrying it, from the
-    same ranking. Returns Ranked; the fixed-point sums divide by AP_FIXED_POINT."""
+    same ranking. rescore: as rank_chunks'. Returns Ranked; the fixed-point sums divide by
+    AP_FIXED_POINT."""
     top_keys, ap_sums, extra, slots = rank_chunks(
         query, gallery, k, chunk_size, exclude_self, query_ids, gallery_ids, query_codes=query_codes,
-        gallery_codes=gallery_codes, share=share, finding_bits=finding_bits, slot_findings=slot_findings, tail=tail)
+        gallery_codes=gallery_codes, share=share, finding_bits=finding_bits, slot_findings=slot_findings, tail=tail,
+        rescore=rescore)
     return Ranked(top_keys, extra[:, 0], extra[:, 1], ap_sums, extra[:, 2], slots)
 
 
 def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gallery_ids=None, on_chunk=None,
-                query_codes=None, gallery_codes=None, share=False, finding_bits=None, slot_findings=None, tail=None):
+                query_codes=None, gallery_codes=None, share=False, finding_bits=None, slot_findings=None, tail=None,
+                rescore=None):
     """Rank the gallery for every query, chunk by chunk.
 
     Returns the keys of each query's top k, (Q, k) int64 in ranking order,
@@ -128,7 +131,9 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
     each of the query's findings (rank_with_relevance), else None.
     on_chunk(start, sims, top_keys) sees each chunk's (c, G) similarities and
     (c, k) top keys. With group codes, gallery items of the query's group
-    rank last, as irrelevant.
+    rank last, as irrelevant. rescore(start, sims), when given, overwrites each
+    chunk's (c, G) similarities in place before they are ranked (the re-ranking
+    of cxr/reranking.py).
     """
     n_queries, n_gallery, device = len(query), len(gallery), query.device
     with_ap = query_ids is not None
@@ -172,6 +177,8 @@ def rank_chunks(query, gallery, k, chunk_size, exclude_self, query_ids=None, gal
         else:
             torch.matmul(query[start:start + c], unique.T, out=unique_sims[:c])
             torch.index_select(unique_sims[:c], 1, inverse, out=sims[:c])
+        if rescore is not None:
+            rescore(start, sims[:c])
         chunk_sims = sims[:c].numpy() if on_cpu else sims[:c]
         # Contiguous row ranges, one per thread; each writes only its own rows.
         bounds = np.linspace(start, start + c, n_threads + 1).astype(int).tolist()

@@ -30,6 +30,8 @@ def print_report(report):
           f"R-precision {report['r_precision']:6.2f}{_ci(intervals.get('r_precision'))}"
           + (f"   ({report['queries_without_relevant']} queries without a relevant image, left out)"
              if report["queries_without_relevant"] else ""))
+    if report.get("rerank"):
+        print_rerank(report["rerank"])
     if "ndcg_at_k" in report:
         print_findings(report)
     over = " over the finding combinations" if report.get("classification_over") else ""
@@ -68,6 +70,18 @@ def print_report(report):
         # calibration images: say so, since "at 95% TPR" alone reads as a rate measured on these queries.
         print(f"\nqueries out of distribution at the deployed thresholds of {report['ood']['detector']} "
               f"(set to accept {report['ood']['tpr']:.0%} of its calibration images): {counts}")
+
+
+def print_rerank(rerank):
+    """The re-ranked numbers above against the plain ranking of the same embeddings."""
+    c = rerank["vs_plain"]
+    settings = ", ".join(f"{key} {value:g}" for key, value in rerank.items() if key not in ("method", "vs_plain"))
+    print(f"  re-ranked by {rerank['method']} ({settings}); minus the plain ranking, paired bootstrap "
+          f"over {c['patients']} patients ({c['resamples']} resamples), 95% intervals:")
+    rows = [("R@1", c["recall_at_k"]["1"]), ("mAP", c["map"]), ("MAP@R", c["map_at_r"])]
+    print("    " + "   ".join(f"{name} {row['b']:.2f} -> {row['a']:.2f} ({row['difference']:+.2f}"
+                              + ("" if row["low"] is None else f" [{row['low']:+.2f}, {row['high']:+.2f}]") + ")"
+                              for name, row in rows))
 
 
 def print_findings(report):

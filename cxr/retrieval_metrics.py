@@ -59,7 +59,7 @@ _VOTE_TABLE_ELEMENTS = 2**22
 def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels=None,
                        ks=(1, 5, 10), vote_ks=(1, 5, 10, 15, 20), num_classes=None,
                        chunk_size=None, query_groups=None, gallery_groups=None,
-                       return_per_query=False):
+                       return_per_query=False, rerank=None):
     """Retrieval (R@K, mAP, mP@K) and majority-vote classification metrics.
 
     Args:
@@ -78,6 +78,8 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
             For leave-one-out they are the gallery's groups too.
         gallery_groups: (G,) group ids for query-gallery (with query_groups).
         return_per_query: also return the per-query values (see below).
+        rerank: a reranking.Rerank: every number is of the re-ranked order
+            (the same exclusions; None or method "none": the plain ranking).
 
     Computation runs on the device of query_emb (CPU for numpy input).
 
@@ -138,8 +140,10 @@ def evaluate_retrieval(query_emb, query_labels, gallery_emb=None, gallery_labels
         raise ValueError("no query has a relevant gallery item (same label), so mAP is undefined; "
                          "check that queries and gallery share labels")
 
+    rescore = rerank.bind(query, gallery, query_codes, gallery_codes, leave_one_out) if rerank else None
     top_keys, ap_sums, extra, _ = rank_chunks(query, gallery, max_k, chunk_size, leave_one_out,
-                                     query_ids, gallery_ids, query_codes=query_codes, gallery_codes=gallery_codes)
+                                              query_ids, gallery_ids, query_codes=query_codes,
+                                              gallery_codes=gallery_codes, rescore=rescore)
     top_relevant = (top_keys & 1).cumsum(1)  # (Q, max_k) relevant items within the top k
     top_ids = gallery_ids[(top_keys & 0xFFFFFFFF) >> 1]  # (Q, max_k) neighbour label ids
     at_k = torch.tensor([k - 1 for k in ks], dtype=torch.int64, device=device)

@@ -490,3 +490,53 @@ def test_reference_class_gallery_checks_and_split_without_a_recorded_run(phantom
     explain_inputs.check_gallery(args(split="test"), gallery, gallery.subset(normal))  # test: the run's gallery
     with pytest.raises(UserError, match="does not record its run's data"):
         explain_inputs.split_sets(args(split="val"), {}, None, classes, "covidx", None)
+
+
+# ---------------------------------------------------------------------- sanity checks, ROAD
+def test_sanity_all_in_batch_mode_reports_the_randomised_copy_beside_the_trained_model(
+        trained, phantoms, tmp_path, capsys):  # noqa: F811
+    from cxr import sanity_checks
+    from cxr.checkpoints import load_trained_model
+    model, checkpoint, _ = load_trained_model(trained, torch.device("cpu"))
+    copy = sanity_checks.randomised_copy(model, checkpoint["model_config"], sanity_checks.cascade_levels(model)[-1][1])
+    trained_parameters = dict(model.named_parameters())
+    for name, parameter in copy.named_parameters():
+        if parameter.requires_grad:  # the BN neck's shift is a frozen zero in both
+            assert not torch.equal(parameter, trained_parameters[name]), name
+    summary = explain.main(explain.get_args_parser().parse_args([
+        "--resume", str(trained), "--device", "cpu", "--workers", "0", "--topk", "3", "--split", "test",
+        "--mask-dir", str(phantoms / "masks"), "--out", str(tmp_path / "s"), "--save-overlays", "0",
+        "--faithfulness-steps", "2", "--faithfulness-images", "4", "--ig-steps", "2", "--sanity", "all"]))
+    aggregate = summary["aggregate"]
+    sanity = aggregate["sanity"]
+    assert sanity["levels"] == ["all"] and sanity["seed"] == 0
+    randomised = sanity["copies"]["all"]
+    rho = randomised["spearman"]
+    assert -1 <= rho["mean"] <= 1 and rho["n"] + rho["undefined"] == 25 and rho["mean"] < 0.9
+    beyond = sanity["gain_beyond_randomised"]
+    assert beyond == randomised["gain_beyond"] and beyond["n"] == 15
+    assert beyond["mean"] == pytest.approx(aggregate["image_specific_gain"]["overall"]["mean"]
+                                           - randomised["image_specific_gain"]["mean"])
+    assert 0 <= randomised["pointing"]["rate"] <= 1 and randomised["pointing"]["n"] == 15
+    for faithful in (aggregate["faithfulness"], randomised["faithfulness"]):  # ROAD beside the curves, both runs
+        assert faithful["num_images"] == 4 and faithful["road"]["num_images"] == 4
+        for base in ("smooth_random", "image_independent"):
+            assert {"road_morf_auc", "road_lerf_auc", "road_morf_advantage", "road_lerf_advantage"} <= set(
+                faithful["road"][base])
+    record = summary["images"][0]["faithfulness"]
+    assert len(record["road_morf_curve"]) == 3 and record["road_morf_curve"][0] == pytest.approx(
+        record["road_lerf_curve"][0])
+    # the copy ran the whole pipeline with its own weights: its own gallery, votes and targets
+    copy_run = json.loads((tmp_path / "s" / "sanity" / "all" / "summary.json").read_text())
+    assert [r["image"] for r in copy_run["images"]] == [r["image"] for r in summary["images"]]
+    assert [r["target_similarity"] for r in copy_run["images"]] != [r["target_similarity"] for r in summary["images"]]
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["aggregate"]["sanity"]["levels"] == ["all"]
+    out = capsys.readouterr().out
+    assert "gain beyond the all-layers randomised copy" in out and "ROAD (imputed) MoRF AUC" in out
+
+
+def test_sanity_needs_a_list(trained, phantoms, tmp_path):  # noqa: F811
+    with pytest.raises(UserError, match="--sanity all compares the maps of a list"):
+        explain.main(explain.get_args_parser().parse_args([
+            "--resume", str(trained), "--device", "cpu", "--out", str(tmp_path), "--sanity", "all",
+            "--image", str(phantoms / "test" / "phantom_test_00000.png")]))
