@@ -68,8 +68,8 @@ from cxr.gradcam import RetrievalGradCAM, default_layers
 from cxr.images import load_image
 from cxr.masks import read_masks
 from cxr.presets import LIST_FORMAT
-from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
 from cxr.reranking import search_reranked
+from cxr.runtime import Runtime, autocast, refuse_distributed, resolve_amp, setup_runtime
 from cxr.search import search
 from dataset import DatasetError, ImageListDataset, build_transform
 

@@ -9,14 +9,15 @@ expansion). The Jaccard distance of two items is 1 - sum min(V_p, V_g) / sum max
 the final distance (1 - w) d + w d_J, so the score ranked here is (1 - w) s - (w / 2) d_J
 (w = jaccard_weight; w = 0 leaves every similarity as it was, bit for bit).
 
-The query is not added to the gallery's graph (a new film is not part of the archive's
-structure, so gallery vectors carry no weight on it). The query's own films: the query's lists (N(q, k1), N(q, k2), whether q is in a candidate's
-top k1) are taken over the gallery less the films that leave its ranking, exactly, as in
-reranking.py. The gallery items' sets R(g, .) and vectors V_g are the gallery's own, built once;
-for each query their entries on its excluded films are dropped (so those films add nothing to
-any Jaccard sum), which is exact for the query's side and leaves the gallery's structure as the
-archive has it. The gallery side is built a chunk of rows at a time (sparse vectors of about
-k1 entries each), the query side one query at a time with sparse sums; runs on the CPU.
+The query is not added to the gallery's graph (a new film is not part of the archive's structure,
+so gallery vectors carry no weight on it). The query's own films: the query's lists (N(q, k1),
+N(q, k2), whether q is in a candidate's top k1) are taken over the gallery less the films that
+leave its ranking, exactly, as in reranking.py. The gallery items' sets R(g, .) and vectors V_g
+are the gallery's own, built once; for each query their entries on its excluded films are dropped
+(so those films add nothing to any Jaccard sum), which is exact for the query's side and leaves
+the gallery's structure as the archive has it. The gallery side is built a chunk of rows at a time
+(sparse vectors of about k1 entries each), the query side one query at a time with sparse sums;
+runs on the CPU.
 """
 from __future__ import annotations
 
