@@ -2,12 +2,13 @@
 
     python bench.py metrics [--sizes 5000,20000] [--big 100000]  # evaluate_retrieval vs the seed's
     python bench.py multilabel [--sizes 5000,20000] [--big 100000]  # multi-label vs single-label metrics
+    python bench.py rerank [--sizes 2000,10000] [--big 0]        # --rerank aqe, dba, kreciprocal vs plain
     python bench.py embed [--device cuda --full] [--compile]     # embedding extraction vs plain fp32
     python bench.py train [--device cuda --full] [--compile]     # training steps vs plain, ablation
     python bench.py data [--workers 0,2] [--dataset-dir DIR]     # loader vs the training step rate
     python bench.py search [--search-n 1000000]                  # search.search vs matmul + topk, memory
     python bench.py search --ivf 8192 --search-n 10000000        # faiss IVF vs exact: recall@10, time, memory
-    python bench.py all                                          # all five in turn
+    python bench.py all                                          # all of them in turn
 
     quick look:  python bench.py metrics --sizes 2000 --big 0 --no-write
                  python bench.py train --steps 2 --warmup 1 --img-size 32 --no-write
@@ -34,7 +35,7 @@ import torch
 
 from cxr import bench_data, bench_metrics, bench_search, bench_train
 
-SUITES = ("metrics", "multilabel", "embed", "train", "data", "search")
+SUITES = ("metrics", "multilabel", "rerank", "embed", "train", "data", "search")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)  # this process: the data suite's loader, the report
     runners = {"metrics": bench_metrics.run_metrics, "multilabel": bench_metrics.run_multilabel,
-               "embed": bench_train.run_embed, "train": bench_train.run_train,
+               "rerank": bench_metrics.run_rerank, "embed": bench_train.run_embed, "train": bench_train.run_train,
                "data": bench_data.run_data, "search": bench_search.run_search}
     suites = SUITES if args.suite == "all" else (args.suite,)
     return {suite: runners[suite](args) for suite in suites}

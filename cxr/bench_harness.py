@@ -155,7 +155,7 @@ def command_line(args, suite):
     """The effective command, defaults included, so a section can be rerun as it was measured."""
     argv = ["python", "bench.py", suite, "--device", args.device]
     argv += ["--threads", str(args.threads)] if args.threads else []
-    if suite in ("metrics", "multilabel"):
+    if suite in ("metrics", "multilabel", "rerank"):
         argv += ["--sizes", ",".join(map(str, args.sizes)), "--big", str(args.big),
                  "--dim", str(args.dim), "--classes", str(args.classes)]
         return shlex.join(argv)

@@ -10,6 +10,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from cxr import multilabel_metrics, retrieval_metrics
 from cxr.bench_harness import MB, TARGETS, fmt, isolated, markdown_table, peak_memory, report, status, sync, times
+from cxr.reranking import METHODS as RERANK_METHODS
+from cxr.reranking import Rerank
 
 # evaluate_retrieval sums AP terms in float32-rounded fixed point (~6e-8 relative, see cxr/ranking.py);
 # every other number, confusion matrices included, matches to rounding.
@@ -119,6 +121,9 @@ def metrics_case(algorithm, n, dim, classes, device):
     groups = torch.arange(n, device=device) // 2  # test.py's same-patient exclusion: two films per patient
     if algorithm == "patients":
         evaluate = functools.partial(retrieval_metrics.evaluate_retrieval, query_groups=groups)
+    if algorithm.startswith("rerank_"):  # test.py --rerank METHOD with its default parameters
+        evaluate = functools.partial(retrieval_metrics.evaluate_retrieval, query_groups=groups,
+                                     rerank=Rerank(algorithm.removeprefix("rerank_")))
     if algorithm.startswith("multilabel"):  # as test.py scores a multi-label list (vote ks as knn ks)
         labels = random_findings(n).to(device)
         evaluate = functools.partial(multilabel_metrics.evaluate_multilabel, query_groups=groups,
@@ -173,6 +178,40 @@ def run_multilabel(args):
             "k = 1, 5, 10, 15, 20), then with the per-finding AP (one more ranking of each finding's "
             "carriers); memory: " + ("GPU max_memory_allocated" if device.type == "cuda" else
                                      "peak RSS above the set-up")])
+    return rows
+
+
+def run_rerank(args):
+    """evaluate_retrieval with each re-ranking against the plain ranking, both with the
+    same-patient exclusion, in the same run at each N."""
+    device = torch.device(args.device)
+    methods = [m for m in RERANK_METHODS if m != "none"]
+    table, rows = [], []
+    for n in [*args.sizes, *([args.big] if args.big else [])]:
+        baseline = isolated(args.threads, metrics_case, None, n, args.dim, args.classes, args.device)
+        cases = {name: isolated(args.threads, metrics_case, name, n, args.dim, args.classes, args.device)
+                 for name in ("patients", *(f"rerank_{m}" for m in methods))}
+        errors = "; ".join(case["error"] for case in (baseline, *cases.values()) if "error" in case)
+        if errors:
+            table.append([f"{n:,}", *[""] * (2 * len(methods) + 1), errors])
+            continue
+        memory = {name: peak_memory(case, baseline, device) for name, case in cases.items()}
+        plain = cases["patients"]
+        rows.append({"n": n, **{f"{name}_seconds": case["seconds"] for name, case in cases.items()},
+                     **{f"{name}_bytes": value for name, value in memory.items()}})
+        seconds = {m: cases[f"rerank_{m}"]["seconds"] for m in methods}
+        table.append([f"{n:,}", f"{plain['seconds']:.2f}", fmt(memory["patients"], ".0f", MB),
+                      *(f"{seconds[m]:.2f} ({times(seconds[m] / plain['seconds'])})" for m in methods),
+                      *(fmt(memory[f"rerank_{m}"], ".0f", MB) for m in methods), ""])
+    header = ["N", "plain s", "plain MB", *(f"{m} s (ratio)" for m in methods), *(f"{m} MB" for m in methods), "note"]
+    defaults = Rerank()
+    report(args, "rerank", f"metrics: re-ranking against the plain ranking ({args.device})",
+           markdown_table(header, table),
+           [f"leave-one-out, random unit vectors, D = {args.dim}, {args.classes} classes, two films per patient "
+            f"left out of each other's ranking; evaluate_retrieval (R@K, mAP, mP@K, MAP@R, votes) with "
+            f"--rerank's defaults: aqe and dba k = {defaults.k}, alpha = {defaults.alpha:g}; kreciprocal "
+            f"k1 = {defaults.k1}, k2 = {defaults.k2}, Jaccard weight {defaults.jaccard_weight:g}; memory: "
+            + ("GPU max_memory_allocated" if device.type == "cuda" else "peak RSS above the set-up")])
     return rows
 
 

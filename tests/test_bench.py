@@ -155,6 +155,15 @@ def test_cli_multilabel_suite_measures_both_paths(tmp_path):
     assert table.any(1).all() and 1.1 < table.sum(1).float().mean() < 1.5
 
 
+def test_cli_rerank_suite_times_every_method(tmp_path):
+    args = bench.get_args_parser().parse_args(["rerank", "--device", "cpu", "--sizes", "120", "--big", "0",
+                                               "--dim", "16", "--threads", "1", "--output", str(tmp_path / "b.md")])
+    (row,) = bench.main(args)["rerank"]
+    assert row["n"] == 120 and min(row[f"{name}_seconds"] for name in
+                                   ("patients", "rerank_aqe", "rerank_dba", "rerank_kreciprocal")) > 0
+    assert "re-ranking against the plain ranking" in (tmp_path / "b.md").read_text()
+
+
 class SlowImages(torch.utils.data.Dataset):
     """Two classes of blank images, each taking `delay` seconds to load."""
 
