@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_CKPT := $(DEMO_DIR)/demo_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
 
-.PHONY: demo demo-multilabel test smoke install ablation ablation-models ablation-multilabel ablation-defaults saliency
+.PHONY: demo demo-multilabel test smoke install ablation ablation-models ablation-multilabel ablation-defaults ablation-rerank saliency
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,12 @@ ablation-multilabel: install
 ablation-defaults: install
 	$(PYTHON) ablate.py --suite defaults --data digits
 	$(PYTHON) ablate.py --suite defaults --data demo
+
+# The re-ranking check of HYBRID_MODEL_GUIDE.md: test.py --rerank aqe, dba, kreciprocal on the
+# runs of ablation-defaults (digits) and ablation-multilabel (phantoms), paired with the plain ranking.
+ablation-rerank: install
+	$(PYTHON) ablate.py --suite rerank --data digits
+	$(PYTHON) ablate.py --suite rerank --data multilabel
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
 # demo checkpoint's validation phantoms, the winner on its test phantoms (about 8 minutes).

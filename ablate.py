@@ -7,6 +7,7 @@
                                                        # (evaluating finished runs not yet evaluated)
     python ablate.py --suite multilabel        # make ablation-multilabel: on the multi-label phantoms
     python ablate.py --suite defaults --data digits   # make ablation-defaults: phantoms and digits
+    python ablate.py --suite rerank --data digits     # make ablation-rerank: test.py --rerank on those runs
 
 Each run is `python train.py --dataset demo --seed S <variant flags>` in <out>/<variant>_seed_<S>;
 the numbers are those of the checkpoint train.py kept as best, i.e. chosen on the validation split
@@ -30,6 +31,12 @@ The defaults suite asks whether the hybrid's fusion and branch losses, chosen on
 hold on real images: the same three variants on the phantoms (--data demo) and on scikit-learn's
 digits (--data digits, small setup, P = 5), paired against the default; its table is
 <out>/defaults.md.
+
+The rerank suite trains nothing: it runs test.py --rerank aqe, dba and kreciprocal (their default
+parameters, the papers' usual values, not tuned here) on the best checkpoints of the defaults
+suite's default runs (--data demo or digits) or of the multilabel suite's findings runs
+(--data multilabel), each paired with the plain ranking of the same embeddings by the patient
+bootstrap, and writes <folder>/rerank.md.
 """
 import argparse
 import json
@@ -156,9 +163,53 @@ def forget_evaluations(out, variant, seed):
     comparison against it."""
     stale = list(run_dir(out, variant, seed).glob("test_report*.json"))
     stale += run_dir(out, variant, seed).glob("compare_vs_*.json")
+    stale += run_dir(out, variant, seed).glob("rerank_*.json")
     stale += Path(out).glob(f"*/compare_vs_{run_dir(out, variant, seed).name}.json")
     for path in stale:
         path.unlink()
+
+
+# The trained runs the rerank suite re-ranks (3 seeds each): (folder, variant) per --data.
+RERANK_RUNS = {"digits": ("runs/defaults_digits", "default"), "demo": ("runs/defaults_demo", "default"),
+               "multilabel": ("runs/ablation_multilabel", "findings")}
+RERANK_METHODS = ("aqe", "dba", "kreciprocal")
+
+
+def rerank_run(directory, method):
+    """test.py --rerank METHOD (its default parameters) on the run's best checkpoint and test list:
+    the re-ranked numbers and their paired patient bootstrap against the plain ranking."""
+    report = directory / f"rerank_{method}.json"
+    if not report.is_file():
+        command = [sys.executable, str(HERE / "test.py"), "--resume", str(best_checkpoint(directory)),
+                   "--rerank", method, "--bootstrap", "1000", "--report", str(report), "--no-plots",
+                   "--neighbours", "0", "--save-dir", str(directory / "rerank_embeddings")]
+        with open(directory / f"rerank_{method}.log", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads(report.read_text())["rerank"]
+
+
+def rerank_table(data, seeds):
+    """Per method: the re-ranked minus the plain test mAP, R@1 and MAP@R of every seed [95%]."""
+    folder, variant = RERANK_RUNS[data]
+    runs = [(seed, run_dir(folder, variant, seed)) for seed in seeds if result_of(run_dir(folder, variant, seed))]
+    if not runs:
+        raise SystemExit(f"no finished {variant} runs under {folder}: train them first (ablate.py --suite "
+                         + ("multilabel" if data == "multilabel" else f"defaults --data {data}") + ")")
+    columns = " | ".join(f"{metric} - plain per seed [95%]" for metric in ("mAP", "R@1", "MAP@R"))
+    lines = [f"| method | seeds | plain test mAP | {columns} |", "|---|---|---|---|---|---|"]
+    for method in RERANK_METHODS:
+        results = [rerank_run(directory, method) for _, directory in runs]
+        settings = ", ".join(f"{k} {v:g}" for k, v in results[0].items() if k not in ("method", "vs_plain"))
+
+        def paired(entry):
+            return "; ".join(f"{e['difference']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]" for e in entry)
+
+        comparisons = [r["vs_plain"] for r in results]
+        lines.append(f"| {method} ({settings}) | {len(runs)} | "
+                     f"{_mean_sd([c['map']['b'] for c in comparisons])} | {paired([c['map'] for c in comparisons])} | "
+                     f"{paired([c['recall_at_k']['1'] for c in comparisons])} | "
+                     f"{paired([c['map_at_r'] for c in comparisons])} |")
+    return "\n".join(lines)
 
 
 def _mean_sd(values):
@@ -223,17 +274,27 @@ def plot_points(points, path, title):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=tuple(SUITES), default="recipe",
+    parser.add_argument("--suite", choices=(*SUITES, "rerank"), default="recipe",
                         help="recipe: the training recipe's parts; models: backbones, fusion, MXA")
     parser.add_argument("--variants", nargs="+", help="default: every variant of the suite")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", help="one folder per run (default runs/ablation or runs/ablation_models)")
     parser.add_argument("--summarise-only", action="store_true")
-    parser.add_argument("--data", choices=tuple(DATA_FLAGS), default="demo",
-                        help="the defaults suite's data set: the phantoms or scikit-learn's digits")
+    parser.add_argument("--data", choices=tuple(RERANK_RUNS), default="demo",
+                        help="the defaults suite's data set: the phantoms (demo) or scikit-learn's digits; "
+                        "the rerank suite's runs: those of the defaults suite on demo or digits, or of the "
+                        "multilabel suite")
     args = parser.parse_args()
-    table = SUITES[args.suite]
-    variants = args.variants or DEFAULT_VARIANTS[args.suite]
+    if args.suite == "rerank":  # evaluation only: re-ranks runs another suite trained
+        text = rerank_table(args.data, args.seeds)
+        folder = Path(RERANK_RUNS[args.data][0])
+        (folder / "rerank.md").write_text(text + "\n")
+        print(text)
+        return
+    if args.suite == "defaults" and args.data not in DATA_FLAGS:
+        parser.error(f"--suite defaults trains on --data {' or '.join(DATA_FLAGS)}")
+    table = SUITES.get(args.suite, {})
+    variants = args.variants or DEFAULT_VARIANTS.get(args.suite, [])
     unknown = [v for v in variants if v not in table]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)} for --suite {args.suite}; "
@@ -242,7 +303,8 @@ def main():
                             "multilabel": "runs/ablation_multilabel",
                             "defaults": f"runs/defaults_{args.data}"}[args.suite])
     data_flags = DATA_FLAGS[args.data] if args.suite == "defaults" else DATA_FLAGS["demo"]
-    if args.data == "digits" and not args.summarise_only and not Path(DIGITS_FOLDER).exists():
+    if args.suite == "defaults" and args.data == "digits" and not args.summarise_only \
+            and not Path(DIGITS_FOLDER).exists():
         from cxr.digits_data import write_digits_dataset
 
         write_digits_dataset(DIGITS_FOLDER)

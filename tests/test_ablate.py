@@ -49,3 +49,18 @@ def test_retraining_the_reference_forgets_every_comparison_against_it(tmp_path):
     assert not (hybrid / f"compare_vs_{ablate.REFERENCES['models']}_seed_0.json").exists()
     assert not (ablate.run_dir(tmp_path, "convnext", 0) / "test_report.json").exists()
     assert (hybrid / "test_report.json").exists()
+
+
+def test_rerank_table_pairs_every_seed_with_the_plain_ranking(tmp_path, monkeypatch):
+    monkeypatch.setitem(ablate.RERANK_RUNS, "digits", (str(tmp_path), "default"))
+    for seed in (0, 1):
+        directory = fake_run(tmp_path, "default", seed, 70.0)
+        for method in ablate.RERANK_METHODS:
+            entry = {"a": 71.0, "b": 70.0 + seed, "difference": 1.0 - seed, "low": -0.5, "high": 2.5 - seed}
+            rerank = {"method": method, "k": 5, "vs_plain": {"map": entry, "recall_at_k": {"1": entry},
+                                                            "map_at_r": entry}}
+            (directory / f"rerank_{method}.json").write_text(json.dumps({"rerank": rerank}))
+    text = ablate.rerank_table("digits", [0, 1, 2])
+    rows = text.splitlines()[2:]
+    assert len(rows) == len(ablate.RERANK_METHODS) and rows[0].startswith("| aqe (k 5) | 2 | 70.5 ± 0.7 |")
+    assert "+1.0 [-0.5, +2.5]; +0.0 [-0.5, +1.5]" in rows[1]

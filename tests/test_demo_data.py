@@ -257,3 +257,33 @@ def test_cli_runs_as_a_script(tmp_path):
            "--test-per-class", "1", "--size", "48", "--sixteen-bit"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     assert json.loads((out / "demo_meta.json").read_text())["params"]["sixteen_bit"] is True
+
+
+def test_digits_are_written_as_a_covidx_list_every_program_reads(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from cxr.digits_data import write_digits_dataset
+    from dataset import ImageListDataset
+
+    demo_data.main(demo_data.get_args_parser().parse_args(["--real", "digits", "--out", str(tmp_path / "d")]))
+    lines = {split: (tmp_path / "d" / f"{split}_split.txt").read_text().splitlines() for split in ("train", "test")}
+    assert (len(lines["train"]), len(lines["test"])) == (1198, 599)
+    digits = load_digits()
+    for split, split_lines in lines.items():
+        counts = Counter(line.split()[2] for line in split_lines)
+        assert len(counts) == 10
+        for line in split_lines[:20]:  # the scan itself, 16 grey levels over 8 bits, at its 8x8
+            patient, name, label, _ = line.split()
+            index = int(patient[1:])
+            pixels = np.asarray(Image.open(tmp_path / "d" / split / name))
+            assert label == f"digit_{digits.target[index]}"
+            np.testing.assert_array_equal(pixels, np.round(digits.images[index] * 255 / 16).astype(np.uint8))
+    test_share = {c: n / (n + Counter(line.split()[2] for line in lines["train"])[c])
+                  for c, n in Counter(line.split()[2] for line in lines["test"]).items()}
+    assert all(abs(share - 1 / 3) < 0.02 for share in test_share.values())  # stratified by class
+    dataset = ImageListDataset(tmp_path / "d" / "test", tmp_path / "d" / "test_split.txt", "covidx")
+    assert len(dataset) == 599 and len(set(dataset.patients)) == 599
+    write_digits_dataset(tmp_path / "e")  # same seed, same files
+    assert (tmp_path / "e" / "test_split.txt").read_bytes() == (tmp_path / "d" / "test_split.txt").read_bytes()
+    with pytest.raises(FileExistsError):
+        write_digits_dataset(tmp_path / "d")
