@@ -25,7 +25,10 @@ by id; rows whose Dice RCA (Mean) is below --min-mask-dice give null region stat
 The checkpoint's own validation or test images (choose settings on val, report on test; the
 gallery and the location prior then come from the training list less validation):
 
-    python explain.py --resume CKPT --split val --mask-dir DIR --out OUTDIR
+    python explain.py --resume CKPT --split val --mask-dir DIR --out OUTDIR [--sanity all|cascade]
+
+--sanity adds the model-parameter randomisation test (cxr/sanity_checks.py): the same list explained
+by copies of the checkpoint with re-initialised weights, and the trained gain beyond them.
 
 The gallery defaults to the checkpoint's training list. The map's target (--target) is by default
 the predicted class's mean gallery embedding (the neighbours' majority vote) minus the reference
@@ -364,11 +367,6 @@ def main(args):
         summary["aggregate"]["masks"] = m
     write_json(out / "summary.json", summary)
     explain_figures.print_aggregate(summary["aggregate"])
-    if m:
-        print(f"  CheXmask lungs and heart for {m['with_masks']} images; {m['below_min_dice']} below "
-              f"--min-mask-dice {m['min_mask_dice']:g} and {m['without_row']} without a row have null "
-              "region statistics" + (f"; {m['sides_swapped']} with the lungs on mirrored sides"
-                                     if m["sides_swapped"] else ""))
     print(f"wrote {out / 'summary.json'}")
     return summary
 
@@ -376,13 +374,11 @@ def main(args):
 def explain_list(ctx, args, dataset, out, save_overlays=0):
     """(records, where the zone prior came from) of every image of `dataset`, in batches, with
     the baselines that need the whole list: other images' lesions, the class mean maps."""
-    records = []
-    ctx["mask_reader"] = reader = mask_sources.MaskReader(args, [str(p.relative_to(dataset.image_root))
-                                                           for p in dataset.paths])
+    records, names = [], [str(p.relative_to(dataset.image_root)) for p in dataset.paths]
+    ctx["mask_reader"] = reader = mask_sources.MaskReader(args, names)
     for start in range(0, len(dataset), args.batch_size):
         part = list(range(start, min(start + args.batch_size, len(dataset))))
-        paths = [dataset.paths[i] for i in part]
-        ctx["names"] = [str(p.relative_to(dataset.image_root)) for p in paths]
+        paths, ctx["names"] = [dataset.paths[i] for i in part], [names[i] for i in part]
         labels = [dataset.classes[int(dataset.targets[i])] for i in part]
         sources = [reader.source(name) for name in ctx["names"]]
         ctx["seen"] = start  # the list position of the batch's first image (seeds its random map)
@@ -502,8 +498,7 @@ def get_args_parser():
                         help="batch mode: the model-parameter randomisation test (cxr/sanity_checks.py): "
                         "the list explained again with every weight re-initialised (all), or with each "
                         "cascade level from the head down as well (cascade); each level costs one more run")
-    parser.add_argument("--sanity-seed", type=int, default=sanity_checks.SEED,
-                        help="seed of the re-initialised weights of --sanity")
+    parser.add_argument("--sanity-seed", type=int, default=sanity_checks.SEED, help="seed of --sanity's weights")
     parser.add_argument("--figure-neighbours", type=int, default=5, help="neighbours shown in figure.png")
     parser.add_argument("--save-overlays", type=int, default=12, help="batch mode: overlays of the first N images")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -135,6 +135,12 @@ def print_aggregate(aggregate):
         print_sanity(aggregate["sanity"], rate, diff)
     if "convnext_share_of_similarity" in aggregate:
         print(f"  ConvNeXt branch share of the similarity {pct(aggregate['convnext_share_of_similarity'])}")
+    m = aggregate.get("masks")  # CheXmask: how many images had usable masks
+    if m:
+        print(f"  CheXmask lungs and heart for {m['with_masks']} images; {m['below_min_dice']} below "
+              f"--min-mask-dice {m['min_mask_dice']:g} and {m['without_row']} without a row have null "
+              "region statistics" + (f"; {m['sides_swapped']} with the lungs on mirrored sides"
+                                     if m["sides_swapped"] else ""))
 
 
 def faithfulness_line(f):
