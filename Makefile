@@ -60,10 +60,10 @@ ablation-defaults: install
 	$(PYTHON) ablate.py --suite defaults --data demo
 
 # The re-ranking check of HYBRID_MODEL_GUIDE.md: test.py --rerank aqe, dba, kreciprocal on the
-# runs of ablation-defaults (digits) and ablation-multilabel (phantoms), paired with the plain ranking.
+# default runs of ablation-defaults (digits and phantoms), paired with the plain ranking.
 ablation-rerank: install
 	$(PYTHON) ablate.py --suite rerank --data digits
-	$(PYTHON) ablate.py --suite rerank --data multilabel
+	$(PYTHON) ablate.py --suite rerank --data demo
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
 # demo checkpoint's validation phantoms, the winner on its test phantoms (about 8 minutes).

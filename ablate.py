@@ -202,7 +202,8 @@ def rerank_table(data, seeds):
         settings = ", ".join(f"{k} {v:g}" for k, v in results[0].items() if k not in ("method", "vs_plain"))
 
         def paired(entry):
-            return "; ".join(f"{e['difference']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]" for e in entry)
+            return "; ".join(f"{e['difference']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]" if e["low"] is not None
+                             else f"{e['difference']:+.1f}" for e in entry)
 
         comparisons = [r["vs_plain"] for r in results]
         lines.append(f"| {method} ({settings}) | {len(runs)} | "
@@ -280,11 +281,18 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", help="one folder per run (default runs/ablation or runs/ablation_models)")
     parser.add_argument("--summarise-only", action="store_true")
-    parser.add_argument("--data", choices=tuple(RERANK_RUNS), default="demo",
+    parser.add_argument("--data", choices=tuple(RERANK_RUNS),
                         help="the defaults suite's data set: the phantoms (demo) or scikit-learn's digits; "
                         "the rerank suite's runs: those of the defaults suite on demo or digits, or of the "
                         "multilabel suite")
     args = parser.parse_args()
+    if args.data and args.suite not in ("defaults", "rerank"):
+        parser.error(f"--data chooses the data set of --suite defaults or rerank; --suite {args.suite} "
+                     "has its own (drop --data)")
+    if args.suite == "rerank" and (args.out or args.variants or args.summarise_only):
+        parser.error("--suite rerank re-ranks the default runs of --suite defaults (or the findings runs of "
+                     "--suite multilabel) in their own folders: drop --out, --variants and --summarise-only")
+    args.data = args.data or "demo"
     if args.suite == "rerank":  # evaluation only: re-ranks runs another suite trained
         text = rerank_table(args.data, args.seeds)
         folder = Path(RERANK_RUNS[args.data][0])

@@ -490,10 +490,12 @@ def get_args_parser():
                         help="steps of the deletion/insertion curves (0: skip them); the map is compared "
                         "with a smooth random map and the predicted class's mean map over the same images")
     parser.add_argument("--faithfulness-images", type=int, default=60,
-                        help="batch mode: curves for the first N images (each costs 6 x (steps + 1) forward passes)")
-    parser.add_argument("--road", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch mode: curves for the first N images (each costs 6 x (steps + 1) forward "
+                        "passes, twice that with --road)")
+    parser.add_argument("--road", action=argparse.BooleanOptionalAction, default=False,
                         help="ROAD curves beside deletion/insertion (removed pixels imputed from their "
-                        "neighbours, cxr/road.py; each costs a sparse solve per step); --no-road skips them")
+                        "neighbours, cxr/road.py): 6 x (steps + 1) sparse solves of the image's size per "
+                        "image, cheap at 64 px, minutes per image at 384 px, so off unless asked for")
     parser.add_argument("--sanity", choices=("none", "all", "cascade"), default="none",
                         help="batch mode: the model-parameter randomisation test (cxr/sanity_checks.py): "
                         "the list explained again with every weight re-initialised (all), or with each "

@@ -53,7 +53,7 @@ def run(args, checkpoint, split, name, key=None, sanity="all"):
     out = Path(args.out) / (key or Path(checkpoint).stem) / split / name.replace(", ", "_").replace(" ", "")
     argv = ["--resume", str(checkpoint), "--split", split, "--mask-dir", args.mask_dir, "--out", str(out),
             "--pointing-tolerance", str(args.pointing_tolerance), "--save-overlays", "0",
-            "--device", args.device, "--sanity", sanity, *CANDIDATES[name]]
+            "--device", args.device, "--sanity", sanity, "--road", *CANDIDATES[name]]
     print(f"== {Path(checkpoint).stem}, {split}: {name}", flush=True)
     aggregate = explain.main(explain.get_args_parser().parse_args(argv))["aggregate"]
     if (aggregate.get("image_specific_gain") or {}).get("overall") is None:

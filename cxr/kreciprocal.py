@@ -17,7 +17,10 @@ are the gallery's own, built once; for each query their entries on its excluded 
 (so those films add nothing to any Jaccard sum), which is exact for the query's side and leaves
 the gallery's structure as the archive has it. The gallery side is built a chunk of rows at a time
 (sparse vectors of about k1 entries each), the query side one query at a time with sparse sums;
-runs on the CPU.
+runs on the CPU. Other details that differ from the authors' code: the half sets are R(p, ceil(k1/2))
+(the same as theirs for even k1), and d is not divided by its column maximum (the embeddings are
+unit vectors, so d lies in [0, 4] already). The gallery's lists hold k1 + m items (m: the most
+films one query excludes), so a data set with a patient of many films costs more.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from cxr.reranking import gallery_neighbours
+from cxr.neighbour_sets import gallery_neighbours
 
 
 def reciprocal_sets(neighbours, k):
@@ -55,9 +58,8 @@ def expand(base, half_sets, exclude=None):
 
 
 class KReciprocal:
-    def __init__(self, rerank, query, gallery, exclusion):
+    def __init__(self, rerank, gallery, exclusion):
         self.k1, self.k2, self.w, self.exclusion = rerank.k1, rerank.k2, rerank.jaccard_weight, exclusion
-        self.query = query.float().cpu().numpy()
         self.gallery = gallery.float().cpu().numpy()
         n = len(self.gallery)
         self.k1 = min(self.k1, n - 1)
@@ -68,7 +70,9 @@ class KReciprocal:
         self.candidates = index.numpy()  # (G, k1 + m): enough left after any query's exclusions
         self.full = reciprocal_sets(self.candidates, self.k1)
         self.half = reciprocal_sets(self.candidates, max(1, (self.k1 + 1) // 2))
-        self.vectors = self._gallery_vectors()  # (G, G) CSR, rows V_g
+        # (G, G) CSR: rows V_g before and after the gallery's local query expansion
+        self.base_vectors = self._reciprocal_vectors()
+        self.vectors = self._expanded(self.base_vectors)
         self.columns = self.vectors.tocsc()
         self.row_sums = np.asarray(self.vectors.sum(1)).ravel()
 
@@ -78,7 +82,7 @@ class KReciprocal:
         w = np.exp(-d)
         return w / w.sum()
 
-    def _gallery_vectors(self):
+    def _reciprocal_vectors(self):
         n = len(self.gallery)
         rows, cols, vals = [], [], []
         for g in range(n):
@@ -86,13 +90,17 @@ class KReciprocal:
             rows.append(np.full(len(members), g))
             cols.append(members)
             vals.append(self._weights(self.gallery[g], members))
-        v = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-        if self.k2 == 1:
+        return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+
+    def _expanded(self, v):
+        """Local query expansion: each row the mean of the (unexpanded) rows of g and its top k2 - 1."""
+        width = min(self.k2 - 1, self.candidates.shape[1])
+        if width == 0:
             return v
-        # local query expansion: the mean of the vectors of g and its top k2 - 1
-        qe_rows = np.repeat(np.arange(n), self.k2)
-        qe_cols = np.concatenate([np.arange(n)[:, None], self.candidates[:, :self.k2 - 1]], 1).ravel()
-        mean = sparse.csr_matrix((np.full(len(qe_rows), 1.0 / self.k2), (qe_rows, qe_cols)), shape=(n, n))
+        n = v.shape[0]
+        qe_rows = np.repeat(np.arange(n), width + 1)
+        qe_cols = np.concatenate([np.arange(n)[:, None], self.candidates[:, :width]], 1).ravel()
+        mean = sparse.csr_matrix((np.full(len(qe_rows), 1.0 / (width + 1)), (qe_rows, qe_cols)), shape=(n, n))
         return (mean @ v).tocsr()
 
     def __call__(self, start, sims):
@@ -111,7 +119,7 @@ class KReciprocal:
         """d_J of one query to every gallery item (s: its plain similarities)."""
         out = np.flatnonzero(excluded)
         allowed = np.where(excluded, -np.inf, s)
-        order = np.argsort(-allowed, kind="stable")
+        order = np.argsort(-allowed, kind="stable")[:int((~excluded).sum())]  # the items the query keeps
         top = order[:self.k1]
         # h is reciprocal when the query would enter h's top k1 among the items the query keeps
         kept_lists = [self.candidates[h][~excluded[self.candidates[h]]][:self.k1] for h in top]
@@ -124,8 +132,8 @@ class KReciprocal:
         w = np.exp(-(2.0 - 2.0 * s[members]))
         vector = sparse.csr_matrix((w / w.sum(), (np.zeros(len(members), dtype=np.int64), members)),
                                    shape=(1, len(s)))
-        if self.k2 > 1:  # local query expansion over the query's top k2 - 1 (its own vector first)
-            expansion = self.vectors[order[:self.k2 - 1]]
+        if self.k2 > 1 and len(order):  # local query expansion: the query's top k2 - 1 (unexpanded)
+            expansion = self.base_vectors[order[:self.k2 - 1]]
             vector = (vector + expansion.sum(0)) / (1 + expansion.shape[0])
             vector = sparse.csr_matrix(vector)
         support, values = vector.indices, vector.data

@@ -9,15 +9,18 @@
                  k-reciprocal neighbour sets, mixed into the original distance with
                  jaccard_weight (Zhong's 1 - lambda).
 
-Exactness and the query's own films. Every neighbour set a query's new scores are made of is
-taken from the gallery *less the films that leave that query's ranking* (the query itself in
-leave-one-out, its own patient's films with groups): a patient's other films never expand its
+Exactness and the query's own films. Every neighbour set aqe and dba make a query's new scores
+of is taken from the gallery *less the films that leave that query's ranking* (the query itself
+in leave-one-out, its own patient's films with groups): a patient's other films never expand its
 query or augment the items it is scored against, so re-ranking cannot bring back what the
 same-patient exclusion took out. For dba this is exact per query: each gallery item keeps k+m
 candidates (m = the most films one query excludes) and, for each query, uses its first k that
 the query does not exclude. The augmented item is the weighted mean, not re-normalised to unit
-length: its norm would depend on which neighbours the query's exclusion removes, and the
-ranking of one query does not change with the length of its own expanded vector (aqe).
+length as in Radenovic et al.'s alpha-DBA: its norm would depend on which neighbours the query's
+exclusion removes (the ranking of one query does not change with the length of its own expanded
+vector, aqe). k-reciprocal keeps the exclusion on the query's side exactly (its lists, its
+reciprocal set, its expansion); the gallery's own reciprocal sets are built once, with every
+film, and only their entries on the query's excluded films are dropped (cxr/kreciprocal.py).
 
 k = 0 (aqe, dba) or jaccard_weight = 0 (kreciprocal) gives the plain similarities bit for bit.
 The scores are computed one query chunk at a time inside the ranking engine (ranking.rank_chunks'
@@ -33,10 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
+from cxr.kreciprocal import KReciprocal
+from cxr.neighbour_sets import ELEMENTS_PER_CHUNK, Exclusion, gallery_neighbours
+
 METHODS = ("none", "aqe", "dba", "kreciprocal")
 # Gathers of (queries x gallery x candidates) are kept near this many elements.
 _ELEMENTS_PER_GATHER = 2**24
-_ELEMENTS_PER_CHUNK = 2**25
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,12 @@ class Rerank:
         for name in ("k", "k1", "k2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"re-ranking {name} = {getattr(self, name)} must be >= 0")
-        if self.alpha < 0:
-            raise ValueError(f"re-ranking alpha = {self.alpha} must be >= 0")
+        if not 0 <= self.alpha < float("inf"):  # also NaN
+            raise ValueError(f"re-ranking alpha = {self.alpha} must be a finite number >= 0")
         if not 0.0 <= self.jaccard_weight <= 1.0:
             raise ValueError(f"re-ranking jaccard weight = {self.jaccard_weight} must be between 0 and 1")
-        if self.method == "kreciprocal" and self.k1 < 1:
-            raise ValueError("kreciprocal re-ranking needs k1 >= 1")
+        if self.method == "kreciprocal" and min(self.k1, self.k2) < 1:
+            raise ValueError("kreciprocal re-ranking needs k1 >= 1 and k2 >= 1 (k2 = 1: no local query expansion)")
 
     @property
     def active(self):
@@ -84,67 +89,14 @@ class Rerank:
         if self.method == "dba":
             return _DatabaseAugmentation(self, gallery, exclusion)
         if self.method == "kreciprocal":
-            from cxr.kreciprocal import KReciprocal
-
-            return KReciprocal(self, query, gallery, exclusion)
+            return KReciprocal(self, gallery, exclusion)
         return None
-
-
-class Exclusion:
-    """Which gallery items leave a query's ranking: itself (leave-one-out) and its group's."""
-
-    def __init__(self, query_codes, gallery_codes, leave_one_out, n_query, n_gallery):
-        self.query_codes, self.gallery_codes = query_codes, gallery_codes
-        self.leave_one_out = leave_one_out
-        self.most = most_excluded(query_codes, gallery_codes, leave_one_out, n_query)
-
-    def of(self, start, count, items):
-        """(count, *items.shape) bool: item `items` leaves the ranking of query start + row."""
-        rows = torch.arange(start, start + count, device=items.device).view(-1, *([1] * items.dim()))
-        out = torch.zeros((count, *items.shape), dtype=torch.bool, device=items.device)
-        if self.query_codes is not None:
-            out |= self.query_codes[rows] == self.gallery_codes[items][None]
-        if self.leave_one_out:
-            out |= rows == items[None]
-        return out
-
-    def mask(self, start, count, n_gallery, device):
-        """(count, G) bool over the whole gallery."""
-        return self.of(start, count, torch.arange(n_gallery, device=device))
-
-
-def most_excluded(query_codes, gallery_codes, leave_one_out, n_query):
-    """The most gallery items one query's ranking leaves out."""
-    if query_codes is None:
-        return int(leave_one_out)
-    values, counts = torch.unique(gallery_codes, return_counts=True)
-    where = torch.searchsorted(values, query_codes).clamp(max=len(values) - 1)
-    per_query = torch.where(values[where] == query_codes, counts[where], torch.zeros_like(where))
-    # leave-one-out: the query is one of its own group's films, counted already
-    return int(per_query.max()) if n_query else 0
 
 
 def weights(similarities, alpha):
     """max(s, 0) ** alpha (1 for alpha = 0), 0 where the candidate is missing (-inf)."""
     out = similarities.clamp(min=0) ** alpha
     return torch.where(torch.isfinite(similarities), out, torch.zeros_like(out))
-
-
-def gallery_neighbours(gallery, count, chunk_size=None):
-    """(G, count) similarities and indices of each gallery item's top `count` other items
-    (itself left out), descending; exact, a chunk of rows at a time."""
-    n = len(gallery)
-    count = min(count, n - 1)
-    sims_out = torch.empty(n, count, dtype=torch.float32, device=gallery.device)
-    index_out = torch.empty(n, count, dtype=torch.int64, device=gallery.device)
-    rows = max(1, chunk_size or _ELEMENTS_PER_CHUNK // max(n, 1))
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        sims = gallery[start:stop].float() @ gallery.float().T
-        sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
-        top = sims.topk(count, dim=1) if count else (sims[:, :0], sims[:, :0].long())
-        sims_out[start:stop], index_out[start:stop] = top[0], top[1]
-    return sims_out, index_out
 
 
 class _QueryExpansion:
@@ -200,7 +152,7 @@ def search_reranked(queries, gallery, k, rerank, chunk_size=None):
     queries, gallery = torch.as_tensor(queries).float(), torch.as_tensor(gallery).float()
     rescore = rerank.bind(queries, gallery)
     k = min(k, len(gallery))
-    rows = max(1, chunk_size or _ELEMENTS_PER_CHUNK // max(len(gallery), 1))
+    rows = max(1, chunk_size or ELEMENTS_PER_CHUNK // max(len(gallery), 1))
     scores, similarities, indices = [], [], []
     for start in range(0, len(queries), rows):
         plain = queries[start:start + rows] @ gallery.T

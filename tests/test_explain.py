@@ -506,7 +506,7 @@ def test_sanity_all_in_batch_mode_reports_the_randomised_copy_beside_the_trained
     summary = explain.main(explain.get_args_parser().parse_args([
         "--resume", str(trained), "--device", "cpu", "--workers", "0", "--topk", "3", "--split", "test",
         "--mask-dir", str(phantoms / "masks"), "--out", str(tmp_path / "s"), "--save-overlays", "0",
-        "--faithfulness-steps", "2", "--faithfulness-images", "4", "--ig-steps", "2", "--sanity", "all"]))
+        "--faithfulness-steps", "2", "--faithfulness-images", "4", "--ig-steps", "2", "--sanity", "all", "--road"]))
     aggregate = summary["aggregate"]
     sanity = aggregate["sanity"]
     assert sanity["levels"] == ["all"] and sanity["seed"] == 0

@@ -85,6 +85,70 @@ def test_aqe_and_dba_equal_a_slow_reference(method):
     np.testing.assert_allclose(sims.numpy()[allowed], expected[allowed], rtol=1e-5, atol=1e-6)
 
 
+def reciprocal(s, item, k, candidates):
+    """{item} and the h of item's top k (among `candidates`) with item in h's top k (among theirs)."""
+    def top(a):
+        return sorted((j for j in candidates if j != a), key=lambda j: (-s[a, j], j))[:k]
+    return {item} | {h for h in top(item) if item in top(h)}
+
+
+def kreciprocal_reference(x, k1, k2, w, excluded):
+    """Slow dense k-reciprocal scores (Zhong et al., 2017) with this repository's two choices:
+    the gallery's graph is the gallery's own (the query is not added), and the query's lists are
+    over the gallery less its exclusions, whose entries leave every vector."""
+    s, n = x @ x.T, len(x)
+    gallery = range(n)
+    full = [reciprocal(s, g, k1, gallery) for g in gallery]
+    half = [reciprocal(s, g, (k1 + 1) // 2, gallery) for g in gallery]
+
+    def vector(item_sims, base, halves):
+        members = set(base)
+        for h in base:
+            if halves[h] and len(halves[h] & base) > 2 / 3 * len(halves[h]):
+                members |= halves[h]
+        v = np.zeros(n)
+        for m in members:
+            v[m] = np.exp(-(2 - 2 * item_sims[m]))
+        return v / v.sum() if v.sum() else v
+
+    base = np.array([vector(s[g], full[g], half) for g in gallery])
+    top_k2 = [sorted((j for j in gallery if j != g), key=lambda j: (-s[g, j], j))[:k2 - 1] for g in gallery]
+    expanded = np.array([base[[g, *top_k2[g]]].mean(0) for g in gallery])
+    out = np.empty((n, n))
+    for q in range(n):
+        allowed = [j for j in gallery if j not in excluded[q]]
+        order = sorted(allowed, key=lambda j: (-s[q, j], j))
+        own = {h for h in order[:k1]  # q enters h's top k1 among the items q keeps
+               if len([j for j in allowed if j != h and s[h, j] > s[h, q]]) < k1}
+        v = vector(s[q], own, [h - set(excluded[q]) for h in half]) if own else np.zeros(n)
+        if k2 > 1:
+            v = (v + base[order[:k2 - 1]].sum(0)) / (1 + len(order[:k2 - 1]))
+        keep = np.ones(n, dtype=bool)
+        keep[list(excluded[q])] = False
+        for g in gallery:
+            a, b = v * keep, expanded[g] * keep
+            union = np.maximum(a, b).sum()
+            jaccard = 1 - np.minimum(a, b).sum() / union if own and union > 0 else 1.0
+            out[q, g] = (1 - w) * s[q, g] - w / 2 * jaccard
+    return out
+
+
+@pytest.mark.parametrize("k1, k2", [(4, 3), (3, 6), (23, 2)])
+def test_kreciprocal_equals_a_slow_reference(k1, k2):
+    """Also when the query keeps fewer than k1 films (k1 = 23: each keeps 22 of the 24 films) and when
+    k2 exceeds the neighbour lists (k2 = 6 > k1)."""
+    x, _, patients = clustered(12, images_per_patient=2, dim=6, seed=4)
+    xt = torch.from_numpy(x)
+    codes = exclusion_codes(patients, None, len(x), len(x), True, xt.device)
+    rescore = Rerank("kreciprocal", k1=k1, k2=k2, jaccard_weight=0.6).bind(xt, xt, *codes, leave_one_out=True)
+    sims = xt @ xt.T
+    rescore(0, sims)
+    excluded = excluded_sets(patients, len(x), True)
+    expected = kreciprocal_reference(x.astype(np.float64), k1, k2, 0.6, excluded)
+    allowed = ~np.array([[j in e for j in range(len(x))] for e in excluded])
+    np.testing.assert_allclose(sims.numpy()[allowed], expected[allowed], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rerank", ACTIVE, ids=lambda r: f"{r.method}")
 def test_the_query_patients_films_never_enter(rerank):
     """Moving the query's own patient's other films anywhere changes none of its scores (aqe,
@@ -116,7 +180,8 @@ def test_reranking_changes_the_ranking_and_parameters_are_checked():
         reranked = evaluate_retrieval(x, y, query_groups=patients, return_per_query=True, rerank=rerank)
         assert not np.array_equal(reranked[1]["top_indices"], plain[1]["top_indices"]), rerank
     for bad in (dict(method="qe"), dict(method="aqe", k=-1), dict(method="dba", alpha=-1.0),
-                dict(method="kreciprocal", jaccard_weight=1.5), dict(method="kreciprocal", k1=0)):
+                dict(method="kreciprocal", jaccard_weight=1.5), dict(method="kreciprocal", k1=0),
+                dict(method="aqe", alpha=float("nan")), dict(method="kreciprocal", k2=0)):
         with pytest.raises(ValueError):
             Rerank(**bad)
 
