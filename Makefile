@@ -66,6 +66,7 @@ ablation-rerank: install
 	$(PYTHON) ablate.py --suite rerank --data demo
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
-# demo checkpoint's validation phantoms, the winner on its test phantoms (about 8 minutes).
+# demo checkpoint's validation phantoms, each beside a copy with re-initialised weights, and the
+# winner on its test phantoms with the cascading randomisation and ROAD (21 explain.py runs).
 saliency: install
 	$(PYTHON) saliency_selection.py --resume $(DEMO_CKPT) --mask-dir data/demo/masks --out $(DEMO_DIR)/saliency

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cxr import faithfulness, road
+from test_localisation import RegionModel
 
 
 def ramp(size=16):
@@ -60,18 +61,6 @@ def test_known_pixels_never_change_and_a_seed_gives_the_same_image():
     assert (a - b).abs().max() < 10 * road.NOISE
     everything = road.impute(image, np.ones((20, 20), bool), noise=0)
     assert torch.allclose(everything, image.mean(dim=(1, 2), keepdim=True).expand_as(image))
-
-
-class RegionModel(torch.nn.Module):
-    """Similarity = mean intensity over a fixed region: the pixels that matter are known."""
-
-    def __init__(self, region):
-        super().__init__()
-        self.region = region
-
-    def forward(self, x):
-        inside = x[:, :, self.region].mean(dim=(1, 2))
-        return torch.stack([inside, torch.zeros_like(inside)], dim=1)
 
 
 def test_road_curves_rank_a_map_of_the_used_pixels_above_both_baselines_and_summarise():
