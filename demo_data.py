@@ -61,6 +61,9 @@ def main(args: argparse.Namespace) -> None:
     if args.real:
         if args.out is None:
             raise SystemExit("--real needs --out, the folder to write the data set into")
+        if args.multilabel or args.sixteen_bit:
+            raise SystemExit(f"--real {args.real} writes the set as it ships (8 x 8 px, 8-bit, single-label): "
+                             "drop --multilabel and --sixteen-bit")
         write_digits_dataset(args.out, args.seed)
         print(f"Wrote scikit-learn's digits in the COVIDx layout to {args.out}")
     elif args.multilabel:
