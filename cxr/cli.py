@@ -130,8 +130,20 @@ def add_dataset_dir_flag(parser, meaning, required=False):
     parser.add_argument("--dataset-dir", required=required, help=meaning)
 
 
+# --rerank's parameter flags: (flag, Rerank field, type, the methods that use it, help)
+RERANK_PARAMETERS = (
+    ("--rerank-k", "k", int, ("aqe", "dba"), "neighbours (0: plain ranking)"),
+    ("--rerank-alpha", "alpha", float, ("aqe", "dba"), "neighbour weight max(similarity, 0) ** alpha (0: plain mean)"),
+    ("--rerank-k1", "k1", int, ("kreciprocal",), "reciprocal neighbourhood"),
+    ("--rerank-k2", "k2", int, ("kreciprocal",), "local query expansion (1: none)"),
+    ("--rerank-jaccard-weight", "jaccard_weight", float, ("kreciprocal",),
+     "weight of the Jaccard distance (Zhong et al.'s 1 - lambda; 0: plain ranking)"),
+)
+
+
 def add_rerank_flags(parser):
-    """--rerank and its parameters (cxr/reranking.py); rerank_from_args reads them."""
+    """--rerank and its parameters (cxr/reranking.py); rerank_from_args reads them. The
+    parameters default to None, so that one given to a method that does not use it is refused."""
     from cxr.reranking import METHODS, Rerank
 
     defaults = Rerank()
@@ -139,21 +151,26 @@ def add_rerank_flags(parser):
     group.add_argument("--rerank", choices=METHODS, default="none",
                        help="none (default), aqe (alpha query expansion), dba (database-side "
                        "augmentation), kreciprocal (k-reciprocal Jaccard re-ranking)")
-    group.add_argument("--rerank-k", type=int, default=defaults.k, help="aqe, dba: neighbours (0: plain ranking)")
-    group.add_argument("--rerank-alpha", type=float, default=defaults.alpha,
-                       help="aqe, dba: neighbour weight max(similarity, 0) ** alpha (0: plain mean)")
-    group.add_argument("--rerank-k1", type=int, default=defaults.k1, help="kreciprocal: reciprocal neighbourhood")
-    group.add_argument("--rerank-k2", type=int, default=defaults.k2, help="kreciprocal: local query expansion")
-    group.add_argument("--rerank-jaccard-weight", type=float, default=defaults.jaccard_weight,
-                       help="kreciprocal: weight of the Jaccard distance (Zhong et al.'s 1 - lambda; 0: plain ranking)")
+    for flag, field, kind, methods, meaning in RERANK_PARAMETERS:
+        group.add_argument(flag, type=kind, default=None,
+                           help=f"{', '.join(methods)}: {meaning}; default {getattr(defaults, field):g}")
 
 
 def rerank_from_args(args):
-    """The reranking.Rerank of the flags; a wrong value is the user's error, naming the flag."""
+    """The reranking.Rerank of the flags; a wrong value, or a parameter the method does not use,
+    is the user's error, naming the flag."""
     from cxr.reranking import Rerank
 
+    given = {}
+    for flag, field, _, methods, _ in RERANK_PARAMETERS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if args.rerank not in methods:
+            raise UserError(f"{flag} is a parameter of --rerank {' or '.join(methods)}, not of --rerank "
+                            f"{args.rerank}: drop it or choose that method")
+        given[field] = value
     try:
-        return Rerank(args.rerank, k=args.rerank_k, alpha=args.rerank_alpha, k1=args.rerank_k1,
-                      k2=args.rerank_k2, jaccard_weight=args.rerank_jaccard_weight)
+        return Rerank(args.rerank, **given)
     except ValueError as error:
         raise UserError(f"--rerank {args.rerank}: {error} (see --help, re-ranking)") from error

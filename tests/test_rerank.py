@@ -240,3 +240,20 @@ def test_retrieve_query_reranks_the_exact_scan(trained, phantoms, tmp_path):  # 
     assert [n["path"] for r in identity for n in r["neighbours"]] == [n["path"] for r in plain for n in r["neighbours"]]
     with pytest.raises(UserError, match="drop --search faiss"):
         retrieve.main([*common, "--out", str(tmp_path / "f"), "--rerank", "aqe", "--search", "faiss"])
+
+
+def test_rerank_flags_name_the_flag_and_refuse_another_methods_parameter():
+    import argparse
+
+    from cxr import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_rerank_flags(parser)
+    assert cli.rerank_from_args(parser.parse_args([])) == Rerank()
+    assert cli.rerank_from_args(parser.parse_args(["--rerank", "kreciprocal", "--rerank-k1", "7"])) == Rerank(
+        "kreciprocal", k1=7)
+    for argv, message in ((["--rerank", "aqe", "--rerank-k1", "3"], "--rerank-k1 is a parameter of --rerank "
+                           "kreciprocal"), (["--rerank-k", "3"], "not of --rerank none"),
+                          (["--rerank", "dba", "--rerank-alpha", "nan"], "--rerank dba: re-ranking alpha")):
+        with pytest.raises(UserError, match=message):
+            cli.rerank_from_args(parser.parse_args(argv))
