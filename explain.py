@@ -261,7 +261,7 @@ def build_context(args, model=None):
                          "ig_baseline": (f"mean image of the gallery's {reference} images" if reference
                                          else "mean image of the whole gallery (no reference class)")
                          if method.needs_reference else None,
-                         "ig_steps": args.ig_steps if method.input_space else None,
+                         "ig_steps": args.ig_steps if method.needs_reference else None,
                          "smooth_px": args.smooth if method.input_space else None},
             "neighbour_rank": min(args.neighbour_rank, len(gallery)),
             "ontology": onto.load_ontology(args.ontology), "faithfulness_steps": args.faithfulness_steps,
@@ -468,11 +468,12 @@ def get_args_parser():
                         help="ConvNeXt stage the map is read from (stride 4 * 2**stage)")
     parser.add_argument("--method", choices=METHODS, default="ig",
                         help="the fused map: ig (default) = integrated gradients on the pixels from the "
-                        "mean image of the reference class; gradnorm, gradcam, hirescam = from the "
+                        "mean image of the reference class; gradient = the input gradient's magnitude "
+                        "(one pass, no reference); gradnorm, gradcam, hirescam = from the "
                         "branch layers' gradients (see cxr/gradcam.py); the branch maps are layer maps")
     parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of --method ig")
     parser.add_argument("--smooth", type=float, default=1.0,
-                        help="Gaussian smoothing of the --method ig map, sigma in input pixels (0: none)")
+                        help="Gaussian smoothing of the --method ig or gradient map, sigma in input pixels (0: none)")
     parser.add_argument("--ontology", default=str(onto.DEFAULT_ONTOLOGY), help="ontology JSON")
     parser.add_argument("--salient", type=float, default=0.0,
                         help="region statistics over the pixels at or above this fraction of the map's "

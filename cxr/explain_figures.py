@@ -66,7 +66,8 @@ def write_figure(path, image, maps, record, neighbour_maps, masks=None):
         method = METHODS.get((record.get("saliency") or {}).get("method"))
         if branch == "fused" and method is not None and method.input_space:
             reference = record["saliency"]["reference_class"]
-            caption = f"{method.title}\n" + (f"from the {reference} mean image" if reference else "whole model")
+            caption = f"{method.title}\n" + (f"from the {reference} mean image" if reference and method.needs_reference
+                                              else "whole model")
         if branch in ("convnext", "vit") and share.get(f"{branch}_share") is not None:
             caption += f"\n{share[f'{branch}_share']:.0%} of the similarity"
         ax.set_title(caption, fontsize=9)

@@ -14,6 +14,10 @@ one map of the input pixels:
 - "gradcam": Selvaraju et al. (2017): channels weighted by their spatially averaged gradient,
   summed, rectified.
 - "hirescam": Draelos & Carin (2020): element-wise gradient x activation, summed, rectified.
+- "gradient": the input gradient (Simonyan et al., 2014): |dS/dx| summed over channels,
+  Gaussian-smoothed by `smooth` input pixels; one pass, no reference image, so unlike "ig" it
+  is not multiplied by the image's difference from a reference, which a model with random
+  weights also points with (the sanity check, HYBRID_MODEL_GUIDE.md). It becomes "fused" too.
 - "ig": integrated gradients (Sundararajan et al., 2017) on the input pixels, from a reference
   image (`baseline`: explain.py gives the mean image of the reference class, "normal"): the
   score's change from the reference to this image, shared out over the pixels that changed,
@@ -64,6 +68,7 @@ METHODS = {
     "gradnorm": Method("gradient norm", input_space=False, needs_reference=False),
     "gradcam": Method("Grad-CAM", input_space=False, needs_reference=False),
     "hirescam": Method("HiResCAM", input_space=False, needs_reference=False),
+    "gradient": Method("input gradient", input_space=True, needs_reference=False),
     "ig": Method("integrated gradients", input_space=True, needs_reference=True),
 }
 
@@ -136,13 +141,16 @@ class RetrievalGradCAM:
                 similarity = (embeddings * F.normalize(targets.float().to(embeddings.device), dim=1)).sum(1)
                 # Gradients of the hooked layers only: no parameter's .grad is written.
                 names = list(activations)
-                grads = torch.autograd.grad(similarity.sum(), [activations[b] for b in names])
-                gradients = dict(zip(names, grads))
+                grads = torch.autograd.grad(similarity.sum(), [activations[b] for b in names] + [images])
+                gradients = dict(zip(names, grads[:-1]))
+                input_gradient = grads[-1]
             for handle in handles:  # before the integration's passes, which would overwrite them
                 handle.remove()
             handles = []
             attribution = None
-            if METHODS[self.method].input_space:  # the model still in eval mode
+            if self.method == "gradient":  # magnitude: a pixel matters whichever way it moves S
+                attribution = input_gradient.detach().float().abs()
+            elif self.method == "ig":  # the model still in eval mode
                 attribution = integrated_gradients(self.model, images.detach(), targets, self.baseline,
                                                    self.steps, amp_dtype)
         finally:

@@ -111,6 +111,18 @@ def test_integrated_gradients_credit_the_pixels_that_differ_from_the_reference_a
     assert 0 < blurred[18, 7] < 1 and blurred.argmax() // 32 in range(21, 25)  # spread, same peak
 
 
+def test_input_gradient_credits_where_the_target_looks_whatever_the_pixels_are():
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[20:26, 4:10] = True
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 2:8, 20:28] = 5.0  # bright outside the region: no gradient there
+    cam = RetrievalGradCAM(RegionEmbedding(region).eval(), layers={"cnn": "conv"}, method="gradient", smooth=0)
+    fused = cam(image, torch.tensor([[1.0, 0.0]]))["fused"][0]
+    # the whole region, though it equals an all-zero reference (where ig would credit nothing)
+    assert fused[region].min() == pytest.approx(1.0) and fused[~region].max() == 0
+    assert not METHODS["gradient"].needs_reference  # no baseline asked for
+
+
 def test_integrated_gradients_add_up_to_the_similarity_change_on_a_nonlinear_model():
     from cxr.gradcam import integrated_gradients
     torch.manual_seed(0)
