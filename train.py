@@ -236,6 +236,10 @@ def load_data(args, runtime):
     splits.check_splits([splits.Split.from_dataset(name, dataset) for name, dataset in
                          (("train", train_set), ("validation", val_set), ("test", test_set)) if dataset],
                         args.allow_patient_overlap, log=lambda message: log(runtime, message))
+    if args.shuffle_labels:
+        shuffle_labels(train_set, args.seed)
+        log(runtime, "--shuffle-labels: the training images' labels are permuted at random (the "
+                     "data-randomisation check); validation and test keep theirs")
     classes = train_set.classes
     log(runtime, f"train: {len(train_set)} images, validation: "
                  f"{len(val_set) if val_set else 0}, test: {len(test_set)}; classes: {', '.join(classes)}")
@@ -278,6 +282,13 @@ def load_data(args, runtime):
                     for split, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
     return TrainData(train_set, val_set, test_set, sampler, train_loader, eval_loaders,
                      "val" if val_set is not None else "test", split_digest, args.label_mode)
+
+
+def shuffle_labels(dataset, seed):
+    """Permute `dataset`'s labels among its images in place (a finding set moves whole): every
+    class keeps its count, so the PK batches are drawn as before, from labels that say nothing."""
+    order = torch.randperm(len(dataset.targets), generator=torch.Generator().manual_seed(seed))
+    dataset.targets = dataset.targets[order]
 
 
 # ---------------------------------------------------------------- model, loss and optimiser

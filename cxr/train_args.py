@@ -86,6 +86,12 @@ def get_args_parser(add_help=True):
                        help="share of the training images (whole patients, per class) held out "
                        "for validation when no --val-image-list is given; 0 selects on the test "
                        "list as the seed did (optimistic; a warning says so)")
+    group.add_argument("--shuffle-labels", action="store_true",
+                       help="the data-randomisation sanity check (Adebayo et al., 2018): train on the "
+                       "training images' labels permuted at random (seeded by --seed; multi-label: "
+                       "whole finding sets); validation, test and the lists other programs rebuild "
+                       "from the checkpoint keep their true labels, so what such a checkpoint scores "
+                       "and its maps show is the floor of a model that learnt nothing of the labels")
     group.add_argument("--rand-resize", action="store_true",
                        help="random crops of 70-100%% of the image for training")
     group.add_argument("--hflip", action=argparse.BooleanOptionalAction,

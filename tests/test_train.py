@@ -329,6 +329,30 @@ def test_best_checkpoint_follows_validation_not_test(phantoms, tmp_path, monkeyp
     assert [r["best_epoch"] for r in read_metrics(tmp_path)[1:]] == [1, 2, 2]
 
 
+def test_shuffled_labels_train_on_permuted_labels_and_keep_the_validation_ones(phantoms, tmp_path, monkeypatch):
+    seen = {}
+
+    def sampler(labels, *rest, **options):  # the training labels the PK batches are drawn from
+        seen.setdefault("labels", []).append(list(labels))
+        return real_sampler(labels, *rest, **options)
+
+    real_sampler = train.PKSampler
+    monkeypatch.setattr(train, "PKSampler", sampler)
+    real_load = train.load_data
+    monkeypatch.setattr(train, "load_data", lambda *a: seen.setdefault("data", []).append(real_load(*a))
+                        or seen["data"][-1])
+    train.main(tiny_args(phantoms, tmp_path / "true", "--epochs", "1"))
+    train.main(tiny_args(phantoms, tmp_path / "shuffled", "--epochs", "1", "--shuffle-labels"))
+    true, shuffled = seen["labels"]
+    assert sorted(true) == sorted(shuffled) and true != shuffled  # every class keeps its count
+    data_true, data_shuffled = seen["data"]
+    assert data_true.train_set.paths == data_shuffled.train_set.paths  # the same images, other labels
+    assert torch.equal(data_true.val_set.targets, data_shuffled.val_set.targets)  # validation keeps its own
+    assert torch.load(ckpt(tmp_path / "shuffled", "best"), weights_only=False)["args"]["shuffle_labels"] is True
+    train.shuffle_labels(data_true.train_set, seed=0)  # seeded: the same permutation again
+    assert data_true.train_set.targets.tolist() == shuffled
+
+
 def test_validation_fraction_zero_selects_on_test_with_a_warning(phantoms, tmp_path, capsys):
     train.main(tiny_args(phantoms, tmp_path, "--epochs", "1", "--val-fraction", "0"))
     out = capsys.readouterr().out
