@@ -275,81 +275,51 @@ def build_context(args, model=None):
 
 
 def main(args):
+    """The checks of the flags, the context (model, gallery, targets, map), then one image's
+    explanation and figure, or a list's records and aggregate."""
     progress.set_mode(args.progress)
-    if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
-        raise UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
-    if sum(map(bool, (args.image, args.image_list, args.split))) != 1:
-        raise UserError("give one of --image (one radiograph), --image-list with --dataset-dir, or "
-                              "--split val|test (the checkpoint's own validation or test images)")
-    if args.image_list and not args.dataset_dir:
-        raise UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
-    if args.image and not Path(args.image).is_file():
-        raise UserError(f"--image {args.image}: no such file")
-    for flag, path in (("--lung-mask", args.lung_mask), ("--heart-mask", args.heart_mask),
-                       ("--mask-dir", args.mask_dir), *(("--chexmask", c) for c in args.chexmask)):
-        if path and not Path(path).exists():
-            raise UserError(f"{flag} {path}: no such file or folder")
-    if not args.image and (args.lung_mask or args.heart_mask):
-        raise UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
-                              "give --mask-dir or --chexmask")
-    if args.chexmask and (args.lung_mask or args.heart_mask):
-        raise UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
-                              "or as --chexmask rows, not both")
-    if args.sanity != "none" and args.image:
-        raise UserError(f"--sanity {args.sanity} compares the maps of a list with those of randomised copies; "
-                        "give --image-list or --split, or drop --sanity for one --image")
-    if args.ig_steps < 1:
-        raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
-    if args.smooth < 0:
-        raise UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
-    if args.split and (args.dataset_dir or args.gallery_dataset_dir and not args.gallery_image_list):
-        raise UserError("--split explains the checkpoint's recorded data: --dataset-dir goes with "
-                              "--image-list, --gallery-dataset-dir with --gallery-image-list")
-    if not 0.0 <= args.min_mask_dice <= 1.0:
-        raise UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
-    if args.chexmask_id_column and not args.chexmask:
-        raise UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
-    if not 0.0 < args.pointing_tolerance < 1.0:
-        raise UserError(f"--pointing-tolerance {args.pointing_tolerance} is a fraction of the image "
-                              "width between 0 and 1 (0.05: 5%)")
-    if bool(args.prior_image_list) != bool(args.prior_dataset_dir):
-        raise UserError("--prior-image-list and --prior-dataset-dir go together (the fitting list "
-                              "and the folder its paths are relative to)")
-    if args.prior_image_list and not args.mask_dir:
-        raise UserError("--prior-image-list fits the location prior on lesion masks; give --mask-dir "
-                              "(its lesion/ folder holds them)")
+    explain_inputs.check_flags(args)
     try:
         ctx = build_context(args)
     except onto.OntologyError as error:
         raise UserError(str(error)) from error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.image:
-        ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, [args.image])
-        reader = mask_sources.MaskReader(args, [args.image])
-        ctx["names"] = [args.image]
-        source = reader.source(args.image)
-        if callable(source):  # CheXmask: decoded once, for the statistics and the figure's outlines
-            source = functools.lru_cache(maxsize=None)(source)
-        record, full, original = explain_batch(ctx, [args.image], masks=[source])[0]
-        record["saliency"] = ctx["saliency"]
-        faithfulness.add_to_records(ctx)
-        localisation.zone_prior_agreement([record], ctx["prior"])
-        if record.get("masks") and not record["masks"]["used"]:
-            print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
-        neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
-        explain_figures.write_overlays(out, original, full)
-        masks = (source((original.height, original.width)) if callable(source) else source) or {}
-        if not (masks.get("info") or {}).get("used", True):  # a rejected CheXmask row: no outlines
-            masks = {}
-        record["figure"] = explain_figures.write_figure(out / "figure.png", original, full, record,
-                                                       neighbour_maps, masks)
-        record["files"] = sorted(p.name for p in out.glob("*.png"))
-        write_json(out / "explanation.json", record)
-        for sentence in record["sentences"]:
-            print(sentence)
-        print(f"wrote {out / 'explanation.json'} and the figures in {out}")
-        return record
+    return explain_one(args, ctx, out) if args.image else explain_many(args, ctx, out)
+
+
+def explain_one(args, ctx, out):
+    """--image: its explanation.json, overlays and figure.png (with its neighbours' maps)."""
+    ctx["prior"] = explain_inputs.fit_location_prior(args, ctx, [args.image])
+    reader = mask_sources.MaskReader(args, [args.image])
+    ctx["names"] = [args.image]
+    source = reader.source(args.image)
+    if callable(source):  # CheXmask: decoded once, for the statistics and the figure's outlines
+        source = functools.lru_cache(maxsize=None)(source)
+    record, full, original = explain_batch(ctx, [args.image], masks=[source])[0]
+    record["saliency"] = ctx["saliency"]
+    faithfulness.add_to_records(ctx)
+    localisation.zone_prior_agreement([record], ctx["prior"])
+    if record.get("masks") and not record["masks"]["used"]:
+        print(f"note: no lung or heart masks for {args.image}: {record['masks']['reason']}")
+    neighbour_maps = neighbour_heatmaps(ctx, record, args.figure_neighbours)
+    explain_figures.write_overlays(out, original, full)
+    masks = (source((original.height, original.width)) if callable(source) else source) or {}
+    if not (masks.get("info") or {}).get("used", True):  # a rejected CheXmask row: no outlines
+        masks = {}
+    record["figure"] = explain_figures.write_figure(out / "figure.png", original, full, record,
+                                                   neighbour_maps, masks)
+    record["files"] = sorted(p.name for p in out.glob("*.png"))
+    write_json(out / "explanation.json", record)
+    for sentence in record["sentences"]:
+        print(sentence)
+    print(f"wrote {out / 'explanation.json'} and the figures in {out}")
+    return record
+
+
+def explain_many(args, ctx, out):
+    """--image-list or --split: every image's record, the aggregate against its baselines and
+    the randomised copies (--sanity), in summary.json."""
     dataset = ctx["explained"] or ImageListDataset(args.dataset_dir, args.image_list, ctx["list_format"],
                                                    ctx["classes"], bit_depth=ctx["bit_depth"],
                                                    multilabel=ctx["multilabel"],

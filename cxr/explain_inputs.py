@@ -1,7 +1,8 @@
 """What explain.py explains, and against what: with --split, the checkpoint's own validation or
 test images with the gallery and the location-prior list that go with them; the reference class
 and its mean image (where integrated gradients start); the location prior fitted on lesion masks
-of a list that is never the reported one; the lesion masks read back for the mismatched baseline.
+of a list that is never the reported one; the lesion masks read back for the mismatched baseline;
+and the checks of explain.py's flags against each other.
 """
 import argparse
 from pathlib import Path
@@ -147,3 +148,49 @@ def fit_location_prior(args, ctx, reporting_paths):
 def read_lesion(mask_dir, name, size):
     """The lesion mask of the image listed as `name`, at `size` (H, W)."""
     return regions.load_mask(mask_sources.mask_file(mask_dir, "lesion", name), size)
+
+
+def check_flags(args):
+    """Every contradiction of the flags, before any model is loaded."""
+    if args.neighbour_rank < 1 or args.neighbour_rank > args.topk:
+        raise UserError(f"--neighbour-rank {args.neighbour_rank} must be between 1 and --topk {args.topk}")
+    if sum(map(bool, (args.image, args.image_list, args.split))) != 1:
+        raise UserError("give one of --image (one radiograph), --image-list with --dataset-dir, or "
+                              "--split val|test (the checkpoint's own validation or test images)")
+    if args.image_list and not args.dataset_dir:
+        raise UserError("--image-list needs --dataset-dir, the folder its paths are relative to")
+    if args.image and not Path(args.image).is_file():
+        raise UserError(f"--image {args.image}: no such file")
+    for flag, path in (("--lung-mask", args.lung_mask), ("--heart-mask", args.heart_mask),
+                       ("--mask-dir", args.mask_dir), *(("--chexmask", c) for c in args.chexmask)):
+        if path and not Path(path).exists():
+            raise UserError(f"{flag} {path}: no such file or folder")
+    if not args.image and (args.lung_mask or args.heart_mask):
+        raise UserError("--lung-mask and --heart-mask are the masks of one --image; for a list "
+                              "give --mask-dir or --chexmask")
+    if args.chexmask and (args.lung_mask or args.heart_mask):
+        raise UserError("give the lung and heart masks either as PNGs (--lung-mask, --heart-mask) "
+                              "or as --chexmask rows, not both")
+    if args.sanity != "none" and args.image:
+        raise UserError(f"--sanity {args.sanity} compares the maps of a list with those of randomised copies; "
+                        "give --image-list or --split, or drop --sanity for one --image")
+    if args.ig_steps < 1:
+        raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
+    if args.smooth < 0:
+        raise UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
+    if args.split and (args.dataset_dir or args.gallery_dataset_dir and not args.gallery_image_list):
+        raise UserError("--split explains the checkpoint's recorded data: --dataset-dir goes with "
+                              "--image-list, --gallery-dataset-dir with --gallery-image-list")
+    if not 0.0 <= args.min_mask_dice <= 1.0:
+        raise UserError(f"--min-mask-dice {args.min_mask_dice} is a Dice coefficient between 0 and 1")
+    if args.chexmask_id_column and not args.chexmask:
+        raise UserError("--chexmask-id-column names a column of the --chexmask CSVs; give --chexmask")
+    if not 0.0 < args.pointing_tolerance < 1.0:
+        raise UserError(f"--pointing-tolerance {args.pointing_tolerance} is a fraction of the image "
+                              "width between 0 and 1 (0.05: 5%)")
+    if bool(args.prior_image_list) != bool(args.prior_dataset_dir):
+        raise UserError("--prior-image-list and --prior-dataset-dir go together (the fitting list "
+                              "and the folder its paths are relative to)")
+    if args.prior_image_list and not args.mask_dir:
+        raise UserError("--prior-image-list fits the location prior on lesion masks; give --mask-dir "
+                              "(its lesion/ folder holds them)")
