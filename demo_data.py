@@ -61,9 +61,13 @@ def main(args: argparse.Namespace) -> None:
     if args.real:
         if args.out is None:
             raise SystemExit("--real needs --out, the folder to write the data set into")
-        if args.multilabel or args.sixteen_bit:
-            raise SystemExit(f"--real {args.real} writes the set as it ships (8 x 8 px, 8-bit, single-label): "
-                             "drop --multilabel and --sixteen-bit")
+        defaults = get_args_parser()
+        phantom_flags = [f"--{key.replace('_', '-')}" for key in ("multilabel", "sixteen_bit", "size",
+                         "train_per_class", "test_per_class", "train_films", "test_films", "pair_share", "preview")
+                         if getattr(args, key) != defaults.get_default(key)]
+        if phantom_flags:
+            raise SystemExit(f"--real {args.real} writes the set as it ships (8 x 8 px, 8-bit, single-label, "
+                             f"its own split): drop {', '.join(phantom_flags)}, which shape the phantoms")
         write_digits_dataset(args.out, args.seed)
         print(f"Wrote scikit-learn's digits in the COVIDx layout to {args.out}")
     elif args.multilabel:

@@ -273,6 +273,9 @@ def run(args, runtime):
     the report, the files."""
     check_flags(args, runtime)
     checkpoint, config, model, detector, detector_path = load_model(args, runtime)
+    if (checkpoint.get("args") or {}).get("shuffle_labels"):
+        log(runtime, "note: this checkpoint was trained on permuted labels (train.py --shuffle-labels, the "
+                     "data-randomisation check): its numbers are a floor, not a model's result")
     inputs, query_set, gallery_set = eval_lists.load_lists(args, runtime, checkpoint, config)
     checked, trained_on, leakage, vote_ks = eval_lists.check_lists(args, runtime, checkpoint, inputs,
                                                                    query_set, gallery_set)

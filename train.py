@@ -186,8 +186,9 @@ def check_resume_fits(args, config, checkpoint, warm_start):
         # The loss, and how the labels are read (a multi-label run's views, uncertain-label policy,
         # label files: other values are other labels for the same films).
         loss_args = ("mining", "margin", "soft_margin", "id_loss_weight", "id_loss_scale", "label_smoothing",
-                     "label_mode", "views", "uncertain", "label_file", "metadata_file", "branch_loss_weight")
-        trained_with = {"soft_margin": False, **checkpoint.get("args", {})}
+                     "label_mode", "views", "uncertain", "label_file", "metadata_file", "shuffle_labels",
+                     "branch_loss_weight")
+        trained_with = {"soft_margin": False, "shuffle_labels": False, **checkpoint.get("args", {})}
         if args.model != "hybrid_convnext_vit":  # the weight of heads that only the hybrid has
             loss_args = loss_args[:-1]
         changed = [f"--{k.replace('_', '-')} {trained_with[k]} -> {getattr(args, k)}"

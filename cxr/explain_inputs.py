@@ -174,6 +174,9 @@ def check_flags(args):
     if args.sanity != "none" and args.image:
         raise UserError(f"--sanity {args.sanity} compares the maps of a list with those of randomised copies; "
                         "give --image-list or --split, or drop --sanity for one --image")
+    if args.road and (args.faithfulness_steps < 1 or args.faithfulness_images < 1 and not args.image):
+        raise UserError("--road draws its curves beside deletion/insertion: it needs --faithfulness-steps "
+                        "and (batch mode) --faithfulness-images above 0")
     if args.ig_steps < 1:
         raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
     if args.smooth < 0:

@@ -82,7 +82,7 @@ def add_to_records(ctx):
                      "image_independent": independent}
         image, target = image.to(ctx["device"]), target.to(ctx["device"])
         record["faithfulness"] = curves(ctx["model"], image, target, saliency, baselines, ctx["faithfulness_steps"])
-        if ctx.get("road", True):
+        if ctx.get("road", False):
             record["faithfulness"].update(road.curves(ctx["model"], image, target, saliency, baselines,
                                                       ctx["faithfulness_steps"], seed=index))
         record["faithfulness"]["image_independent_map"] = kind

@@ -8,7 +8,7 @@ from pathlib import Path
 
 RECIPE_KEYS = ("recipe", "mining", "margin", "soft_margin", "id_loss_weight", "branch_loss_weight", "neck",
                "optimizer", "lr", "schedule", "epochs", "labels_per_batch", "samples_per_label", "amp",
-               "pretrained", "seed", "val_fraction")
+               "pretrained", "seed", "val_fraction", "shuffle_labels")
 
 
 def _number(value, digits=1):
@@ -70,6 +70,9 @@ def model_card(checkpoint, checkpoint_path, parameters, report=None, report_path
     lines += _lists_section(checkpoint, report)
     lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {args[key]} |" for key in RECIPE_KEYS if key in args]
+    if args.get("shuffle_labels"):
+        lines += ["", "**Trained on permuted labels** (`--shuffle-labels`, the data-randomisation check): "
+                  "a floor to compare with, not a model to use."]
     lines += ["", "## Results", ""]
     metrics = checkpoint.get("metrics") or {}
     split = "val" if any(k.startswith("val_") for k in metrics) else "test"

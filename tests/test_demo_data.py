@@ -287,3 +287,7 @@ def test_digits_are_written_as_a_covidx_list_every_program_reads(tmp_path):
     assert (tmp_path / "e" / "test_split.txt").read_bytes() == (tmp_path / "d" / "test_split.txt").read_bytes()
     with pytest.raises(FileExistsError):
         write_digits_dataset(tmp_path / "d")
+    for flags in (["--size", "64"], ["--preview", str(tmp_path / "p.png")], ["--multilabel", "nih"]):
+        with pytest.raises(SystemExit, match=f"drop {flags[0]}"):  # phantom flags would be silently ignored
+            demo_data.main(demo_data.get_args_parser().parse_args(["--real", "digits", "--out",
+                                                                   str(tmp_path / "f"), *flags]))

@@ -387,6 +387,9 @@ def test_explain_errors(trained, phantoms, tmp_path):  # noqa: F811
         explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--reference-class", "healthy"]))
     with pytest.raises(UserError, match="--ig-steps 0"):
         explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--ig-steps", "0"]))
+    for off in (["--faithfulness-steps", "0"], ["--faithfulness-images", "0"]):  # ROAD would be silently skipped
+        with pytest.raises(UserError, match="--road draws its curves"):
+            explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--road", *off]))
     image = str(phantoms / "test" / "phantom_test_00000.png")
     with pytest.raises(UserError, match="no such file"):
         explain.main(explain.get_args_parser().parse_args([*base, "--image", image, "--lung-mask",

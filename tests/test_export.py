@@ -137,6 +137,12 @@ def test_model_card_holds_the_checkpoints_and_the_reports_numbers(trained, tmp_p
     export.main(export.get_args_parser().parse_args([str(tmp_path / "run" / "demo.pth"),
                                                      "--out", str(tmp_path / "demo" / "m.safetensors")]))
     assert "Warning: trained on synthetic phantoms" in (tmp_path / "demo" / "MODEL_CARD.md").read_text()
+    assert "permuted labels" not in (tmp_path / "demo" / "MODEL_CARD.md").read_text()
+    state["args"]["shuffle_labels"] = True  # the data-randomisation floor says what it is
+    torch.save(state, tmp_path / "run" / "shuffled.pth")
+    export.main(export.get_args_parser().parse_args([str(tmp_path / "run" / "shuffled.pth"),
+                                                     "--out", str(tmp_path / "shuffled" / "m.safetensors")]))
+    assert "**Trained on permuted labels**" in (tmp_path / "shuffled" / "MODEL_CARD.md").read_text()
 
 
 def test_resume_from_weights_only_is_a_warm_start(phantoms, trained, tmp_path, capsys):

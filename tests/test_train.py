@@ -130,7 +130,8 @@ def test_resume_errors(phantoms, tmp_path):
                              "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
     for flags, named in ((["--soft-margin"], "--soft-margin False -> True"),
                          (["--margin", "0.3"], "--margin 0.2 -> 0.3"),
-                         (["--mining", "batch_hard"], "--mining batch_all -> batch_hard")):
+                         (["--mining", "batch_hard"], "--mining batch_all -> batch_hard"),
+                         (["--shuffle-labels"], "--shuffle-labels False -> True")):
         with pytest.raises(SystemExit, match=named):
             train.main(tiny_args(phantoms, tmp_path / "b", *flags, "--epochs", "2",
                                  "--resume", str(ckpt(tmp_path / "a", "epoch_1"))))
