@@ -3,11 +3,14 @@ k-reciprocal Encoding"), inside the exact chunked ranking (reranking.py's rescor
 
 For an item p with top-k list N(p, k) (p itself first), its k-reciprocal set is
 R(p, k) = {h in N(p, k) : p in N(h, k)}; R*(p) adds R(h, k/2) for every h in R(p, k) that shares
-more than 2/3 of it with R(p, k). V_p holds exp(-d(p, h)) over R*(p) (d = 2 - 2 s, the squared
-distance of unit vectors), summing to 1, and is then averaged over p's top k2 (local query
+more than 2/3 of it with R(p, k). Distances are the squared distances of unit vectors, d = 2 - 2 s,
+divided, as in the authors' code, by the item's largest distance D_p (to any gallery film; for a
+query, to any film it keeps), so d / D_p lies in [0, 1] like the Jaccard distance. V_p holds
+exp(-d(p, h) / D_p) over R*(p), summing to 1, and is then averaged over p's top k2 (local query
 expansion). The Jaccard distance of two items is 1 - sum min(V_p, V_g) / sum max(V_p, V_g), and
-the final distance (1 - w) d + w d_J, so the score ranked here is (1 - w) s - (w / 2) d_J
-(w = jaccard_weight; w = 0 leaves every similarity as it was, bit for bit).
+the final distance of query q (1 - w) d / D_q + w d_J; ranked here, times D_q / 2 (a constant of
+the query, so its order is the same), as the score (1 - w) s - (w / 2) D_q d_J (w =
+jaccard_weight; w = 0 leaves every similarity as it was, bit for bit).
 
 The query is not added to the gallery's graph (a new film is not part of the archive's structure,
 so gallery vectors carry no weight on it). The query's own films: the query's lists (N(q, k1),
@@ -18,8 +21,8 @@ are the gallery's own, built once; for each query their entries on its excluded 
 the gallery's structure as the archive has it. The gallery side is built a chunk of rows at a time
 (sparse vectors of about k1 entries each), the query side one query at a time with sparse sums;
 runs on the CPU. Other details that differ from the authors' code: the half sets are R(p, ceil(k1/2))
-(the same as theirs for even k1), and d is not divided by its column maximum (the embeddings are
-unit vectors, so d lies in [0, 4] already). The gallery's lists hold k1 + m items (m: the most
+(the same as theirs for even k1), and D_p is taken over the gallery (the queries are not part of
+it). The gallery's lists hold k1 + m items (m: the most
 films one query excludes), so a data set with a patient of many films costs more.
 """
 from __future__ import annotations
@@ -57,6 +60,12 @@ def expand(base, half_sets, exclude=None):
     return np.fromiter(sorted(out), dtype=np.int64)
 
 
+def largest_distance(lowest_similarity):
+    """D = 2 - 2 s_min, the largest squared distance of unit vectors; floored so that a set of
+    identical films does not divide by zero."""
+    return np.maximum(2.0 - 2.0 * np.asarray(lowest_similarity, dtype=np.float64), 1e-6)
+
+
 class KReciprocal:
     def __init__(self, rerank, gallery, exclusion):
         self.k1, self.k2, self.w, self.exclusion = rerank.k1, rerank.k2, rerank.jaccard_weight, exclusion
@@ -66,8 +75,9 @@ class KReciprocal:
         self.k2 = max(1, min(self.k2, n))
         if self.w == 0:
             return
-        _, index = gallery_neighbours(gallery.float().cpu(), self.k1 + exclusion.most)
-        self.candidates = index.numpy()  # (G, k1 + m): enough left after any query's exclusions
+        _, index, lowest = gallery_neighbours(gallery.float().cpu(), self.k1 + exclusion.most, farthest=True)
+        self.candidates = index.numpy()
+        self.farthest = largest_distance(lowest.numpy())  # D_g  # (G, k1 + m): enough left after any query's exclusions
         self.full = reciprocal_sets(self.candidates, self.k1)
         self.half = reciprocal_sets(self.candidates, max(1, (self.k1 + 1) // 2))
         # (G, G) CSR: rows V_g before and after the gallery's local query expansion
@@ -76,10 +86,10 @@ class KReciprocal:
         self.columns = self.vectors.tocsc()
         self.row_sums = np.asarray(self.vectors.sum(1)).ravel()
 
-    def _weights(self, item_vector, members):
-        """exp(-d) of one item to its R* members, summing to 1."""
+    def _weights(self, item_vector, members, farthest):
+        """exp(-d / D) of one item to its R* members, summing to 1."""
         d = 2.0 - 2.0 * (self.gallery[members] @ item_vector)
-        w = np.exp(-d)
+        w = np.exp(-d / farthest)
         return w / w.sum()
 
     def _reciprocal_vectors(self):
@@ -89,7 +99,7 @@ class KReciprocal:
             members = expand(self.full[g], self.half)
             rows.append(np.full(len(members), g))
             cols.append(members)
-            vals.append(self._weights(self.gallery[g], members))
+            vals.append(self._weights(self.gallery[g], members, self.farthest[g]))
         return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
 
     def _expanded(self, v):
@@ -111,12 +121,13 @@ class KReciprocal:
         plain = sims.cpu().numpy().astype(np.float64)
         jaccard = np.empty((c, n))
         for row in range(c):
-            jaccard[row] = self._query_jaccard(plain[row], excluded[row])
+            farthest = largest_distance(plain[row][~excluded[row]].min(initial=1.0))  # D_q over the kept films
+            jaccard[row] = farthest * self._query_jaccard(plain[row], excluded[row], farthest)
         sims.mul_(1 - self.w).sub_(torch.from_numpy((self.w / 2) * jaccard).to(sims))
         return sims
 
-    def _query_jaccard(self, s, excluded):
-        """d_J of one query to every gallery item (s: its plain similarities)."""
+    def _query_jaccard(self, s, excluded, farthest):
+        """d_J of one query to every gallery item (s: its plain similarities; farthest: D_q)."""
         out = np.flatnonzero(excluded)
         allowed = np.where(excluded, -np.inf, s)
         order = np.argsort(-allowed, kind="stable")[:int((~excluded).sum())]  # the items the query keeps
@@ -129,7 +140,7 @@ class KReciprocal:
         members = expand(np.sort(reciprocal), self.half, exclude=out) if len(reciprocal) else reciprocal
         if len(members) == 0:
             return np.ones(len(s))
-        w = np.exp(-(2.0 - 2.0 * s[members]))
+        w = np.exp(-(2.0 - 2.0 * s[members]) / farthest)
         vector = sparse.csr_matrix((w / w.sum(), (np.zeros(len(members), dtype=np.int64), members)),
                                    shape=(1, len(s)))
         if self.k2 > 1 and len(order):  # local query expansion: the query's top k2 - 1 (unexpanded)

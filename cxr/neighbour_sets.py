@@ -39,18 +39,21 @@ def most_excluded(query_codes, gallery_codes, leave_one_out, n_query):
     return int(per_query.max()) if n_query else 0
 
 
-def gallery_neighbours(gallery, count, chunk_size=None):
+def gallery_neighbours(gallery, count, chunk_size=None, farthest=False):
     """(G, count) similarities and indices of each gallery item's top `count` other items
-    (itself left out), descending; exact, a chunk of rows at a time."""
+    (itself left out), descending; exact, a chunk of rows at a time. farthest: also (G,) each
+    item's lowest similarity to any gallery item, from the same pass."""
     n = len(gallery)
     count = min(count, n - 1)
     sims_out = torch.empty(n, count, dtype=torch.float32, device=gallery.device)
     index_out = torch.empty(n, count, dtype=torch.int64, device=gallery.device)
+    lowest = torch.empty(n, dtype=torch.float32, device=gallery.device)
     rows = max(1, chunk_size or ELEMENTS_PER_CHUNK // max(n, 1))
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         sims = gallery[start:stop].float() @ gallery.float().T
+        lowest[start:stop] = sims.amin(1)  # itself (similarity 1) is never the lowest
         sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
         top = sims.topk(count, dim=1) if count else (sims[:, :0], sims[:, :0].long())
         sims_out[start:stop], index_out[start:stop] = top[0], top[1]
-    return sims_out, index_out
+    return (sims_out, index_out, lowest) if farthest else (sims_out, index_out)

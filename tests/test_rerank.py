@@ -93,25 +93,27 @@ def reciprocal(s, item, k, candidates):
 
 
 def kreciprocal_reference(x, k1, k2, w, excluded):
-    """Slow dense k-reciprocal scores (Zhong et al., 2017) with this repository's two choices:
-    the gallery's graph is the gallery's own (the query is not added), and the query's lists are
-    over the gallery less its exclusions, whose entries leave every vector."""
+    """Slow dense k-reciprocal scores (Zhong et al., 2017; distances divided by the item's largest,
+    as in their code) with this repository's two choices: the gallery's graph is the gallery's own
+    (the query is not added), and the query's lists (and its largest distance) are over the gallery
+    less its exclusions, whose entries leave every vector."""
     s, n = x @ x.T, len(x)
     gallery = range(n)
+    largest = (2 - 2 * s).max(1)  # each gallery film's largest distance
     full = [reciprocal(s, g, k1, gallery) for g in gallery]
     half = [reciprocal(s, g, (k1 + 1) // 2, gallery) for g in gallery]
 
-    def vector(item_sims, base, halves):
+    def vector(item_sims, base, halves, scale):
         members = set(base)
         for h in base:
             if halves[h] and len(halves[h] & base) > 2 / 3 * len(halves[h]):
                 members |= halves[h]
         v = np.zeros(n)
         for m in members:
-            v[m] = np.exp(-(2 - 2 * item_sims[m]))
+            v[m] = np.exp(-(2 - 2 * item_sims[m]) / scale)
         return v / v.sum() if v.sum() else v
 
-    base = np.array([vector(s[g], full[g], half) for g in gallery])
+    base = np.array([vector(s[g], full[g], half, largest[g]) for g in gallery])
     top_k2 = [sorted((j for j in gallery if j != g), key=lambda j: (-s[g, j], j))[:k2 - 1] for g in gallery]
     expanded = np.array([base[[g, *top_k2[g]]].mean(0) for g in gallery])
     out = np.empty((n, n))
@@ -120,7 +122,8 @@ def kreciprocal_reference(x, k1, k2, w, excluded):
         order = sorted(allowed, key=lambda j: (-s[q, j], j))
         own = {h for h in order[:k1]  # q enters h's top k1 among the items q keeps
                if len([j for j in allowed if j != h and s[h, j] > s[h, q]]) < k1}
-        v = vector(s[q], own, [h - set(excluded[q]) for h in half]) if own else np.zeros(n)
+        scale = max(2 - 2 * s[q, j] for j in allowed)
+        v = vector(s[q], own, [h - set(excluded[q]) for h in half], scale) if own else np.zeros(n)
         if k2 > 1:
             v = (v + base[order[:k2 - 1]].sum(0)) / (1 + len(order[:k2 - 1]))
         keep = np.ones(n, dtype=bool)
@@ -129,7 +132,7 @@ def kreciprocal_reference(x, k1, k2, w, excluded):
             a, b = v * keep, expanded[g] * keep
             union = np.maximum(a, b).sum()
             jaccard = 1 - np.minimum(a, b).sum() / union if own and union > 0 else 1.0
-            out[q, g] = (1 - w) * s[q, g] - w / 2 * jaccard
+            out[q, g] = -((1 - w) * (2 - 2 * s[q, g]) / scale + w * jaccard) * scale / 2 + (1 - w)  # the score
     return out
 
 
