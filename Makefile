@@ -67,6 +67,7 @@ ablation-rerank: install
 
 # The saliency choice of HYBRID_MODEL_GUIDE.md (Explanations): explain.py's candidate maps on the
 # demo checkpoint's validation phantoms, each beside a copy with re-initialised weights, and the
-# winner on its test phantoms with the cascading randomisation and ROAD (21 explain.py runs).
+# winner on its test phantoms with the cascading randomisation and ROAD (12 explain.py runs,
+# 29 passes over the images: about 2 hours on 2 CPU cores).
 saliency: install
 	$(PYTHON) saliency_selection.py --resume $(DEMO_CKPT) --mask-dir data/demo/masks --out $(DEMO_DIR)/saliency

@@ -14,7 +14,9 @@ one map of the input pixels:
 - "gradcam": Selvaraju et al. (2017): channels weighted by their spatially averaged gradient,
   summed, rectified.
 - "hirescam": Draelos & Carin (2020): element-wise gradient x activation, summed, rectified.
-- "gradient": the input gradient (Simonyan et al., 2014): |dS/dx| summed over channels,
+- "gradient": the input gradient (Simonyan et al., 2014, who take the largest |dS/dx| over the
+  colour channels; here the channels are summed, as for "ig", and they are copies of one grey
+  value for a radiograph): |dS/dx| summed over channels,
   Gaussian-smoothed by `smooth` input pixels; one pass, no reference image, so unlike "ig" it
   is not multiplied by the image's difference from a reference, which a model with random
   weights also points with (the sanity check, HYBRID_MODEL_GUIDE.md). It becomes "fused" too.
