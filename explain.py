@@ -441,8 +441,8 @@ def get_args_parser():
                         "mean image of the reference class; gradient = the input gradient's magnitude "
                         "(one pass, no reference); gradnorm, gradcam, hirescam = from the "
                         "branch layers' gradients (see cxr/gradcam.py); the branch maps are layer maps")
-    parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of --method ig")
-    parser.add_argument("--smooth", type=float, default=1.0,
+    parser.add_argument("--ig-steps", type=int, default=8, help="integration steps of --method ig")
+    parser.add_argument("--smooth", type=float, default=0.0,
                         help="Gaussian smoothing of the --method ig or gradient map, sigma in input pixels (0: none)")
     parser.add_argument("--ontology", default=str(onto.DEFAULT_ONTOLOGY), help="ontology JSON")
     parser.add_argument("--salient", type=float, default=0.0,

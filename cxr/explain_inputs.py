@@ -178,7 +178,7 @@ def check_flags(args):
         raise UserError("--road draws its curves beside deletion/insertion: it needs --faithfulness-steps "
                         "and (batch mode) --faithfulness-images above 0")
     if args.ig_steps < 1:
-        raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (16 by default)")
+        raise UserError(f"--ig-steps {args.ig_steps}: give at least 1 integration step (8 by default)")
     if args.smooth < 0:
         raise UserError(f"--smooth {args.smooth}: a Gaussian sigma in input pixels, >= 0 (0: no smoothing)")
     if args.split and (args.dataset_dir or args.gallery_dataset_dir and not args.gallery_image_list):

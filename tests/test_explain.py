@@ -461,7 +461,7 @@ def test_explain_split_val_and_test_from_the_checkpoints_run(trained, phantoms, 
     assert all(n["path"] not in val_files for r in summary["images"] for n in r["neighbours"])
     assert summary["saliency"] == {"method": "ig", "target": "contrast", "reference_class": "normal",
                                    "ig_baseline": "mean image of the gallery's normal images",
-                                   "ig_steps": 16, "smooth_px": 1.0}
+                                   "ig_steps": 8, "smooth_px": 0.0}
     summary = explain.main(explain.get_args_parser().parse_args([*base, "--split", "test", "--out",
                                                                  str(tmp_path / "t")]))
     assert len(summary["images"]) == 25 and summary["aggregate"]["num_with_lesion"] == 15
